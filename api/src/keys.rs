@@ -1,0 +1,80 @@
+//! Well-known label, annotation, finalizer and field-manager names.
+
+/// Label on every object Stagely creates; value [`MANAGED_BY_VALUE`].
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY`].
+pub const MANAGED_BY_VALUE: &str = "stagely";
+
+/// Label: the Project an Environment or BuildJob belongs to.
+pub const PROJECT: &str = "stagely.dev/project";
+/// Label: the Environment a BuildJob belongs to.
+pub const ENVIRONMENT: &str = "stagely.dev/environment";
+/// Label: the pull request number of an Environment or BuildJob.
+pub const PULL_REQUEST: &str = "stagely.dev/pull-request";
+/// Label: the stagely.yaml build (service) of a BuildJob.
+pub const SERVICE: &str = "stagely.dev/service";
+/// Label: the architecture (`amd64`, `arm64`) of a BuildJob. Label values cannot hold `/`.
+pub const ARCH: &str = "stagely.dev/arch";
+/// Label: the commit a BuildJob builds (a 40-character SHA-1 fits a label value; longer ids
+/// are truncated to 63).
+pub const COMMIT: &str = "stagely.dev/commit";
+
+/// Annotation: the `X-GitHub-Delivery` id of the webhook that last applied an Environment.
+pub const GITHUB_DELIVERY: &str = "stagely.dev/github-delivery";
+/// Annotation: the id of the sticky PR comment Stagely keeps updated.
+pub const GITHUB_COMMENT_ID: &str = "stagely.dev/github-comment-id";
+/// Annotation: the id of the GitHub Deployment of an Environment.
+pub const GITHUB_DEPLOYMENT_ID: &str = "stagely.dev/github-deployment-id";
+
+/// Finalizer: an Environment's VM, route and GitHub deployment are cleaned up before it goes.
+pub const ENVIRONMENT_FINALIZER: &str = "stagely.dev/environment-cleanup";
+/// Finalizer: a BuildJob's builder VM is terminated before it goes.
+pub const BUILDJOB_FINALIZER: &str = "stagely.dev/buildjob-cleanup";
+/// Finalizer: a CloudProvider stays while VMs it started still exist.
+pub const CLOUDPROVIDER_FINALIZER: &str = "stagely.dev/cloudprovider-protection";
+
+/// Server-side apply field manager of the webhook receiver.
+pub const MANAGER_WEBHOOK: &str = "stagely-webhook-receiver";
+/// Server-side apply field manager of the operator's controllers.
+pub const MANAGER_OPERATOR: &str = "stagely-operator";
+
+/// Tag/label keys Stagely puts on cloud instances, so the orphan sweep can find them.
+pub mod cloud_tags {
+    /// Marks an instance as Stagely's; value `stagely`.
+    pub const MANAGED_BY: &str = "stagely-managed-by";
+    /// UID of the owning Environment or BuildJob.
+    pub const OWNER_UID: &str = "stagely-owner-uid";
+    /// `builder` or `preview`.
+    pub const ROLE: &str = "stagely-role";
+    /// Namespace of the owning object.
+    pub const NAMESPACE: &str = "stagely-namespace";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kubernetes_qualified_names() {
+        for key in [
+            MANAGED_BY,
+            PROJECT,
+            ENVIRONMENT,
+            PULL_REQUEST,
+            SERVICE,
+            ARCH,
+            COMMIT,
+            GITHUB_DELIVERY,
+            GITHUB_COMMENT_ID,
+            GITHUB_DEPLOYMENT_ID,
+            ENVIRONMENT_FINALIZER,
+            BUILDJOB_FINALIZER,
+            CLOUDPROVIDER_FINALIZER,
+        ] {
+            let (prefix, name) = key.split_once('/').expect("prefixed");
+            assert!(prefix.contains('.') && prefix.len() <= 253, "{key}");
+            assert!(!name.is_empty() && name.len() <= 63, "{key}");
+            assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{key}");
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The stagely.dev API, shared by every Stagely component: the CRD types, the `stagely.yaml`
+//! model and parser, the agent wire protocol, the Redis route record, and the label,
+//! annotation and finalizer keys.
+//!
+//! This crate does no I/O. It re-exports the `kube` and `k8s-openapi` versions it was built
+//! against, so components agree on one version of each.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod keys;
+pub mod protocol;
+pub mod route;
+pub mod v1alpha1;
+
+pub use k8s_openapi;
+pub use kube;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every Stagely resource.
+pub const GROUP: &str = "stagely.dev";
+
+/// Every CustomResourceDefinition Stagely installs, in the order `crds/` lists them.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        v1alpha1::Project::crd(),
+        v1alpha1::CloudProvider::crd(),
+        v1alpha1::Environment::crd(),
+        v1alpha1::BuildJob::crd(),
+    ]
+}

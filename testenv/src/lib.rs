@@ -1,0 +1,403 @@
+//! A real Kubernetes control plane for Stagely's tests and demo: etcd, kube-apiserver and
+//! (optionally) kube-controller-manager, built from Go modules by `testenv/build.sh` and started
+//! on free loopback ports in a temporary directory.
+//!
+//! A [`ControlPlane`] stops every process it started when it is dropped, including while a
+//! test panics. The processes also get `PR_SET_PDEATHSIG`, so they die with the test process
+//! even when it is killed before any destructor can run.
+
+mod pki;
+mod spawn;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+
+/// What can go wrong while starting or using the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `testenv/build.sh` failed.
+    #[error("failed to build the control plane binaries: {0}")]
+    Build(String),
+    /// Files in the working directory could not be written.
+    #[error("failed to prepare {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A process could not be started.
+    #[error("failed to start {name}: {source}")]
+    Spawn {
+        /// The binary.
+        name: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A process exited or did not become ready in time.
+    #[error("{name} did not become ready: {reason}\n--- last lines of {log} ---\n{tail}")]
+    NotReady {
+        /// The binary.
+        name: &'static str,
+        /// Why.
+        reason: String,
+        /// Its log file.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// Certificates or keys could not be generated.
+    #[error("failed to generate certificates: {0}")]
+    Pki(#[from] rcgen::Error),
+    /// The Kubernetes client failed.
+    #[error("kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    /// The kubeconfig could not be loaded.
+    #[error("failed to load the kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    /// A CRD did not become Established in time.
+    #[error("CRD {0} did not become Established")]
+    CrdNotEstablished(String),
+}
+
+/// Result of this crate's operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long each component may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What to start.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Also start kube-controller-manager with the garbage collector (owner-reference cascade).
+    pub controller_manager: bool,
+    /// CRDs to install (and wait for) before the controller manager starts, so its garbage
+    /// collector watches them from its first discovery.
+    pub crds: Vec<CustomResourceDefinition>,
+    /// Where to keep data, logs and the kubeconfig. When `None`, a temporary directory that is
+    /// removed on drop.
+    pub dir: Option<PathBuf>,
+    /// Leave the processes running when the [`ControlPlane`] is dropped (for `make demo`);
+    /// their pids are written to `<dir>/pids`.
+    pub detach: bool,
+}
+
+/// A running etcd + kube-apiserver (+ kube-controller-manager).
+pub struct ControlPlane {
+    dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    children: Vec<(&'static str, Child)>,
+    kubeconfig: PathBuf,
+    server: String,
+    detach: bool,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane").field("dir", &self.dir).field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Starts the control plane and waits until the apiserver is ready (and the CRDs in
+    /// `options` are Established).
+    pub async fn start(options: Options) -> Result<Self> {
+        let bin = binaries()?;
+        let (dir, tempdir) = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+                (dir.clone(), None)
+            }
+            None => {
+                sweep_stale_dirs();
+                let tmp = tempfile::Builder::new()
+                    .prefix("stagely-testenv-")
+                    .tempdir()
+                    .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let owner = dir.join("owner.pid");
+        std::fs::write(&owner, std::process::id().to_string()).map_err(|source| Error::Io { path: owner, source })?;
+        let pki = pki::write(&dir)?;
+        let mut plane = ControlPlane {
+            kubeconfig: dir.join("kubeconfig"),
+            server: String::new(),
+            dir,
+            _tempdir: tempdir,
+            children: Vec::new(),
+            detach: options.detach,
+        };
+
+        let etcd_client = free_port()?;
+        let etcd_peer = free_port()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let mut etcd = Command::new(bin.join("etcd"));
+        etcd.args(["--name", "default", "--log-level", "warn", "--unsafe-no-fsync"])
+            .arg("--data-dir")
+            .arg(plane.dir.join("etcd"))
+            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")]);
+        plane.spawn("etcd", etcd)?;
+
+        let api_port = free_port()?;
+        plane.server = format!("https://127.0.0.1:{api_port}");
+        let mut apiserver = Command::new(bin.join("kube-apiserver"));
+        apiserver
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg(format!("--secure-port={api_port}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"])
+            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+            .arg(format!("--tls-private-key-file={}", pki.serving_key.display()))
+            .arg(format!("--client-ca-file={}", pki.ca_cert.display()))
+            .arg(format!("--token-auth-file={}", pki.tokens.display()))
+            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+            .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
+            .arg(format!("--service-account-key-file={}", pki.sa_public.display()))
+            .arg(format!("--service-account-signing-key-file={}", pki.sa_private.display()))
+            .arg("--v=1");
+        plane.spawn("kube-apiserver", apiserver)?;
+        write_kubeconfig(&plane.kubeconfig, &plane.server, &pki)?;
+        plane.wait_ready().await?;
+
+        if !options.crds.is_empty() {
+            plane.install_crds(&options.crds).await?;
+        }
+        if options.controller_manager {
+            let mut kcm = Command::new(bin.join("kube-controller-manager"));
+            kcm.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
+                .args(["--controllers=garbagecollector", "--leader-elect=false"])
+                .args(["--bind-address=127.0.0.1", "--secure-port=0", "--concurrent-gc-syncs=5", "--v=1"]);
+            plane.spawn("kube-controller-manager", kcm)?;
+        }
+        if plane.detach {
+            let pids: Vec<String> = plane.children.iter().map(|(_, c)| c.id().to_string()).collect();
+            let path = plane.dir.join("pids");
+            std::fs::write(&path, pids.join("\n") + "\n").map_err(|source| Error::Io { path, source })?;
+        }
+        Ok(plane)
+    }
+
+    /// The directory holding data, logs (`<name>.log`) and the kubeconfig.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The kubeconfig file (cluster-admin, via a static token).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The apiserver's URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Process ids of the running components, in start order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, child)| child.id()).collect()
+    }
+
+    /// A new client for this control plane, bound to the calling tokio runtime.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A `kubectl` command pointed at this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    /// Applies CRDs (server-side) and waits until each is Established.
+    pub async fn install_crds(&self, crds: &[CustomResourceDefinition]) -> Result<()> {
+        let client = self.client().await?;
+        let api: Api<CustomResourceDefinition> = Api::all(client);
+        let params = PatchParams::apply("stagely-testenv").force();
+        for crd in crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(&name, &params, &Patch::Apply(crd)).await?;
+        }
+        for crd in crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+            match tokio::time::timeout(READY_TIMEOUT, established).await {
+                Ok(Ok(_)) => {}
+                _ => return Err(Error::CrdNotEstablished(name)),
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, name: &'static str, mut cmd: Command) -> Result<()> {
+        let log_path = self.dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Io { path: log_path.clone(), source })?;
+        let err = log.try_clone().map_err(|source| Error::Io { path: log_path, source })?;
+        cmd.current_dir(&self.dir).stdin(Stdio::null()).stdout(log).stderr(err);
+        let child = spawn::spawn(cmd, self.detach).map_err(|source| Error::Spawn { name, source })?;
+        self.children.push((name, child));
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let request = http::Request::get("/readyz").body(Vec::new()).expect("static request");
+            let last = match client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => return Ok(()),
+                Ok(body) => body,
+                Err(err) => err.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(
+                    self.not_ready("kube-apiserver", format!("/readyz still failing after {READY_TIMEOUT:?}: {last}"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        let exited = self
+            .children
+            .iter_mut()
+            .find_map(|(name, child)| child.try_wait().ok().flatten().map(|status| (*name, status)));
+        match exited {
+            Some((name, status)) => Err(self.not_ready(name, format!("exited early with {status}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn not_ready(&self, name: &'static str, reason: String) -> Error {
+        let log = self.dir.join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        Error::NotReady { name, reason, log, tail }
+    }
+
+    /// Stops every process (newest first) and waits for each to exit.
+    pub fn stop(&mut self) {
+        while let Some((_, mut child)) = self.children.pop() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if self.detach {
+            // The children outlive us on purpose; `stagely-testenv down` stops them.
+            self.children.clear();
+            if let Some(tmp) = self._tempdir.take() {
+                let _ = tmp.keep();
+            }
+        } else {
+            self.stop();
+        }
+    }
+}
+
+/// One control plane shared by every test of a test binary, started on first use with the
+/// options `init` returns. Its processes die with the test process (parent-death signal); its
+/// temporary directory is removed by the next run's sweep.
+pub fn shared(init: impl FnOnce() -> Options) -> &'static ControlPlane {
+    static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let options = init();
+        // Each #[tokio::test] has its own runtime; start on a runtime of our own so the plane
+        // does not depend on whichever test came first.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            let mut plane = runtime.block_on(ControlPlane::start(options)).unwrap_or_else(|err| panic!("{err}"));
+            // Statics are never dropped: keep the directory, and rely on the parent-death signal.
+            if let Some(tmp) = plane._tempdir.take() {
+                let _ = tmp.keep();
+            }
+            plane
+        })
+        .join()
+        .expect("control plane start panicked")
+    })
+}
+
+/// The directory holding etcd, kube-apiserver and kube-controller-manager: `$STAGELY_TESTENV_BIN`
+/// if set, else the output of `testenv/build.sh` (which builds them once per machine).
+pub fn binaries() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("STAGELY_TESTENV_BIN") {
+            return Ok(PathBuf::from(dir));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|err| format!("{}: {err}", script.display()))?;
+        if !output.status.success() {
+            return Err(format!("{} exited with {}", script.display(), output.status));
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout.lines().last().map(PathBuf::from).ok_or_else(|| format!("{} printed no directory", script.display()))
+    })
+    .clone()
+    .map_err(Error::Build)
+}
+
+fn free_port() -> Result<u16> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io { path: "127.0.0.1:0".into(), source })?;
+    let port = listener.local_addr().map_err(|source| Error::Io { path: "127.0.0.1:0".into(), source })?.port();
+    Ok(port)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, pki: &pki::Files) -> Result<()> {
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "stagely-testenv", "cluster": {
+            "server": server,
+            "certificate-authority": pki.ca_cert,
+        }}],
+        "users": [{"name": "admin", "user": {"token": pki.token}}],
+        "contexts": [{"name": "stagely-testenv", "context": {"cluster": "stagely-testenv", "user": "admin", "namespace": "default"}}],
+        "current-context": "stagely-testenv",
+    });
+    let yaml = serde_yaml::to_string(&kubeconfig).expect("kubeconfig serializes");
+    std::fs::write(path, yaml).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+/// Removes temporary directories left by earlier test processes (a shared plane's directory
+/// outlives its process) once their owner has exited.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("stagely-testenv-") {
+            continue;
+        }
+        let owner = std::fs::read_to_string(path.join("owner.pid")).ok().and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(pid) = owner
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
