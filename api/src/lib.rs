@@ -2,13 +2,16 @@
 //! model and parser, the agent wire protocol, the Redis route record, and the label,
 //! annotation and finalizer keys.
 //!
-//! This crate does no I/O. It re-exports the `kube` and `k8s-openapi` versions it was built
+//! Apart from the `ops` module (feature `ops`, the binaries' shared operations endpoints),
+//! this crate does no I/O. It re-exports the `kube` and `k8s-openapi` versions it was built
 //! against, so components agree on one version of each.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod keys;
+#[cfg(feature = "ops")]
+pub mod ops;
 pub mod protocol;
 pub mod route;
 pub mod v1alpha1;
