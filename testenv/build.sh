@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver and kube-controller-manager from testenv/k8s (Go modules) into a
+# Builds etcd, kube-apiserver, kube-controller-manager and kubectl from testenv/k8s (Go modules) into a
 # cache directory keyed by the module's content, and prints that directory. A second run on the
 # same machine finds the binaries there and builds nothing.
 set -euo pipefail
@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${STAGELY_CACHE:-$HOME/.cache/stagely}
 key=$(cd "$here/k8s" && cat go.mod go.sum $(find cmd -name '*.go' | sort) | sha256sum | cut -c1-16)
 out="$cache/testenv/$key/bin"
-if [ -x "$out/etcd" ] && [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ]; then
+if [ -x "$out/etcd" ] && [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/kubectl" ]; then
   echo "$out"
   exit 0
 fi
@@ -15,13 +15,13 @@ fi
 mkdir -p "$cache/testenv"
 exec 9>"$cache/testenv/.lock"
 flock 9
-if [ -x "$out/etcd" ] && [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ]; then
+if [ -x "$out/etcd" ] && [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/kubectl" ]; then
   echo "$out"
   exit 0
 fi
 command -v go >/dev/null || { echo "testenv/build.sh: go is not installed (need Go >= 1.26)" >&2; exit 1; }
 export GOCACHE=${GOCACHE:-$cache/go-build}
-export GOMODCACHE=${GOMODCACHE:-$HOME/go/pkg/mod}
+export GOMODCACHE=${GOMODCACHE:-$cache/go-mod}
 export GOFLAGS=-mod=mod
 echo "testenv/build.sh: building the control plane into $out (cold: 10-20 minutes)" >&2
 tmp="$out.tmp.$$"
@@ -29,6 +29,6 @@ mkdir -p "$tmp"
 version=$(grep -E '^\s*k8s.io/kubernetes v' "$here/k8s/go.mod" | awk '{print $2}')
 minor=$(echo "$version" | cut -d. -f2)
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
-(cd "$here/k8s" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/etcd ./cmd/kube-apiserver ./cmd/kube-controller-manager) >&2
+(cd "$here/k8s" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/etcd ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kubectl) >&2
 rm -rf "$out" && mv "$tmp" "$out"
 echo "$out"

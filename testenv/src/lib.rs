@@ -98,6 +98,8 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     server: String,
     detach: bool,
+    /// Set once `start` succeeded: a detached plane that failed to start is still stopped.
+    started: bool,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -114,7 +116,9 @@ impl ControlPlane {
         let (dir, tempdir) = match &options.dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-                (dir.clone(), None)
+                // Absolute, because the kubeconfig names files in it and may be read from anywhere.
+                let dir = std::fs::canonicalize(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+                (dir, None)
             }
             None => {
                 sweep_stale_dirs();
@@ -135,6 +139,7 @@ impl ControlPlane {
             _tempdir: tempdir,
             children: Vec::new(),
             detach: options.detach,
+            started: false,
         };
 
         let etcd_client = free_port()?;
@@ -185,6 +190,7 @@ impl ControlPlane {
             let path = plane.dir.join("pids");
             std::fs::write(&path, pids.join("\n") + "\n").map_err(|source| Error::Io { path, source })?;
         }
+        plane.started = true;
         Ok(plane)
     }
 
@@ -215,9 +221,11 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// A `kubectl` command pointed at this control plane.
+    /// A `kubectl` command (the one built with the control plane, so its version matches)
+    /// pointed at this control plane.
     pub fn kubectl(&self) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let kubectl = binaries().map(|dir| dir.join("kubectl")).unwrap_or_else(|_| PathBuf::from("kubectl"));
+        let mut cmd = Command::new(kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
         cmd
     }
@@ -302,7 +310,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        if self.detach {
+        if self.detach && self.started {
             // The children outlive us on purpose; `stagely-testenv down` stops them.
             self.children.clear();
             if let Some(tmp) = self._tempdir.take() {
@@ -337,7 +345,7 @@ pub fn shared(init: impl FnOnce() -> Options) -> &'static ControlPlane {
     })
 }
 
-/// The directory holding etcd, kube-apiserver and kube-controller-manager: `$STAGELY_TESTENV_BIN`
+/// The directory holding etcd, kube-apiserver, kube-controller-manager and kubectl: `$STAGELY_TESTENV_BIN`
 /// if set, else the output of `testenv/build.sh` (which builds them once per machine).
 pub fn binaries() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();

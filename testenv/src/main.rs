@@ -47,19 +47,29 @@ fn down(dir: PathBuf) -> Result<(), String> {
         Err(err) => return Err(format!("failed to read {}: {err}", dir.join("pids").display())),
     };
     let pids: Vec<u32> = pids.lines().filter_map(|line| line.trim().parse().ok()).collect();
-    for pid in &pids {
-        // Ignore failures: the process may already be gone.
-        let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
-    }
-    // etcd writes into DIR until it exits: wait for every process before removing it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while pids.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()) {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("processes {pids:?} did not exit within 20s"));
+    // Ask politely, then insist: kube-apiserver can hang in its graceful shutdown once etcd is
+    // gone. etcd writes into DIR until it exits, so wait for every process before removing it.
+    for signal in ["-TERM", "-KILL"] {
+        for pid in pids.iter().filter(|&&pid| alive(pid)) {
+            // Ignore failures: the process may have exited meanwhile.
+            let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pids.iter().any(|&pid| alive(pid)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    if let Some(pid) = pids.iter().find(|&&pid| alive(pid)) {
+        return Err(format!("process {pid} did not exit"));
     }
     std::fs::remove_dir_all(&dir).map_err(|err| format!("failed to remove {}: {err}", dir.display()))?;
     println!("control plane stopped");
     Ok(())
+}
+
+/// Whether `pid` is running (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
 }

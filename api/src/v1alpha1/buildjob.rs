@@ -17,6 +17,7 @@ use super::{DURATION_RULE, Platform, Size, VmStatus};
     version = "v1alpha1",
     kind = "BuildJob",
     namespaced,
+    derive = "PartialEq",
     status = "BuildJobStatus",
     shortname = "bj",
     category = "stagely",
@@ -32,7 +33,7 @@ use super::{DURATION_RULE, Platform, Size, VmStatus};
 pub struct BuildJobSpec {
     /// The stagely.yaml build (compose service) this job builds.
     #[schemars(length(min = 1, max = 63))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$')").message("service must be lowercase letters, digits, '-' or '_'"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("service must be a DNS label: lowercase letters, digits and '-'"))]
     pub service: String,
 
     /// The platform to build for: `linux/amd64` or `linux/arm64`.

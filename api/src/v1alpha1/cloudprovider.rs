@@ -14,6 +14,7 @@ use super::{LocalObjectRef, Size};
     version = "v1alpha1",
     kind = "CloudProvider",
     namespaced,
+    derive = "PartialEq",
     status = "CloudProviderStatus",
     shortname = "cp",
     category = "stagely",

@@ -14,6 +14,7 @@ use super::{DURATION_RULE, LocalObjectRef, Platform, Size, VmStatus};
     version = "v1alpha1",
     kind = "Environment",
     namespaced,
+    derive = "PartialEq",
     status = "EnvironmentStatus",
     shortname = "env",
     category = "stagely",

@@ -1,5 +1,8 @@
 //! `stagely.dev/v1alpha1`: Project, CloudProvider, Environment and BuildJob.
 
+// `#[kube(printcolumn(...))]` is meant to be repeated, once per column.
+#![allow(clippy::duplicated_attributes)]
+
 mod buildjob;
 mod cloudprovider;
 mod environment;
@@ -199,6 +202,72 @@ mod tests {
         for bad in ["", "-1h", "0h", "1x", "h", "10", "1.5h", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    /// Every example manifest reads into its typed object, writing that object back keeps every
+    /// field of the manifest (defaults may be added, nothing is lost or renamed), and reading
+    /// that gives the same object.
+    #[test]
+    fn examples_round_trip_through_the_typed_objects() {
+        fn contains(outer: &serde_json::Value, inner: &serde_json::Value) -> bool {
+            match (outer, inner) {
+                (serde_json::Value::Object(o), serde_json::Value::Object(i)) => {
+                    i.iter().all(|(k, v)| o.get(k).is_some_and(|ov| contains(ov, v)))
+                }
+                (serde_json::Value::Array(o), serde_json::Value::Array(i)) => {
+                    o.len() == i.len() && o.iter().zip(i).all(|(ov, iv)| contains(ov, iv))
+                }
+                _ => outer == inner,
+            }
+        }
+        fn check<K: serde::de::DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(doc: &serde_json::Value) {
+            let typed: K = serde_json::from_value(doc.clone()).unwrap();
+            let written = serde_json::to_value(&typed).unwrap();
+            assert!(contains(&written, doc), "lost a field:\n{doc}\n{written}");
+            assert_eq!(serde_json::from_value::<K>(written).unwrap(), typed);
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+        let mut kinds = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|ext| ext != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let doc: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+                match doc["kind"].as_str().unwrap() {
+                    "Project" => check::<Project>(&doc),
+                    "CloudProvider" => check::<CloudProvider>(&doc),
+                    "Environment" => check::<Environment>(&doc),
+                    "BuildJob" => check::<BuildJob>(&doc),
+                    _ => continue,
+                }
+                kinds.push(doc["kind"].as_str().unwrap().to_owned());
+            }
+        }
+        kinds.sort();
+        assert_eq!(kinds, ["BuildJob", "CloudProvider", "CloudProvider", "Environment", "Project"]);
+    }
+
+    #[test]
+    fn omitted_fields_take_their_defaults() {
+        let project: ProjectSpec = serde_json::from_value(serde_json::json!({
+            "repository": "acme/shop", "cloudProviderRef": {"name": "local"},
+            "previewDomain": "preview.example.com", "github": {"credentialsSecretRef": {"name": "gh"}},
+        }))
+        .unwrap();
+        assert_eq!(
+            (project.ttl.as_str(), project.preview_size, project.trigger.mode),
+            ("24h", Size::Medium, TriggerMode::All)
+        );
+        let provider: CloudProviderSpec = serde_json::from_value(serde_json::json!({"type": "local"})).unwrap();
+        assert_eq!(provider.max_instances, 10);
+        let job: BuildJobSpec = serde_json::from_value(serde_json::json!({
+            "service": "web", "platform": "linux/amd64", "repository": "acme/shop", "commit": "0".repeat(40),
+        }))
+        .unwrap();
+        assert_eq!((job.context.as_str(), job.dockerfile.as_str(), job.timeout.as_str()), (".", "Dockerfile", "30m"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::{DURATION_RULE, LocalObjectRef, Size};
     version = "v1alpha1",
     kind = "Project",
     namespaced,
+    derive = "PartialEq",
     status = "ProjectStatus",
     shortname = "proj",
     category = "stagely",

@@ -1,0 +1,56 @@
+# Stagely. `make demo` runs it; `make test` runs the tests (see README.md).
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+DEMO_DIR ?= .demo
+# The control plane binaries (etcd, kube-apiserver, kube-controller-manager, kubectl), built once
+# per machine by testenv/build.sh into ~/.cache/stagely.
+TESTENV_BIN = $(shell testenv/build.sh)
+
+.PHONY: build test check crds crds-check fmt fmt-check clippy testenv demo demo-down
+
+build: ## Build every crate.
+	$(CARGO) build --workspace --all-features
+
+testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).
+	@testenv/build.sh >/dev/null
+
+test: testenv ## Run every test, unit and integration, against the real control plane.
+	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test --workspace --all-features --no-fail-fast
+
+check: fmt-check clippy crds-check ## Formatting, lints, and CRD drift.
+
+crds: ## Regenerate crds/ from the api/ types.
+	$(CARGO) run -q -p stagely-api --bin crdgen -- crds
+
+crds-check:
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(CARGO) run -q -p stagely-api --bin crdgen -- "$$tmp"; \
+	if ! diff -ru crds "$$tmp"; then echo "crds/ is out of date with api/: run 'make crds' and commit the result" >&2; exit 1; fi
+
+fmt: ## Format the code.
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+
+demo: testenv ## Start a local control plane, install the CRDs and the examples, and show them.
+	@$(CARGO) build -q -p stagely-testenv
+	@$(CARGO) run -q -p stagely-testenv -- up "$(DEMO_DIR)"
+	@kubectl() { "$(TESTENV_BIN)/kubectl" --kubeconfig "$(DEMO_DIR)/kubeconfig" "$$@"; }; \
+	kubectl apply -f crds/ && \
+	kubectl wait --for condition=Established --timeout=60s -f crds/ && \
+	kubectl apply -f examples/ && \
+	echo && kubectl get proj,cp,env,bj && echo && \
+	echo "The control plane keeps running. Look around with:" && \
+	echo "  $(TESTENV_BIN)/kubectl --kubeconfig $(DEMO_DIR)/kubeconfig get env" && \
+	echo "Stop it with:" && \
+	echo "  make demo-down"
+
+demo-down: ## Stop the demo's control plane.
+	@$(CARGO) run -q -p stagely-testenv -- down "$(DEMO_DIR)"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and testing Stagely needs and the machine lacks. Idempotent: it only
+# installs what is missing, so a second run does nothing.
+set -euo pipefail
+
+need_go_minor=26
+missing=()
+
+command -v make >/dev/null || missing+=(make)
+command -v flock >/dev/null || missing+=(util-linux)
+command -v git >/dev/null || missing+=(git)
+command -v cc >/dev/null || missing+=(gcc)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# Toolchains come with the machine; say clearly when one is missing or too old.
+if ! command -v go >/dev/null; then
+  echo "install-deps: Go 1.${need_go_minor} or newer is required (testenv builds Kubernetes from Go modules)" >&2
+  exit 1
+fi
+go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+if [ "$go_minor" -lt "$need_go_minor" ]; then
+  echo "install-deps: Go 1.${need_go_minor} or newer is required, found $(go env GOVERSION)" >&2
+  exit 1
+fi
+for tool in cargo rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool is required (rustup component add rustfmt clippy)" >&2; exit 1; }
+done
