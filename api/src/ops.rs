@@ -45,7 +45,13 @@ pub struct Metrics {
 impl Metrics {
     /// A registry under `prefix`, holding `<prefix>_build_info{version}` = 1.
     pub fn new(prefix: &str, version: &str) -> Self {
+        Self::with(prefix, version, |_| {})
+    }
+
+    /// Like [`Metrics::new`], with the component's own metrics added by `register`.
+    pub fn with(prefix: &str, version: &str, register: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix(prefix);
+        register(&mut registry);
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         build_info.get_or_create(&vec![("version".to_owned(), version.to_owned())]).set(1);
         registry.register("build_info", "Build information; always 1", build_info);

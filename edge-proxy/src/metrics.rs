@@ -1,0 +1,64 @@
+//! The proxy's Prometheus metrics.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of the request counter: the HTTP status code answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The status code.
+    pub code: u16,
+}
+
+/// Counters and histograms the proxy updates; cheap to clone (every field is an `Arc`).
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// Requests answered, by status code.
+    pub requests: Family<StatusLabel, Counter>,
+    /// Time from request to response headers.
+    pub latency: Histogram,
+    /// Route lookups answered from the in-process cache.
+    pub cache_hits: Counter,
+    /// Route lookups that had to ask Redis.
+    pub cache_misses: Counter,
+    /// Failed Redis calls (lookups and the invalidation subscription).
+    pub redis_errors: Counter,
+    /// Certificate reloads that failed (the previous certificate stays in use).
+    pub tls_reload_errors: Counter,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            redis_errors: Counter::default(),
+            tls_reload_errors: Counter::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    /// Registers every metric in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("requests", "Requests answered, by status code", self.requests.clone());
+        registry.register("request_duration_seconds", "Time to response headers", self.latency.clone());
+        registry.register("route_cache_hits", "Route lookups answered from the cache", self.cache_hits.clone());
+        registry.register("route_cache_misses", "Route lookups that asked Redis", self.cache_misses.clone());
+        registry.register("redis_errors", "Failed Redis calls", self.redis_errors.clone());
+        registry.register("tls_reload_errors", "Failed certificate reloads", self.tls_reload_errors.clone());
+    }
+
+    /// Records one answered request.
+    pub fn observe(&self, code: u16, elapsed: Duration) {
+        self.requests.get_or_create(&StatusLabel { code }).inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}

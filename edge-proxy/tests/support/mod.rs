@@ -1,0 +1,386 @@
+//! What the edge proxy's tests run against: a real redis-server, real upstream HTTP and
+//! WebSocket servers on loopback, and the proxy itself, all started per test.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use stagely_api::route::{ROUTE_CHANNEL, Route, RouteStatus, route_key};
+use stagely_edge_proxy::{Config, Listeners};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const DOMAIN: &str = "preview.test";
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A redis-server on a free loopback port, killed on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let port = free_port();
+        Self::start_on(port).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/install-deps.sh installs it)");
+        let redis = Self { child, port, dir };
+        eventually("redis-server to accept connections", Duration::from_secs(10), || async {
+            let client = redis::Client::open(redis.url()).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+        })
+        .await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Writes the route of `hash` and publishes the change, as the operator does.
+    pub async fn put_route(&self, hash: &str, route: &Route) {
+        let mut conn = self.conn().await;
+        let json = serde_json::to_string(route).unwrap();
+        let _: () = redis::cmd("SET").arg(route_key(hash)).arg(json).query_async(&mut conn).await.unwrap();
+        let _: i64 = redis::cmd("PUBLISH").arg(ROUTE_CHANNEL).arg(hash).query_async(&mut conn).await.unwrap();
+    }
+
+    pub async fn delete_route(&self, hash: &str) {
+        let mut conn = self.conn().await;
+        let _: i64 = redis::cmd("DEL").arg(route_key(hash)).query_async(&mut conn).await.unwrap();
+        let _: i64 = redis::cmd("PUBLISH").arg(ROUTE_CHANNEL).arg(hash).query_async(&mut conn).await.unwrap();
+    }
+
+    /// Number of GET commands Redis has served.
+    pub async fn get_calls(&self) -> u64 {
+        let mut conn = self.conn().await;
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_get:calls="))
+            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+            .unwrap_or(0)
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn route(status: RouteStatus, backend: Option<SocketAddr>) -> Route {
+    Route {
+        status,
+        ip: backend.map(|addr| addr.ip().to_string()),
+        port: backend.map(|addr| addr.port()),
+        project: "shop".into(),
+        namespace: "team-a".into(),
+        environment: "shop-pr-42".into(),
+        pr: 42,
+    }
+}
+
+/// An upstream app: answers every request with a JSON echo of what it received, tagged with
+/// its name; `/bytes/N` streams N bytes; `/count` counts the request body's bytes;
+/// `/hold` answers only once the test says so.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests received so far.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (conn_count, req_count) = (connections.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                conn_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let req_count = req_count.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        req_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        upstream_answer(name, req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, connections, requests, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream_answer(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>, std::convert::Infallible> {
+    let path = req.uri().path().to_owned();
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let total: usize = n.parse().unwrap();
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::iter((0..total.div_ceil(chunk.len())).map(move |i| {
+            let len = chunk.len().min(total - i * chunk.len());
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.slice(..len)))
+        }));
+        return Ok(Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream))));
+    }
+    if path == "/hold" {
+        std::future::pending::<()>().await;
+    }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    if path == "/drip" {
+        // One chunk, then nothing: only a streaming proxy passes the first chunk on.
+        let first = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(b"first chunk")))
+        });
+        let stream = first.chain(futures_util::stream::pending());
+        return Ok(Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream))));
+    }
+    if path == "/first-chunk" {
+        // Answers as soon as the first chunk of the request body arrives.
+        let mut body = req.into_body();
+        let first = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        break data;
+                    }
+                }
+                _ => break Bytes::new(),
+            }
+        };
+        tokio::spawn(async move { while body.frame().await.is_some() {} });
+        return Ok(Response::new(Full::new(first).map_err(|never| match never {}).boxed()));
+    }
+    if path == "/count" {
+        let mut body = req.into_body();
+        let mut count = 0usize;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                count += data.len();
+            }
+        }
+        return Ok(Response::new(Full::new(Bytes::from(count.to_string())).map_err(|never| match never {}).boxed()));
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::String(v.to_str().unwrap_or("").to_owned())))
+        .collect();
+    let echo = serde_json::json!({
+        "upstream": name, "method": req.method().as_str(), "uri": req.uri().to_string(),
+        "version": format!("{:?}", req.version()), "headers": headers,
+    });
+    let mut response = Response::new(Full::new(Bytes::from(echo.to_string())).map_err(|never| match never {}).boxed());
+    response.headers_mut().insert("connection", "keep-alive, x-upstream-hop".parse().unwrap());
+    response.headers_mut().insert("x-upstream-hop", "dropped".parse().unwrap());
+    response.headers_mut().insert("x-upstream-name", name.parse().unwrap());
+    Ok(response)
+}
+
+/// A WebSocket echo server.
+pub async fn websocket_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        if ws.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy under test, shut down on drop.
+pub struct Proxy {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub ops: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), stagely_edge_proxy::Error>>>,
+}
+
+pub struct ProxyOptions {
+    pub rate_limit: u32,
+    pub request_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self { rate_limit: 1000, request_timeout_secs: 5, idle_timeout_secs: 30, tls: None }
+    }
+}
+
+impl Proxy {
+    pub async fn start(redis_url: &str, options: ProxyOptions) -> Self {
+        let mut args = vec![
+            "stagely-edge-proxy".to_owned(),
+            "--domain".into(),
+            DOMAIN.into(),
+            "--redis-url".into(),
+            redis_url.into(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--rate-limit".into(),
+            options.rate_limit.to_string(),
+            "--request-timeout-secs".into(),
+            options.request_timeout_secs.to_string(),
+            "--idle-timeout-secs".into(),
+            options.idle_timeout_secs.to_string(),
+            "--tls-reload-secs".into(),
+            "1".into(),
+            "--shutdown-grace-secs".into(),
+            "2".into(),
+        ];
+        if let Some((cert, key)) = &options.tls {
+            args.extend([
+                "--https-addr".into(),
+                "127.0.0.1:0".into(),
+                "--tls-cert".into(),
+                path(cert),
+                "--tls-key".into(),
+                path(key),
+            ]);
+        }
+        let config = <Config as clap::Parser>::try_parse_from(args).unwrap();
+        let listeners = Listeners {
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            https: if options.tls.is_some() { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None },
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let http = listeners.http.as_ref().unwrap().local_addr().unwrap();
+        let https = listeners.https.as_ref().map(|l| l.local_addr().unwrap());
+        let ops = listeners.ops.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(stagely_edge_proxy::serve(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Self { http, https, ops, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the proxy and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().expect("clean shutdown");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+/// One HTTP/1.1 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// GET `path` on host `host` through the proxy, on a new connection; returns status, headers
+/// and body.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, http::HeaderMap, String) {
+    let mut sender = connect(addr).await;
+    let req = Request::get(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub fn host(hash: &str) -> String {
+    format!("{hash}.{DOMAIN}")
+}
+
+/// An HTTP/2 (prior knowledge) connection to `addr`.
+pub async fn connect_h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
