@@ -9,7 +9,7 @@ DEMO_DIR ?= .demo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: build test check crds crds-check fmt fmt-check clippy testenv demo demo-down
+.PHONY: build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -54,3 +54,8 @@ demo: testenv ## Start a local control plane, install the CRDs and the examples,
 
 demo-down: ## Stop the demo's control plane.
 	@$(CARGO) run -q -p stagely-testenv -- down "$(DEMO_DIR)"
+
+bench-proxy: ## Benchmark the edge proxy against nginx on the same upstream (wrk).
+	edge-proxy/bench/bench.sh
+
+bench: bench-proxy ## Every benchmark.

@@ -10,6 +10,12 @@ command -v make >/dev/null || missing+=(make)
 command -v flock >/dev/null || missing+=(util-linux)
 command -v git >/dev/null || missing+=(git)
 command -v cc >/dev/null || missing+=(gcc)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+# The edge proxy's tests run a real Redis; its benchmark compares with nginx under wrk.
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"

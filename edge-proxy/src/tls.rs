@@ -40,7 +40,8 @@ pub enum TlsError {
 pub struct CertStore {
     cert_path: PathBuf,
     key_path: PathBuf,
-    current: RwLock<(Vec<u8>, Arc<CertifiedKey>)>,
+    /// A fingerprint of the files' contents (not the key itself) and the loaded certificate.
+    current: RwLock<(u64, Arc<CertifiedKey>)>,
 }
 
 impl CertStore {
@@ -105,7 +106,7 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-fn read(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>), TlsError> {
+fn read(cert_path: &Path, key_path: &Path) -> Result<(u64, Arc<CertifiedKey>), TlsError> {
     let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.into(), source });
     let cert_pem = read(cert_path)?;
     let key_pem = read(key_path)?;
@@ -121,7 +122,7 @@ fn read(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>
         rustls::crypto::ring::sign::any_supported_type(&key).map_err(|err| parse(key_path, err.to_string()))?;
     let certified = CertifiedKey::new(certs, signing_key);
     certified.keys_match().map_err(|err| parse(key_path, format!("the key does not match the certificate: {err}")))?;
-    let mut fingerprint = cert_pem;
-    fingerprint.extend_from_slice(&key_pem);
-    Ok((fingerprint, Arc::new(certified)))
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&(&cert_pem, &key_pem), &mut hasher);
+    Ok((std::hash::Hasher::finish(&hasher), Arc::new(certified)))
 }
