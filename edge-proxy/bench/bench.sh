@@ -116,10 +116,21 @@ for unit, f in (('us', 0.001), ('ms', 1.0), ('s', 1000.0)):
   echo "$rps $p99_ms"
 }
 
-echo "bench-proxy: nginx" >&2
-read -r nginx_rps nginx_p99 < <(run "$nginx_port")
-echo "bench-proxy: stagely-edge-proxy" >&2
-read -r proxy_rps proxy_p99 < <(run "$proxy_port")
+# Interleaved rounds, medians reported: this machine's neighbours make single runs noisy.
+rounds=${BENCH_ROUNDS:-3}
+nginx_results=(); proxy_results=()
+for round in $(seq 1 "$rounds"); do
+  echo "bench-proxy: round $round/$rounds: nginx" >&2
+  nginx_results+=("$(run "$nginx_port")")
+  echo "bench-proxy: round $round/$rounds: stagely-edge-proxy" >&2
+  proxy_results+=("$(run "$proxy_port")")
+done
+median() { python3 -c "import statistics, sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+field() { local i=$1; shift; for r in "$@"; do echo "$r" | awk -v i="$i" '{print $i}'; done; }
+nginx_rps=$(median $(field 1 "${nginx_results[@]}")); nginx_p99=$(median $(field 2 "${nginx_results[@]}"))
+proxy_rps=$(median $(field 1 "${proxy_results[@]}")); proxy_p99=$(median $(field 2 "${proxy_results[@]}"))
+echo "bench-proxy: nginx rounds (rps p99_ms): ${nginx_results[*]}" >&2
+echo "bench-proxy: proxy rounds (rps p99_ms): ${proxy_results[*]}" >&2
 non2xx=$(curl -s "http://127.0.0.1:$ops_port/metrics" | awk '/^stagely_edge_proxy_requests_total/ && $1 !~ /code="200"/ {n += $2} END {print n + 0}')
 
 echo "proxy_non_200_responses=$non2xx"

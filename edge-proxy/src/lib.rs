@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hyper_util::server::graceful::GracefulShutdown;
 use stagely_api::ops;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -84,6 +83,10 @@ pub struct Config {
     /// Seconds a cached route lives without an invalidation (a backstop).
     #[arg(long, env = "STAGELY_ROUTE_TTL_SECS", default_value_t = 60)]
     pub route_ttl_secs: u64,
+
+    /// Worker threads serving requests (0: one per CPU).
+    #[arg(long, env = "STAGELY_THREADS", default_value_t = 0)]
+    pub threads: usize,
 
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "STAGELY_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
@@ -182,20 +185,16 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(routes.clone().follow_invalidations(stopping.clone()));
 
-    let proxy = Arc::new(proxy::Proxy::new(
-        &config.domain,
-        routes,
-        Duration::from_secs(config.connect_timeout_secs),
-        Duration::from_secs(config.request_timeout_secs),
-        metrics.clone(),
-    ));
-    let listener = server::Listener { proxy, idle_timeout: Duration::from_secs(config.idle_timeout_secs) };
-    let graceful = Arc::new(GracefulShutdown::new());
-
+    let make_proxy = {
+        let (domain, metrics) = (config.domain.clone(), metrics.clone());
+        let connect_timeout = Duration::from_secs(config.connect_timeout_secs);
+        let request_timeout = Duration::from_secs(config.request_timeout_secs);
+        move || proxy::Proxy::new(&domain, routes.clone(), connect_timeout, request_timeout, metrics.clone())
+    };
+    let mut sockets = Vec::new();
     if let Some(http) = listeners.http {
         tracing::info!(addr = ?http.local_addr().ok(), "serving HTTP");
-        let (listener, graceful, stopping) = (listener.clone(), graceful.clone(), stopping.clone());
-        tasks.spawn(async move { listener.run(http, None, &graceful, stopping).await });
+        sockets.push((http.into_std().map_err(Error::Serve)?, None));
     }
     if let Some(https) = listeners.https {
         let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Err(Error::NoListener) };
@@ -203,9 +202,21 @@ pub async fn serve(
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(store.clone().server_config()));
         tasks.spawn(store.watch(Duration::from_secs(config.tls_reload_secs.max(1)), metrics.clone(), stopping.clone()));
         tracing::info!(addr = ?https.local_addr().ok(), "serving HTTPS");
-        let (listener, graceful, stopping) = (listener.clone(), graceful.clone(), stopping.clone());
-        tasks.spawn(async move { listener.run(https, Some(acceptor), &graceful, stopping).await });
+        sockets.push((https.into_std().map_err(Error::Serve)?, Some(acceptor)));
     }
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let workers = server::spawn_workers(
+        threads,
+        sockets,
+        make_proxy,
+        Duration::from_secs(config.idle_timeout_secs),
+        Duration::from_secs(config.shutdown_grace_secs),
+        stopping.clone(),
+    )
+    .map_err(Error::Serve)?;
     let mut ops_stopping = stopping.clone();
     let ops_server = tokio::spawn(ops::serve(listeners.ops, ops::router(registry), async move {
         stopped(&mut ops_stopping).await;
@@ -214,12 +225,11 @@ pub async fn serve(
     tracing::info!(domain = %config.domain, version = env!("CARGO_PKG_VERSION"), "stagely-edge-proxy started");
     shutdown.await;
     let _ = stop.send(true);
-    // Stop accepting, then let in-flight requests finish.
-    while tasks.join_next().await.is_some() {}
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("listeners have stopped"));
-    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_secs), graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after the grace period; closing them");
+    // Workers stop accepting, then let in-flight requests finish.
+    for worker in workers {
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
+    while tasks.join_next().await.is_some() {}
     ops_server.await.map_err(|err| Error::Serve(std::io::Error::other(err)))?.map_err(Error::Serve)?;
     tracing::info!("stagely-edge-proxy stopped");
     Ok(())

@@ -10,7 +10,6 @@ use http::uri::{Authority, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
@@ -41,11 +40,31 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Who a request comes from: worked out once per connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// `X-Forwarded-For`: the peer's address.
+    forwarded_for: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    forwarded_proto: HeaderValue,
+}
+
+impl Client {
+    /// A client connected from `peer` over `scheme`.
+    pub fn new(peer: SocketAddr, scheme: Scheme) -> Self {
+        Self {
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            forwarded_proto: HeaderValue::from_static(if scheme == Scheme::HTTPS { "https" } else { "http" }),
+        }
+    }
+}
+
 /// The proxy: routing, pages and forwarding.
 pub struct Proxy {
     domain: String,
     routes: Arc<RouteTable>,
-    client: Client<HttpConnector, Incoming>,
+    client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
     request_timeout: Duration,
     metrics: ProxyMetrics,
 }
@@ -62,7 +81,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .pool_timer(hyper_util::rt::TokioTimer::new())
@@ -70,15 +89,15 @@ impl Proxy {
         Self { domain: domain.trim_end_matches('.').to_ascii_lowercase(), routes, client, request_timeout, metrics }
     }
 
-    /// Answers one request from `peer`, which arrived over `scheme`.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, scheme: &Scheme) -> Response<Body> {
+    /// Answers one request from `client`.
+    pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let start = Instant::now();
-        let response = self.route(req, peer, scheme).await;
+        let response = self.route(req, client).await;
         self.metrics.observe(response.status().as_u16(), start.elapsed());
         response
     }
 
-    async fn route(&self, req: Request<Incoming>, peer: SocketAddr, scheme: &Scheme) -> Response<Body> {
+    async fn route(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let Some(hash) = request_host(&req).and_then(|host| subdomain(host, &self.domain)) else {
             return pages::plain_not_found().map(Either::Right);
         };
@@ -93,7 +112,7 @@ impl Proxy {
                     return pages::too_many_requests().map(Either::Right);
                 }
                 let backend = backend.clone();
-                self.forward(req, &route, backend, peer, scheme).await
+                self.forward(req, &route, backend, client).await
             }
             _ => pages::building(&route.route).map(Either::Right),
         }
@@ -104,8 +123,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: &ResolvedRoute,
         backend: Authority,
-        peer: SocketAddr,
-        scheme: &Scheme,
+        client: &Client,
     ) -> Response<Body> {
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -135,13 +153,8 @@ impl Proxy {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
         // The edge is the first hop Stagely trusts: whatever the client claims is replaced.
-        if let Ok(ip) = HeaderValue::from_str(&peer.ip().to_string()) {
-            headers.insert(X_FORWARDED_FOR.clone(), ip);
-        }
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if *scheme == Scheme::HTTPS { "https" } else { "http" }),
-        );
+        headers.insert(X_FORWARDED_FOR.clone(), client.forwarded_for.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), client.forwarded_proto.clone());
         headers.insert(X_STAGELY_PROJECT.clone(), route.project.clone());
         headers.insert(X_STAGELY_PR.clone(), route.pr.clone());
         headers.insert(X_STAGELY_ENVIRONMENT.clone(), route.environment.clone());
@@ -199,7 +212,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// The subdomain hash of `host` under `domain`, if `host` is exactly `<hash>.<domain>`.
-fn subdomain(host: &str, domain: &str) -> Option<String> {
+fn subdomain<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
     let host = host.strip_suffix('.').unwrap_or(host);
     let split = host.len().checked_sub(domain.len() + 1)?;
     if !host.is_char_boundary(split)
@@ -212,7 +225,11 @@ fn subdomain(host: &str, domain: &str) -> Option<String> {
     if label.is_empty() || label.len() > 63 || !label.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
     }
-    Some(label.to_ascii_lowercase())
+    Some(if label.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(label.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(label)
+    })
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: …`).

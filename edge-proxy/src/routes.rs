@@ -88,6 +88,9 @@ pub struct RouteTableConfig {
 /// Route records from Redis, cached.
 pub struct RouteTable {
     entries: RwLock<HashMap<Box<str>, Entry>>,
+    /// The runtime that owns the Redis connection; lookups from the proxy's per-thread runtimes
+    /// hand their (rare) misses to it, so the connection never depends on one worker thread.
+    runtime: tokio::runtime::Handle,
     client: redis::Client,
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     config: RouteTableConfig,
@@ -95,13 +98,21 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// A table reading from `client`. Nothing connects until the first lookup.
+    /// A table reading from `client`, owned by the current runtime. Nothing connects until
+    /// the first lookup.
     pub fn new(client: redis::Client, config: RouteTableConfig, metrics: ProxyMetrics) -> Self {
-        Self { entries: RwLock::default(), client, connection: tokio::sync::Mutex::new(None), config, metrics }
+        Self {
+            entries: RwLock::default(),
+            runtime: tokio::runtime::Handle::current(),
+            client,
+            connection: tokio::sync::Mutex::new(None),
+            config,
+            metrics,
+        }
     }
 
     /// The route of subdomain `hash`.
-    pub async fn lookup(&self, hash: &str) -> Lookup {
+    pub async fn lookup(self: &Arc<Self>, hash: &str) -> Lookup {
         let stale = {
             let entries = self.entries.read().unwrap_or_else(|poisoned| poisoned.into_inner());
             match entries.get(hash) {
@@ -117,7 +128,12 @@ impl RouteTable {
             }
         };
         self.metrics.cache_misses.inc();
-        match self.fetch(hash).await {
+        let fetched = {
+            let table = self.clone();
+            let hash = hash.to_owned();
+            self.runtime.spawn(async move { table.fetch(&hash).await }).await
+        };
+        match fetched.unwrap_or_else(|err| Err(RouteError::Task(err.to_string()))) {
             Ok(route) => {
                 let route = route.map(|route| Arc::new(ResolvedRoute::new(route, self.config.rate_limit)));
                 self.insert(hash, route.clone());
@@ -237,6 +253,9 @@ pub enum RouteError {
     /// Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The lookup task failed (the runtime is shutting down).
+    #[error("route lookup task failed: {0}")]
+    Task(String),
     /// The record is not a route.
     #[error("failed to decode the route of {hash}: {source}")]
     Decode {

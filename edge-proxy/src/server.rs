@@ -21,6 +21,53 @@ use crate::proxy::Proxy;
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serves the listeners on `threads` threads, each with a single-threaded runtime of its own
+/// and its own upstream connection pool (as nginx's workers do): a request, its upstream
+/// connection and its response never cross threads. Returns once every worker has stopped
+/// accepting (on `shutdown`) and drained its connections for up to `grace`.
+pub fn spawn_workers(
+    threads: usize,
+    listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>)>,
+    make_proxy: impl Fn() -> Proxy + Send + Sync + 'static,
+    idle_timeout: Duration,
+    grace: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let make_proxy = Arc::new(make_proxy);
+    let mut workers = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let mut own = Vec::with_capacity(listeners.len());
+        for (listener, tls) in &listeners {
+            own.push((listener.try_clone()?, tls.clone()));
+        }
+        let make_proxy = make_proxy.clone();
+        let shutdown = shutdown.clone();
+        let worker = std::thread::Builder::new().name(format!("proxy-worker-{index}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(err) => return tracing::error!(%err, "failed to start a proxy worker"),
+            };
+            runtime.block_on(async move {
+                let listener = Listener { proxy: Arc::new(make_proxy()), idle_timeout };
+                let graceful = GracefulShutdown::new();
+                let mut accepting = Vec::new();
+                for (socket, tls) in own {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => accepting.push(listener.clone().run(socket, tls, &graceful, shutdown.clone())),
+                        Err(err) => tracing::error!(%err, "failed to register a listener"),
+                    }
+                }
+                futures_util::future::join_all(accepting).await;
+                if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+                    tracing::warn!("connections still open after the grace period; closing them");
+                }
+            });
+        })?;
+        workers.push(worker);
+    }
+    Ok(workers)
+}
+
 /// Connection settings shared by the listeners.
 #[derive(Clone)]
 pub struct Listener {
@@ -45,7 +92,8 @@ impl Listener {
     }
 
     /// Accepts connections on `listener` until `shutdown` turns true; connections are
-    /// registered with `graceful` so the caller can drain them.
+    /// registered with `graceful` so the caller can drain them. Connections are served on the
+    /// calling runtime.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -78,11 +126,12 @@ impl Listener {
                 let started = Arc::new(AtomicBool::new(false));
                 let service = {
                     let started = started.clone();
+                    let client = crate::proxy::Client::new(peer, scheme);
                     service_fn(move |req| {
                         started.store(true, Ordering::Relaxed);
                         let proxy = proxy.clone();
-                        let scheme = scheme.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req, peer, &scheme).await) }
+                        let client = client.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
                     })
                 };
                 let conn = match tls {
