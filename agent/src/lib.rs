@@ -1,4 +1,5 @@
-//! The Stagely agent: runs on every builder and preview VM, holds one WebSocket to the operator's gateway, and builds, deploys and terminates with the container engine.
+//! The Stagely agent: runs on every builder and preview VM, holds one WebSocket to the operator's
+//! gateway, and builds, deploys and terminates with the container engine.
 //!
 //! For now it parses its configuration, logs with `tracing`, and serves `/healthz` and
 //! `/metrics` on its operations address.
@@ -9,7 +10,6 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use stagely_api::ops;
-use tokio::net::TcpListener;
 
 /// Command-line and environment configuration.
 #[derive(Parser, Debug, Clone)]
@@ -24,34 +24,15 @@ pub struct Config {
     pub log_format: ops::LogFormat,
 }
 
-/// What can stop the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The operations address could not be bound.
-    #[error("failed to listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Serving failed.
-    #[error("failed to serve: {0}")]
-    Serve(#[source] std::io::Error),
+/// This binary's metrics.
+pub fn metrics() -> ops::Metrics {
+    ops::Metrics::new("stagely_agent", env!("CARGO_PKG_VERSION"))
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> Result<(), Error> {
-    let listener =
-        TcpListener::bind(config.ops_addr).await.map_err(|source| Error::Listen { addr: config.ops_addr, source })?;
+pub async fn run(config: Config) -> Result<(), ops::ServeError> {
     tracing::info!(addr = %config.ops_addr, version = env!("CARGO_PKG_VERSION"), "stagely-agent started");
-    serve(listener, ops::shutdown_signal()).await?;
+    ops::serve_until_signal(config.ops_addr, metrics()).await?;
     tracing::info!("stagely-agent stopped");
     Ok(())
-}
-
-/// Serves the operations endpoints on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-    let router = ops::router(ops::Metrics::new("stagely_agent", env!("CARGO_PKG_VERSION")));
-    ops::serve(listener, router, shutdown).await.map_err(Error::Serve)
 }

@@ -104,3 +104,25 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
+
+/// Why a binary's operations server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("failed to listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("failed to serve: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Binds `addr` and serves `/healthz` and `/metrics` from `metrics` until SIGTERM or Ctrl-C.
+pub async fn serve_until_signal(addr: std::net::SocketAddr, metrics: Metrics) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })?;
+    serve(listener, router(metrics), shutdown_signal()).await.map_err(ServeError::Serve)
+}

@@ -1,40 +1,21 @@
-//! The binary serves its own metrics, and its configuration rejects bad input clearly.
+//! The operator's configuration and metrics.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use clap::Parser;
+use stagely_operator::{Config, metrics};
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
-#[tokio::test]
-async fn serves_its_metrics_until_shut_down() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(stagely_operator::serve(listener, async {
-        let _ = stopped.await;
-    }));
-    let metrics = get(addr, "/metrics").await;
-    assert!(
-        metrics.contains(concat!("stagely_operator_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1")),
-        "{metrics}"
-    );
-    stop.send(()).unwrap();
-    server.await.unwrap().expect("clean shutdown");
+#[test]
+fn config_has_defaults_and_rejects_a_bad_address_clearly() {
+    let config = Config::try_parse_from(["stagely-operator"]).unwrap();
+    assert_eq!(config.ops_addr.to_string(), "0.0.0.0:8080");
+    let err = Config::try_parse_from(["stagely-operator", "--ops-addr", "not-an-address"]).unwrap_err();
+    assert!(err.to_string().contains("invalid value 'not-an-address' for '--ops-addr <OPS_ADDR>'"), "{err}");
 }
 
 #[test]
-fn config_rejects_a_bad_address_with_a_clear_error() {
-    use clap::Parser;
-    let err =
-        stagely_operator::Config::try_parse_from(["stagely-operator", "--ops-addr", "not-an-address"]).unwrap_err();
-    assert!(err.to_string().contains("invalid value 'not-an-address' for '--ops-addr <OPS_ADDR>'"), "{err}");
-    let config = stagely_operator::Config::try_parse_from(["stagely-operator"]).unwrap();
-    assert_eq!(config.ops_addr.to_string(), "0.0.0.0:8080");
+fn metrics_carry_the_binary_prefix() {
+    let text = metrics().encode();
+    assert!(
+        text.contains(concat!("stagely_operator_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1")),
+        "{text}"
+    );
 }
