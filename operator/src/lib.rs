@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod providers;
+
 use std::net::SocketAddr;
 
 use clap::Parser;
