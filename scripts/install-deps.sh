@@ -23,6 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# The AWS provider's tests run against moto's EC2 server.
+if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/dev/null; then
+  echo "install-deps: installing moto[server]"
+  python3 -m pip install --quiet 'moto[server]==5.2.1'
+fi
+
 # Toolchains come with the machine; say clearly when one is missing or too old.
 if ! command -v go >/dev/null; then
   echo "install-deps: Go 1.${need_go_minor} or newer is required (testenv builds Kubernetes from Go modules)" >&2

@@ -6,6 +6,7 @@
 //! attempt made (EC2's ClientToken; adoption by name and tag elsewhere). Termination of an
 //! instance that is already gone succeeds.
 
+pub mod aws;
 pub mod cloudinit;
 pub mod sizes;
 
