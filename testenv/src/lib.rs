@@ -216,6 +216,9 @@ impl ControlPlane {
 
     /// A new client for this control plane, bound to the calling tokio runtime.
     pub async fn client(&self) -> Result<kube::Client> {
+        // The operator's AWS SDK brings rustls's aws-lc-rs backend next to kube's ring one; with
+        // both compiled in, rustls cannot pick on its own.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
         Ok(kube::Client::try_from(config)?)
