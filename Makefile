@@ -9,15 +9,18 @@ DEMO_DIR ?= .demo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy
+.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
 
+deps: ## Install what the tests need and the machine lacks (redis-server, nginx, wrk, moto; idempotent).
+	@scripts/install-deps.sh
+
 testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).
 	@testenv/build.sh >/dev/null
 
-test: testenv ## Run every test, unit and integration, against the real control plane.
+test: deps testenv ## Run every test, unit and integration, against the real control plane.
 	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test --workspace --all-features --no-fail-fast
 
 check: fmt-check clippy crds-check ## Formatting, lints, and CRD drift.
@@ -55,7 +58,7 @@ demo: testenv ## Start a local control plane, install the CRDs and the examples,
 demo-down: ## Stop the demo's control plane.
 	@$(CARGO) run -q -p stagely-testenv -- down "$(DEMO_DIR)"
 
-bench-proxy: ## Benchmark the edge proxy against nginx on the same upstream (wrk).
+bench-proxy: deps ## Benchmark the edge proxy against nginx on the same upstream (wrk).
 	edge-proxy/bench/bench.sh
 
 bench: bench-proxy ## Every benchmark.
