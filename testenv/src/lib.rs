@@ -93,7 +93,7 @@ pub struct Options {
 /// A running etcd + kube-apiserver (+ kube-controller-manager).
 pub struct ControlPlane {
     dir: PathBuf,
-    _tempdir: Option<tempfile::TempDir>,
+    tempdir_guard: Option<tempfile::TempDir>,
     children: Vec<(&'static str, Child)>,
     kubeconfig: PathBuf,
     server: String,
@@ -136,7 +136,7 @@ impl ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
             server: String::new(),
             dir,
-            _tempdir: tempdir,
+            tempdir_guard: tempdir,
             children: Vec::new(),
             detach: options.detach,
             started: false,
@@ -316,7 +316,7 @@ impl Drop for ControlPlane {
         if self.detach && self.started {
             // The children outlive us on purpose; `stagely-testenv down` stops them.
             self.children.clear();
-            if let Some(tmp) = self._tempdir.take() {
+            if let Some(tmp) = self.tempdir_guard.take() {
                 let _ = tmp.keep();
             }
         } else {
@@ -338,7 +338,7 @@ pub fn shared(init: impl FnOnce() -> Options) -> &'static ControlPlane {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let mut plane = runtime.block_on(ControlPlane::start(options)).unwrap_or_else(|err| panic!("{err}"));
             // Statics are never dropped: keep the directory, and rely on the parent-death signal.
-            if let Some(tmp) = plane._tempdir.take() {
+            if let Some(tmp) = plane.tempdir_guard.take() {
                 let _ = tmp.keep();
             }
             plane
@@ -411,4 +411,11 @@ fn sweep_stale_dirs() {
             let _ = std::fs::remove_dir_all(&path);
         }
     }
+}
+
+/// Whether process `pid` is running: it exists and is not a zombie waiting to be reaped.
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use stagely_testenv::{ControlPlane, Options};
+use stagely_testenv::{ControlPlane, Options, process_running};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -50,26 +50,19 @@ fn down(dir: PathBuf) -> Result<(), String> {
     // Ask politely, then insist: kube-apiserver can hang in its graceful shutdown once etcd is
     // gone. etcd writes into DIR until it exits, so wait for every process before removing it.
     for signal in ["-TERM", "-KILL"] {
-        for pid in pids.iter().filter(|&&pid| alive(pid)) {
+        for pid in pids.iter().filter(|&&pid| process_running(pid)) {
             // Ignore failures: the process may have exited meanwhile.
             let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while pids.iter().any(|&pid| alive(pid)) && std::time::Instant::now() < deadline {
+        while pids.iter().any(|&pid| process_running(pid)) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
-    if let Some(pid) = pids.iter().find(|&&pid| alive(pid)) {
+    if let Some(pid) = pids.iter().find(|&&pid| process_running(pid)) {
         return Err(format!("process {pid} did not exit"));
     }
     std::fs::remove_dir_all(&dir).map_err(|err| format!("failed to remove {}: {err}", dir.display()))?;
     println!("control plane stopped");
     Ok(())
-}
-
-/// Whether `pid` is running (not gone, not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
 }

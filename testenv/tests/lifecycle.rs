@@ -6,22 +6,15 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams};
-use stagely_testenv::{ControlPlane, Options};
-
-fn running(pid: u32) -> bool {
-    // A reaped process has no /proc entry; a zombie would still show, with state Z.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
-}
+use stagely_testenv::{ControlPlane, Options, process_running};
 
 fn assert_all_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|&pid| running(pid)) {
+    while pids.iter().any(|&pid| process_running(pid)) {
         assert!(
             Instant::now() < deadline,
             "processes still running: {:?}",
-            pids.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
+            pids.iter().filter(|&&p| process_running(p)).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -32,7 +25,7 @@ async fn starts_serves_and_stops_everything_on_drop() {
     let plane = ControlPlane::start(Options { controller_manager: true, ..Options::default() }).await.expect("start");
     let pids = plane.pids();
     assert_eq!(pids.len(), 3, "etcd, kube-apiserver and kube-controller-manager");
-    assert!(pids.iter().all(|&pid| running(pid)));
+    assert!(pids.iter().all(|&pid| process_running(pid)));
     let dir = plane.dir().to_owned();
 
     let client = plane.client().await.unwrap();
@@ -78,7 +71,7 @@ fn killing_the_test_process_kills_the_control_plane() {
         .map_while(Result::ok)
         .find_map(|line| line.split_once("PIDS ").map(|(_, p)| p.split(' ').map(|pid| pid.parse().unwrap()).collect()))
         .expect("the holder printed its pids");
-    assert!(pids.iter().all(|&pid| running(pid)));
+    assert!(pids.iter().all(|&pid| process_running(pid)));
     child.kill().unwrap(); // SIGKILL: no destructor runs in the holder.
     child.wait().unwrap();
     assert_all_gone(&pids);
