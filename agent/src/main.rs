@@ -4,8 +4,8 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = stagely_agent::Config::parse();
-    stagely_api::ops::init_logging(config.log_format);
-    stagely_agent::run(config).await?;
+    let cli = stagely_agent::Cli::parse();
+    stagely_api::ops::init_logging(cli.log_format);
+    stagely_agent::run(cli).await?;
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! The agent's configuration and metrics.
 
 use clap::Parser;
-use stagely_agent::{Config, metrics};
+use stagely_agent::{Cli, metrics};
 
 #[test]
 fn config_has_defaults_and_rejects_a_bad_address_clearly() {
-    let config = Config::try_parse_from(["stagely-agent"]).unwrap();
-    assert_eq!(config.ops_addr.to_string(), "127.0.0.1:9101");
-    let err = Config::try_parse_from(["stagely-agent", "--ops-addr", "not-an-address"]).unwrap_err();
+    let cli = Cli::try_parse_from(["stagely-agent", "--config", "/etc/stagely/agent.json"]).unwrap();
+    assert_eq!(cli.ops_addr, None);
+    assert_eq!(cli.config.unwrap().to_str(), Some("/etc/stagely/agent.json"));
+    let err = Cli::try_parse_from(["stagely-agent", "--ops-addr", "not-an-address"]).unwrap_err();
     assert!(err.to_string().contains("invalid value 'not-an-address' for '--ops-addr <OPS_ADDR>'"), "{err}");
 }
 

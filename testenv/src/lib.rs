@@ -7,6 +7,7 @@
 //! even when it is killed before any destructor can run.
 
 mod pki;
+pub mod registry;
 mod spawn;
 
 use std::net::TcpListener;

@@ -1,0 +1,344 @@
+//! The agent's configuration: the JSON file cloud-init writes to `/etc/stagely/agent.json`,
+//! overridden field by field by `STAGELY_*` environment variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use stagely_api::protocol::{DISCONNECT_SHUTDOWN_SECS, Sensitive};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read the agent configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not the expected JSON.
+    #[error("failed to parse the agent configuration {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// A field is missing or has a bad value.
+    #[error("invalid agent configuration: {0}")]
+    Invalid(String),
+}
+
+/// The container engine the agent drives.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Docker with the compose plugin (`docker compose`): production VMs.
+    #[default]
+    Docker,
+    /// Podman with `podman-compose`: the `local` provider and the tests.
+    Podman,
+}
+
+impl Engine {
+    /// The engine's command.
+    pub fn program(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self, ConfigError> {
+        match value {
+            "docker" => Ok(Engine::Docker),
+            "podman" => Ok(Engine::Podman),
+            other => Err(ConfigError::Invalid(format!("engine must be `docker` or `podman`, not `{other}`"))),
+        }
+    }
+}
+
+/// What the VM is for.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Builds images.
+    Builder,
+    /// Runs a preview.
+    #[default]
+    Preview,
+}
+
+/// The file as written by cloud-init, with every optional field.
+/// Unknown fields are ignored, so an operator newer than the agent can add some.
+#[derive(Deserialize, Default)]
+struct FileConfig {
+    gateway_url: Option<String>,
+    agent_id: Option<String>,
+    token: Option<Sensitive>,
+    role: Option<Role>,
+    engine: Option<Engine>,
+    compose_command: Option<Vec<String>>,
+    work_dir: Option<PathBuf>,
+    shutdown_command: Option<String>,
+    disconnect_shutdown_seconds: Option<u64>,
+    insecure_registries: Option<Vec<String>>,
+    reconnect_initial_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+    ca_file: Option<PathBuf>,
+    ops_addr: Option<SocketAddr>,
+}
+
+/// The agent's settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// WebSocket URL of the gateway (`ws://` or `wss://`), including the connect path.
+    pub gateway_url: String,
+    /// This agent's id.
+    pub agent_id: String,
+    /// The single-use enrollment token.
+    pub token: Sensitive,
+    /// Builder or preview.
+    pub role: Role,
+    /// The container engine.
+    pub engine: Engine,
+    /// The compose command: `docker compose` for docker, `podman-compose` for podman.
+    pub compose_command: Vec<String>,
+    /// Where clones, compose overrides and secret files live.
+    pub work_dir: PathBuf,
+    /// Shell command run (`sh -c`) when the gateway has been unreachable for
+    /// [`AgentConfig::disconnect_shutdown`].
+    pub shutdown_command: String,
+    /// How long without the gateway before the VM shuts down.
+    pub disconnect_shutdown: Duration,
+    /// Registries (host:port) reached over plain HTTP or with unverified TLS; loopback
+    /// registries always are.
+    pub insecure_registries: Vec<String>,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Extra CA certificate (PEM) trusted for a `wss://` gateway.
+    pub ca_file: Option<PathBuf>,
+    /// Address of `/healthz` and `/metrics`.
+    pub ops_addr: SocketAddr,
+}
+
+/// The environment variables that override the file, by field (`STAGELY_OPS_ADDR` and
+/// `STAGELY_AGENT_CONFIG` are read with the command line).
+pub const ENV_VARS: [(&str, &str); 13] = [
+    ("STAGELY_GATEWAY_URL", "gateway_url"),
+    ("STAGELY_AGENT_ID", "agent_id"),
+    ("STAGELY_AGENT_TOKEN", "token"),
+    ("STAGELY_ROLE", "role"),
+    ("STAGELY_ENGINE", "engine"),
+    ("STAGELY_COMPOSE_COMMAND", "compose_command"),
+    ("STAGELY_WORK_DIR", "work_dir"),
+    ("STAGELY_SHUTDOWN_COMMAND", "shutdown_command"),
+    ("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "disconnect_shutdown_seconds"),
+    ("STAGELY_INSECURE_REGISTRIES", "insecure_registries"),
+    ("STAGELY_RECONNECT_INITIAL_MS", "reconnect_initial_ms"),
+    ("STAGELY_RECONNECT_MAX_MS", "reconnect_max_ms"),
+    ("STAGELY_CA_FILE", "ca_file"),
+];
+
+impl AgentConfig {
+    /// Loads `path` (if given) and applies the process's environment variables over it.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: BTreeMap<String, String> =
+            ENV_VARS.iter().filter_map(|(var, _)| std::env::var(var).ok().map(|v| ((*var).to_owned(), v))).collect();
+        Self::load_with(path, &env)
+    }
+
+    /// Loads `path` (if given) and applies `env` (variable name → value) over it.
+    pub fn load_with(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let mut file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                serde_json::from_str::<FileConfig>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
+            }
+            None => FileConfig::default(),
+        };
+        let get = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+        let number = |name: &str| -> Result<Option<u64>, ConfigError> {
+            get(name)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("{name} must be a number, not `{v}`")))
+                })
+                .transpose()
+        };
+        if let Some(v) = get("STAGELY_GATEWAY_URL") {
+            file.gateway_url = Some(v);
+        }
+        if let Some(v) = get("STAGELY_AGENT_ID") {
+            file.agent_id = Some(v);
+        }
+        if let Some(v) = get("STAGELY_AGENT_TOKEN") {
+            file.token = Some(Sensitive(v));
+        }
+        if let Some(v) = get("STAGELY_ROLE") {
+            file.role = Some(match v.as_str() {
+                "builder" => Role::Builder,
+                "preview" => Role::Preview,
+                other => {
+                    return Err(ConfigError::Invalid(format!("role must be `builder` or `preview`, not `{other}`")));
+                }
+            });
+        }
+        if let Some(v) = get("STAGELY_ENGINE") {
+            file.engine = Some(Engine::parse(&v)?);
+        }
+        if let Some(v) = get("STAGELY_COMPOSE_COMMAND") {
+            file.compose_command = Some(v.split_whitespace().map(str::to_owned).collect());
+        }
+        if let Some(v) = get("STAGELY_WORK_DIR") {
+            file.work_dir = Some(v.into());
+        }
+        if let Some(v) = get("STAGELY_SHUTDOWN_COMMAND") {
+            file.shutdown_command = Some(v);
+        }
+        if let Some(v) = number("STAGELY_DISCONNECT_SHUTDOWN_SECONDS")? {
+            file.disconnect_shutdown_seconds = Some(v);
+        }
+        if let Some(v) = get("STAGELY_INSECURE_REGISTRIES") {
+            file.insecure_registries =
+                Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect());
+        }
+        if let Some(v) = number("STAGELY_RECONNECT_INITIAL_MS")? {
+            file.reconnect_initial_ms = Some(v);
+        }
+        if let Some(v) = number("STAGELY_RECONNECT_MAX_MS")? {
+            file.reconnect_max_ms = Some(v);
+        }
+        if let Some(v) = get("STAGELY_CA_FILE") {
+            file.ca_file = Some(v.into());
+        }
+        Self::from_file(file)
+    }
+
+    fn from_file(file: FileConfig) -> Result<Self, ConfigError> {
+        let missing = |field: &str, var: &str| {
+            ConfigError::Invalid(format!("`{field}` is required (in the config file, or {var})"))
+        };
+        let gateway_url = file.gateway_url.ok_or_else(|| missing("gateway_url", "STAGELY_GATEWAY_URL"))?;
+        if !(gateway_url.starts_with("ws://") || gateway_url.starts_with("wss://")) {
+            return Err(ConfigError::Invalid(format!(
+                "gateway_url must start with ws:// or wss://, not `{gateway_url}`"
+            )));
+        }
+        let agent_id = file.agent_id.ok_or_else(|| missing("agent_id", "STAGELY_AGENT_ID"))?;
+        let token = file.token.ok_or_else(|| missing("token", "STAGELY_AGENT_TOKEN"))?;
+        let engine = file.engine.unwrap_or_default();
+        let compose_command = match file.compose_command {
+            Some(command) if !command.is_empty() => command,
+            Some(_) => return Err(ConfigError::Invalid("compose_command must not be empty".into())),
+            None => match engine {
+                Engine::Docker => vec!["docker".into(), "compose".into()],
+                Engine::Podman => vec!["podman-compose".into()],
+            },
+        };
+        let reconnect_initial = Duration::from_millis(file.reconnect_initial_ms.unwrap_or(500).max(1));
+        let reconnect_max = Duration::from_millis(file.reconnect_max_ms.unwrap_or(30_000)).max(reconnect_initial);
+        Ok(Self {
+            gateway_url,
+            agent_id,
+            token,
+            role: file.role.unwrap_or_default(),
+            engine,
+            compose_command,
+            work_dir: file.work_dir.unwrap_or_else(|| "/var/lib/stagely".into()),
+            shutdown_command: file.shutdown_command.unwrap_or_else(|| "shutdown -h now".into()),
+            disconnect_shutdown: Duration::from_secs(
+                file.disconnect_shutdown_seconds.unwrap_or(u64::from(DISCONNECT_SHUTDOWN_SECS)),
+            ),
+            insecure_registries: file.insecure_registries.unwrap_or_default(),
+            reconnect_initial,
+            reconnect_max,
+            ca_file: file.ca_file,
+            ops_addr: file.ops_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9101))),
+        })
+    }
+
+    /// Whether `server` (host or host:port) is reached without TLS verification.
+    pub fn is_insecure_registry(&self, server: &str) -> bool {
+        let host = server
+            .rsplit_once(':')
+            .map_or(server, |(host, port)| if port.chars().all(|c| c.is_ascii_digit()) { host } else { server });
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            || self.insecure_registries.iter().any(|r| r == server || r == host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn reads_the_file_cloud_init_writes() {
+        let file = write(
+            r#"{"gateway_url":"wss://agents.example.com/v1/agent/connect","agent_id":"vm-1","token":"eyJ.x.y","role":"builder"}"#,
+        );
+        let config = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap();
+        assert_eq!(config.gateway_url, "wss://agents.example.com/v1/agent/connect");
+        assert_eq!(config.agent_id, "vm-1");
+        assert_eq!(config.token.expose(), "eyJ.x.y");
+        assert_eq!(config.role, Role::Builder);
+        assert_eq!(config.engine, Engine::Docker);
+        assert_eq!(config.compose_command, ["docker", "compose"]);
+        assert_eq!(config.disconnect_shutdown, Duration::from_secs(15 * 60));
+        assert_eq!(config.shutdown_command, "shutdown -h now");
+        assert!(!format!("{config:?}").contains("eyJ.x.y"));
+    }
+
+    #[test]
+    fn environment_variables_override_the_file() {
+        let file = write(r#"{"gateway_url":"ws://a/v1/agent/connect","agent_id":"vm-1","token":"t","role":"preview"}"#);
+        let env = BTreeMap::from([
+            ("STAGELY_ENGINE".to_owned(), "podman".to_owned()),
+            ("STAGELY_AGENT_ID".to_owned(), "vm-2".to_owned()),
+            ("STAGELY_SHUTDOWN_COMMAND".to_owned(), "touch /tmp/x".to_owned()),
+            ("STAGELY_DISCONNECT_SHUTDOWN_SECONDS".to_owned(), "2".to_owned()),
+            ("STAGELY_INSECURE_REGISTRIES".to_owned(), "reg:5000, other".to_owned()),
+        ]);
+        let config = AgentConfig::load_with(Some(file.path()), &env).unwrap();
+        assert_eq!(config.agent_id, "vm-2");
+        assert_eq!(config.engine, Engine::Podman);
+        assert_eq!(config.compose_command, ["podman-compose"]);
+        assert_eq!(config.shutdown_command, "touch /tmp/x");
+        assert_eq!(config.disconnect_shutdown, Duration::from_secs(2));
+        assert!(config.is_insecure_registry("reg:5000"));
+        assert!(config.is_insecure_registry("other:443"));
+        assert!(config.is_insecure_registry("127.0.0.1:5000"));
+        assert!(config.is_insecure_registry("localhost:5000"));
+        assert!(!config.is_insecure_registry("registry.example.com"));
+    }
+
+    #[test]
+    fn missing_and_bad_fields_are_named() {
+        let file = write(r#"{"gateway_url":"ws://a","token":"t","role":"preview"}"#);
+        let err = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("agent_id"), "{err}");
+        let file = write(r#"{"gateway_url":"http://a","agent_id":"a","token":"t"}"#);
+        let err = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("ws://"), "{err}");
+        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t","added_later":true}"#);
+        assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).is_ok());
+        let env = BTreeMap::from([("STAGELY_ENGINE".to_owned(), "lxc".to_owned())]);
+        let err = AgentConfig::load_with(Some(file.path()), &env).unwrap_err().to_string();
+        assert!(err.contains("lxc"), "{err}");
+    }
+}

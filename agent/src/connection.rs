@@ -1,0 +1,366 @@
+//! The one WebSocket to the gateway: HELLO with the enrollment token (then the session token
+//! from HELLO_ACK), heartbeats, commands in, logs and statuses out, and reconnection with
+//! exponential backoff and jitter. Also the watchdog that shuts the VM down when the gateway
+//! has been gone too long.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use stagely_api::protocol::{
+    CONNECT_PATH, ErrorCode, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, Message, Sensitive, SystemInfo,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite;
+
+use crate::config::AgentConfig;
+use crate::executor::{Executor, now_ms};
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The WebSocket failed.
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    /// The gateway did not answer in time.
+    #[error("the gateway did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The gateway refused the HELLO.
+    #[error("the gateway refused the agent ({code:?}): {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
+    /// The gateway broke the protocol.
+    #[error("unexpected from the gateway: {0}")]
+    Protocol(String),
+    /// The gateway closed the connection.
+    #[error("the gateway closed the connection")]
+    Closed,
+    /// The TLS configuration could not be built.
+    #[error("failed to set up TLS: {0}")]
+    Tls(String),
+}
+
+/// Exponential backoff with full jitter: each delay is drawn from [d/2, d], d doubling from
+/// `initial` up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff from `initial` to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, attempt: 0 }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.initial.saturating_mul(2u32.saturating_pow(self.attempt.min(20))).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(random_fraction())
+    }
+
+    /// Back to the first delay, after a connection that worked.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A number in [0, 1) from the process's hash randomness (no RNG crate for one jitter).
+fn random_fraction() -> f64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher
+        .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What the VM is.
+pub fn system_info() -> SystemInfo {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024);
+    SystemInfo {
+        os: std::env::consts::OS.to_owned(),
+        arch: arch.to_owned(),
+        hostname,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_mib,
+    }
+}
+
+/// The URL to connect to: the configured one, with the connect path when it names none.
+pub fn connect_url(gateway_url: &str) -> String {
+    let after_scheme = gateway_url.split_once("://").map_or(gateway_url, |(_, rest)| rest);
+    if after_scheme.trim_end_matches('/').contains('/') {
+        gateway_url.to_owned()
+    } else {
+        format!("{}{CONNECT_PATH}", gateway_url.trim_end_matches('/'))
+    }
+}
+
+fn tls_connector(config: &AgentConfig) -> Result<Option<tokio_tungstenite::Connector>, ConnectionError> {
+    if !config.gateway_url.starts_with("wss://") {
+        return Ok(None);
+    }
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca) = &config.ca_file {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?
+        {
+            let cert = cert.map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?;
+            roots.add(cert).map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|err| ConnectionError::Tls(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_tungstenite::Connector::Rustls(Arc::new(tls))))
+}
+
+/// The agent's side of the protocol, across connections.
+pub struct Connection {
+    config: Arc<AgentConfig>,
+    executor: Executor,
+    outbox: mpsc::UnboundedReceiver<Message>,
+    /// Messages taken from the outbox that a dead connection could not send.
+    pending: VecDeque<Message>,
+    session_token: Option<Sensitive>,
+    connected: watch::Sender<bool>,
+}
+
+impl Connection {
+    /// A connection for `executor`, whose messages arrive on `outbox`; `connected` says
+    /// whether the gateway has accepted the agent.
+    pub fn new(
+        config: Arc<AgentConfig>,
+        executor: Executor,
+        outbox: mpsc::UnboundedReceiver<Message>,
+        connected: watch::Sender<bool>,
+    ) -> Self {
+        Self { config, executor, outbox, pending: VecDeque::new(), session_token: None, connected }
+    }
+
+    /// Connects, serves, and reconnects, forever.
+    pub async fn run(mut self) -> Result<(), ConnectionError> {
+        let connector = tls_connector(&self.config)?;
+        let url = connect_url(&self.config.gateway_url);
+        let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
+        loop {
+            let result = self.session(&url, connector.clone(), &mut backoff).await;
+            self.connected.send_replace(false);
+            let delay = backoff.next_delay();
+            match result {
+                Ok(()) => tracing::warn!(?delay, "disconnected from the gateway; reconnecting"),
+                Err(err) => tracing::warn!(%err, ?delay, "no connection to the gateway; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn session(
+        &mut self,
+        url: &str,
+        connector: Option<tokio_tungstenite::Connector>,
+        backoff: &mut Backoff,
+    ) -> Result<(), ConnectionError> {
+        const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+        let (mut ws, _) = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector),
+        )
+        .await
+        .map_err(|_| ConnectionError::Timeout(ANSWER_TIMEOUT))??;
+        let using_session = self.session_token.is_some();
+        let token = self.session_token.clone().unwrap_or_else(|| self.config.token.clone());
+        let hello = Message::Hello(Hello {
+            agent_id: self.config.agent_id.clone(),
+            token,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            system_info: system_info(),
+            jobs: self.executor.summaries(),
+        });
+        ws.send(frame(&hello)).await?;
+        let ack = loop {
+            let next = tokio::time::timeout(ANSWER_TIMEOUT, ws.next())
+                .await
+                .map_err(|_| ConnectionError::Timeout(ANSWER_TIMEOUT))?;
+            match next {
+                None => return Err(ConnectionError::Closed),
+                Some(Err(err)) => return Err(err.into()),
+                Some(Ok(tungstenite::Message::Text(text))) => match serde_json::from_str::<Message>(&text) {
+                    Ok(Message::HelloAck(ack)) => break ack,
+                    Ok(Message::Error(error)) => {
+                        if using_session
+                            && matches!(
+                                error.code,
+                                ErrorCode::InvalidToken | ErrorCode::ExpiredToken | ErrorCode::WrongScope
+                            )
+                        {
+                            // Next time, the enrollment token (which the gateway may still take).
+                            self.session_token = None;
+                        }
+                        return Err(ConnectionError::Refused { code: error.code, message: error.message });
+                    }
+                    Ok(other) => {
+                        return Err(ConnectionError::Protocol(format!("{} before HELLO_ACK", other.type_name())));
+                    }
+                    Err(err) => return Err(ConnectionError::Protocol(err.to_string())),
+                },
+                Some(Ok(tungstenite::Message::Close(_))) => return Err(ConnectionError::Closed),
+                Some(Ok(_)) => {}
+            }
+        };
+        self.session_token = Some(ack.session_token);
+        backoff.reset();
+        self.connected.send_replace(true);
+        let interval = Duration::from_secs(u64::from(if ack.heartbeat_interval_seconds == 0 {
+            HEARTBEAT_INTERVAL_SECS
+        } else {
+            ack.heartbeat_interval_seconds
+        }));
+        tracing::info!(scope = ?ack.scope, ?interval, "connected to the gateway");
+
+        // What could not be sent before, then every job's latest status: the gateway may have
+        // missed a final one while the agent was away.
+        let mut resend: Vec<Message> = self.pending.drain(..).collect();
+        resend.extend(self.executor.statuses().into_iter().map(Message::Status));
+        for message in resend {
+            ws.send(frame(&message)).await?;
+        }
+
+        let mut heartbeat = tokio::time::interval(interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        // A connection silent for three heartbeats is dead, even if TCP has not noticed.
+        let silence_limit = interval * 3;
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return Err(ConnectionError::Timeout(silence_limit));
+                    }
+                    seq += 1;
+                    ws.send(frame(&Message::Heartbeat(Heartbeat { seq, sent_at_ms: now_ms() }))).await?;
+                }
+                outgoing = self.outbox.recv() => {
+                    let Some(message) = outgoing else { return Ok(()) };
+                    if let Err(err) = ws.send(frame(&message)).await {
+                        self.pending.push_back(message);
+                        return Err(err.into());
+                    }
+                }
+                incoming = ws.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    match incoming {
+                        None => return Ok(()),
+                        Some(Err(err)) => return Err(err.into()),
+                        Some(Ok(tungstenite::Message::Text(text))) => self.receive(&text),
+                        Some(Ok(tungstenite::Message::Close(_))) => return Ok(()),
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self, text: &str) {
+        match serde_json::from_str::<Message>(text) {
+            Ok(Message::Heartbeat(ack)) => tracing::trace!(seq = ack.seq, "heartbeat acknowledged"),
+            Ok(Message::Error(error)) => {
+                tracing::warn!(code = ?error.code, job_id = error.job_id.as_deref().unwrap_or(""), "gateway error: {}", error.message)
+            }
+            Ok(message @ (Message::Build(_) | Message::Deploy(_) | Message::Terminate(_))) => {
+                tracing::info!(kind = message.type_name(), job_id = message.job_id().unwrap_or(""), "command received");
+                self.executor.handle(message);
+            }
+            Ok(other) => tracing::warn!(kind = other.type_name(), "ignoring an unexpected message"),
+            Err(err) => tracing::warn!(%err, "ignoring a frame that is not a protocol message"),
+        }
+    }
+}
+
+fn frame(message: &Message) -> tungstenite::Message {
+    tungstenite::Message::Text(serde_json::to_string(message).expect("messages serialize").into())
+}
+
+/// Runs `shutdown_command` once the gateway has been unreachable for `after` (counting from
+/// start when it has never been reached); once per disconnection.
+pub async fn shutdown_watchdog(mut connected: watch::Receiver<bool>, after: Duration, shutdown_command: String) {
+    loop {
+        if connected.wait_for(|c| !*c).await.is_err() {
+            return;
+        }
+        let reconnected = tokio::time::timeout(after, connected.wait_for(|c| *c)).await.map(|r| r.is_ok());
+        match reconnected {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(_) => {
+                tracing::warn!(?after, command = %shutdown_command, "no gateway for too long; shutting the VM down");
+                match tokio::process::Command::new("sh").arg("-c").arg(&shutdown_command).status().await {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => tracing::error!(%status, "the shutdown command failed"),
+                    Err(err) => tracing::error!(%err, "failed to run the shutdown command"),
+                }
+                // Once per disconnection: wait for the gateway before counting again.
+                if connected.wait_for(|c| *c).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_maximum() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100), "{delays:?}");
+        assert!(delays[2] >= Duration::from_millis(200) && delays[2] <= Duration::from_millis(400), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)), "{delays:?}");
+        assert!(delays[7] >= Duration::from_millis(500), "{delays:?}");
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn connect_urls_get_the_path_when_they_name_none() {
+        assert_eq!(connect_url("ws://127.0.0.1:9"), "ws://127.0.0.1:9/v1/agent/connect");
+        assert_eq!(connect_url("wss://gw.example.com/"), "wss://gw.example.com/v1/agent/connect");
+        assert_eq!(connect_url("wss://gw.example.com/v1/agent/connect"), "wss://gw.example.com/v1/agent/connect");
+    }
+
+    #[test]
+    fn system_info_names_the_architecture_as_providers_do() {
+        let info = system_info();
+        assert_eq!(info.os, "linux");
+        assert!(["amd64", "arm64"].contains(&info.arch.as_str()) || !info.arch.is_empty());
+        assert!(info.cpus >= 1);
+    }
+}
