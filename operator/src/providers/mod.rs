@@ -8,6 +8,9 @@
 
 pub mod aws;
 pub mod cloudinit;
+pub mod digitalocean;
+pub mod hetzner;
+pub mod http;
 pub mod sizes;
 
 use std::collections::BTreeMap;
