@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod controllers;
 pub mod providers;
 
 use std::net::SocketAddr;

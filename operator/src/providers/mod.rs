@@ -6,8 +6,10 @@
 //! attempt made (EC2's ClientToken; adoption by name and tag elsewhere). Termination of an
 //! instance that is already gone succeeds.
 
+pub mod account;
 pub mod aws;
 pub mod cloudinit;
+pub mod local;
 pub mod digitalocean;
 pub mod hetzner;
 pub mod http;

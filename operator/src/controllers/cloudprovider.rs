@@ -1,0 +1,203 @@
+//! The CloudProvider controller: checks each account's credentials with a real call, reports the
+//! result as the `Ready` condition (with a message a user can act on) and the number of VMs
+//! carrying Stagely's tags, and checks again whenever the credentials Secret changes.
+//!
+//! Credentials are read, used and dropped: they never reach a log line, an event or the status.
+//! Messages come from [`AccountError`] and [`ProviderError`](crate::providers::ProviderError),
+//! which carry the provider's answer, never what was sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use stagely_api::v1alpha1::{CloudProvider, CloudProviderStatus, ProviderType};
+
+use crate::providers::account::{self, AccountError, Endpoints, provider_reason};
+
+/// The controller's name, as events report it.
+pub const CONTROLLER: &str = "stagely-cloudprovider-controller";
+
+/// Checked again this often while healthy (the instance count drifts as VMs come and go).
+const RECHECK: Duration = Duration::from_secs(300);
+/// Checked again this soon after the provider could not be reached or throttled us.
+const RETRY: Duration = Duration::from_secs(30);
+
+/// What the reconciler needs.
+pub struct Context {
+    /// The cluster.
+    pub client: Client,
+    /// Where the clouds are.
+    pub endpoints: Endpoints,
+    recorder: Recorder,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, endpoints: Endpoints) -> Self {
+        let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self { recorder: Recorder::new(client.clone(), reporter), client, endpoints }
+    }
+}
+
+/// Why a reconcile failed (and will be retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing the status failed.
+    #[error("cannot update the status of {name}: {source}")]
+    Status {
+        /// The CloudProvider.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+/// The outcome of one check.
+struct Check {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+    instances: Option<i32>,
+    retry: bool,
+}
+
+async fn check(object: &CloudProvider, ctx: &Context) -> Check {
+    let failed = |reason: &'static str, message: String, retry: bool| Check {
+        ready: false,
+        reason,
+        message,
+        instances: None,
+        retry,
+    };
+    let provider = match account::connect(&ctx.client, object, &ctx.endpoints).await {
+        Ok(provider) => provider,
+        Err(err) => {
+            let retry = matches!(err, AccountError::Kube { .. });
+            return failed(err.reason(), err.to_string(), retry);
+        }
+    };
+    if let Err(err) = provider.validate_credentials().await {
+        let retry = !matches!(err, crate::providers::ProviderError::InvalidCredentials { .. });
+        return failed(provider_reason(&err), err.to_string(), retry);
+    }
+    let (instances, listed) = match provider.list().await {
+        Ok(list) => (i32::try_from(list.len()).ok(), String::new()),
+        Err(err) => (None, format!("; listing its VMs failed: {err}")),
+    };
+    let message = match object.spec.type_ {
+        ProviderType::Local => format!("agents run as processes on the operator's host{listed}"),
+        other => format!(
+            "{} accepted the credentials in {}{listed}",
+            provider_name(other),
+            object.spec.region.as_deref().unwrap_or_default()
+        ),
+    };
+    Check { ready: true, reason: "CredentialsAccepted", message, instances, retry: !listed.is_empty() }
+}
+
+fn provider_name(type_: ProviderType) -> &'static str {
+    match type_ {
+        ProviderType::Aws => "AWS",
+        ProviderType::Digitalocean => "DigitalOcean",
+        ProviderType::Hetzner => "Hetzner",
+        ProviderType::Local => "local",
+    }
+}
+
+/// Checks one CloudProvider and writes what it found.
+pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let found = check(&object, &ctx).await;
+    let status = if found.ready { "True" } else { "False" };
+
+    let previous = object.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let changed = previous.is_none_or(|c| c.status != status || c.reason != found.reason || c.message != found.message);
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    let condition = Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: found.reason.into(),
+        message: found.message.clone(),
+        last_transition_time,
+        observed_generation: object.metadata.generation,
+    };
+    let mut conditions: Vec<Condition> = object
+        .status
+        .as_ref()
+        .map(|s| s.conditions.iter().filter(|c| c.type_ != "Ready").cloned().collect())
+        .unwrap_or_default();
+    conditions.push(condition);
+    let new_status = CloudProviderStatus {
+        observed_generation: object.metadata.generation,
+        conditions,
+        instances: found.instances.or(object.status.as_ref().and_then(|s| s.instances)),
+    };
+    if object.status.as_ref() != Some(&new_status) {
+        let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": new_status })))
+            .await
+            .map_err(|source| Error::Status { name: name.clone(), source })?;
+    }
+    if changed {
+        tracing::info!(%namespace, %name, ready = found.ready, reason = found.reason, message = %found.message, "checked cloud provider");
+        let event = Event {
+            type_: if found.ready { EventType::Normal } else { EventType::Warning },
+            reason: found.reason.into(),
+            note: Some(found.message.clone()),
+            action: "CheckCredentials".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%namespace, %name, error = %err, "cannot record event");
+        }
+    }
+    Ok(Action::requeue(if found.retry { RETRY } else { RECHECK }))
+}
+
+fn error_policy(object: Arc<CloudProvider>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %object.name_any(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the controller until `shutdown` resolves: every CloudProvider, re-checked when its
+/// credentials Secret changes.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(Api::<CloudProvider>::all(client.clone()), watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(Api::<Secret>::all(client), watcher::Config::default(), move |secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|cp| {
+                    cp.namespace() == namespace
+                        && cp.spec.credentials_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                })
+                .map(|cp| ObjectRef::from_obj(&*cp))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "cloud provider reconcile");
+            }
+        })
+        .await;
+}

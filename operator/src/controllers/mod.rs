@@ -1,0 +1,3 @@
+//! The kube-rs controllers.
+
+pub mod cloudprovider;

@@ -1,0 +1,270 @@
+//! The CloudProvider controller against a real kube-apiserver (testenv) and moto's EC2 with IAM
+//! authentication switched on: Ready follows the credentials Secret, and no credential reaches
+//! the status, an event or a log line.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use stagely_api::v1alpha1::{CloudProvider, CloudProviderSpec};
+use stagely_operator::controllers::cloudprovider::{self, Context};
+use stagely_operator::providers::account::Endpoints;
+use stagely_testenv::{ControlPlane, Options};
+
+/// Every line the controller logs, to check that no credential is among them.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buffer.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("stagely_operator=debug,kube=info")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        buffer
+    })
+    .clone()
+}
+
+fn plane() -> &'static ControlPlane {
+    stagely_testenv::shared(|| Options { crds: stagely_api::crds(), ..Options::default() })
+}
+
+/// moto with IAM authentication: the first three calls (creating a user, its policy and its
+/// key) are let through, every later one must be signed by a known key.
+struct Moto {
+    child: Child,
+    url: String,
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+impl Moto {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server is installed (scripts/install-deps.sh installs moto[server])");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // boto3 comes with moto; the operator has no IAM client of its own.
+        let script = r#"
+import boto3, json, sys
+iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id="AKIASETUP", aws_secret_access_key="setup")
+iam.create_user(UserName="stagely")
+iam.put_user_policy(UserName="stagely", PolicyName="ec2", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ec2:*", "Resource": "*"}]}))
+key = iam.create_access_key(UserName="stagely")["AccessKey"]
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+        let out = Command::new("python3").args(["-c", script, &url]).output().expect("python3 runs");
+        assert!(out.status.success(), "IAM setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = String::from_utf8(out.stdout).unwrap();
+        let (id, secret) = out.trim().split_once(' ').expect("key id and secret");
+        Self { child, url, access_key_id: id.into(), secret_access_key: secret.into() }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One moto per test binary: IAM setup consumes its unauthenticated calls once.
+fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(Moto::start)
+}
+
+/// A namespace of its own, and the controller running against the control plane.
+async fn setup(namespace: &str) -> Client {
+    capture_logs();
+    let client = plane().client().await.expect("client");
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() }, ..Default::default() };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    let endpoints = Endpoints {
+        aws: Some(moto().url.clone()),
+        local_agent_bin: "/bin/true".into(),
+        local_state_dir: std::env::temp_dir().join("stagely-cloudprovider-test"),
+        ..Endpoints::default()
+    };
+    let ctx = Arc::new(Context::new(client.clone(), endpoints));
+    // Each test has its own runtime; the controller lives as long as the test does.
+    tokio::spawn(cloudprovider::run(ctx, std::future::pending()));
+    client
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        string_data: Some(data.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>()),
+        ..Default::default()
+    }
+}
+
+fn aws_provider(name: &str, secret: &str) -> CloudProvider {
+    let spec: CloudProviderSpec = serde_json::from_value(serde_json::json!({
+        "type": "aws",
+        "region": "eu-west-1",
+        "credentialsSecretRef": {"name": secret},
+    }))
+    .unwrap();
+    CloudProvider::new(name, spec)
+}
+
+/// Waits until the provider's Ready condition has `status`, and returns it with its message.
+async fn wait_ready(api: &Api<CloudProvider>, name: &str, status: &str) -> (String, String, Option<i32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let object = api.get(name).await.unwrap();
+        let state = object.status.as_ref();
+        if let Some(ready) = state.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")) {
+            if ready.status == status {
+                return (ready.reason.clone(), ready.message.clone(), state.and_then(|s| s.instances));
+            }
+            last = Some(ready.clone());
+        }
+        assert!(Instant::now() < deadline, "Ready never became {status}; last: {last:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn events(client: &Client, namespace: &str) -> Vec<String> {
+    let list = Api::<Event>::namespaced(client.clone(), namespace).list(&ListParams::default()).await.unwrap();
+    list.items.into_iter().filter_map(|e| e.message.or(e.reason)).collect()
+}
+
+#[tokio::test]
+async fn ready_follows_the_credentials_and_flips_when_the_secret_is_fixed() {
+    let moto = moto();
+    let client = setup("cp-flip").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), "cp-flip");
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-flip");
+    let wrong_secret = "wrong-secret-value-0123456789";
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("aws", &[("accessKeyId", "AKIAWRONG"), ("secretAccessKey", wrong_secret)]),
+        )
+        .await
+        .unwrap();
+    providers.create(&PostParams::default(), &aws_provider("aws", "aws")).await.unwrap();
+
+    let (reason, message, _) = wait_ready(&providers, "aws", "False").await;
+    assert_eq!(reason, "CredentialsRejected");
+    assert_eq!(message, "AWS rejected the credentials: AuthFailure");
+
+    // Fixing the Secret is enough: the controller watches it.
+    let fixed = serde_json::json!({"stringData": {
+        "accessKeyId": moto.access_key_id, "secretAccessKey": moto.secret_access_key}});
+    secrets.patch("aws", &PatchParams::default(), &Patch::Merge(fixed)).await.unwrap();
+    let (reason, message, instances) = wait_ready(&providers, "aws", "True").await;
+    assert_eq!(reason, "CredentialsAccepted");
+    assert_eq!(message, "AWS accepted the credentials in eu-west-1");
+    assert_eq!(instances, Some(0));
+
+    // And breaking it again is noticed too.
+    let broken = serde_json::json!({"stringData": {"secretAccessKey": wrong_secret}});
+    secrets.patch("aws", &PatchParams::default(), &Patch::Merge(broken)).await.unwrap();
+    let (reason, _, _) = wait_ready(&providers, "aws", "False").await;
+    assert_eq!(reason, "CredentialsRejected");
+
+    // Transitions are events a user sees in `kubectl describe`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = events(&client, "cp-flip").await;
+        if seen.iter().any(|m| m == "AWS accepted the credentials in eu-west-1")
+            && seen.iter().any(|m| m == "AWS rejected the credentials: AuthFailure")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events missing: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No credential anywhere a user or a log collector can read.
+    let status = serde_json::to_string(&providers.get("aws").await.unwrap().status).unwrap();
+    let events = events(&client, "cp-flip").await.join("\n");
+    let logs = String::from_utf8_lossy(&capture_logs().lock().unwrap()).into_owned();
+    assert!(logs.contains("checked cloud provider"), "the controller logs its checks: {logs}");
+    for leak in [wrong_secret, moto.secret_access_key.as_str()] {
+        assert!(!status.contains(leak), "status leaks a credential: {status}");
+        assert!(!events.contains(leak), "events leak a credential: {events}");
+        assert!(!logs.contains(leak), "logs leak a credential");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_secret_or_key_says_what_to_fix() {
+    let moto = moto();
+    let client = setup("cp-missing").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), "cp-missing");
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-missing");
+    providers.create(&PostParams::default(), &aws_provider("aws", "creds")).await.unwrap();
+    let (reason, message, _) = wait_ready(&providers, "aws", "False").await;
+    assert_eq!((reason.as_str(), message.as_str()), ("SecretNotFound", "Secret cp-missing/creds not found"));
+
+    secrets.create(&PostParams::default(), &secret("creds", &[("accessKeyId", &moto.access_key_id)])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (reason, message, _) = wait_ready(&providers, "aws", "False").await;
+        if reason == "SecretIncomplete" {
+            assert_eq!(
+                message,
+                "Secret cp-missing/creds has no key \"secretAccessKey\" (aws needs accessKeyId and secretAccessKey)"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {reason}: {message}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let complete = serde_json::json!({"stringData": {"secretAccessKey": moto.secret_access_key}});
+    secrets.patch("creds", &PatchParams::default(), &Patch::Merge(complete)).await.unwrap();
+    wait_ready(&providers, "aws", "True").await;
+}
+
+#[tokio::test]
+async fn a_local_provider_is_ready_when_its_agent_binary_is_there() {
+    let client = setup("cp-local").await;
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-local");
+    let spec: CloudProviderSpec = serde_json::from_value(serde_json::json!({"type": "local"})).unwrap();
+    providers.create(&PostParams::default(), &CloudProvider::new("here", spec)).await.unwrap();
+    let (reason, message, instances) = wait_ready(&providers, "here", "True").await;
+    assert_eq!(reason, "CredentialsAccepted");
+    assert_eq!(message, "agents run as processes on the operator's host");
+    assert_eq!(instances, Some(0));
+}
