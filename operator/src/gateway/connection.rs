@@ -1,0 +1,287 @@
+//! One agent connection: the HELLO handshake, then one task that writes the agent's queue and
+//! reads its frames (heartbeats, logs, statuses).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
+use tokio::sync::mpsc;
+
+use super::logs::Masker;
+use super::token::{TokenError, TokenKind};
+use super::{Connection, Inner};
+
+/// Close code: refused at HELLO (policy violation).
+const CLOSE_REFUSED: u16 = 1008;
+/// Close code: the gateway is shutting down.
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code: a newer connection of the same agent took over, or the gateway let go of the
+/// agent (its queue overflowed, or its object is gone).
+pub(crate) const CLOSE_REPLACED: u16 = 4000;
+
+/// Counts the connection as open until dropped.
+struct Active(Arc<Inner>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// Runs an upgraded connection to its end.
+pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAddr) {
+    inner.active.fetch_add(1, Ordering::AcqRel);
+    let _active = Active(Arc::clone(&inner));
+    let mut shutdown = inner.shutdown.subscribe();
+    if *shutdown.borrow_and_update() {
+        close(&mut socket, CLOSE_GOING_AWAY, "the gateway is shutting down").await;
+        return;
+    }
+
+    let hello = match tokio::time::timeout(inner.settings.hello_timeout, socket.recv()).await {
+        Ok(Some(Ok(WsMessage::Text(text)))) => match serde_json::from_str::<Message>(&text) {
+            Ok(Message::Hello(hello)) => hello,
+            _ => return refuse(&mut socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
+        },
+        Ok(Some(Ok(_))) => return refuse(&mut socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
+        Ok(_) => return,
+        Err(_) => return refuse(&mut socket, ErrorCode::BadMessage, "no HELLO in time").await,
+    };
+    let (scope, session_token) = match admit(&inner, &hello).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            tracing::info!(%peer, agent_id = %hello.agent_id, code = ?refusal.0, "agent refused");
+            return refuse(&mut socket, refusal.0, refusal.1).await;
+        }
+    };
+    let ack = Message::HelloAck(HelloAck {
+        session_token,
+        heartbeat_interval_seconds: inner.settings.heartbeat_interval_secs,
+        scope: Scope::clone(&scope),
+    });
+    let ack = match serde_json::to_string(&ack) {
+        Ok(ack) => ack,
+        Err(_) => return refuse(&mut socket, ErrorCode::Internal, "failed to answer the HELLO").await,
+    };
+    let (id, mut queue, resend, masker) = register(&inner, &scope, &hello);
+    tracing::info!(
+        %peer, agent_id = %hello.agent_id, kind = ?scope.kind, namespace = %scope.namespace, name = %scope.name,
+        version = %hello.version, resent = resend.len(), "agent connected"
+    );
+    let mut open = send(&inner, &mut socket, Utf8Bytes::from(ack)).await;
+    for frame in resend {
+        if !open {
+            break;
+        }
+        open = send(&inner, &mut socket, frame).await;
+    }
+
+    while open {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                close(&mut socket, CLOSE_GOING_AWAY, "the gateway is shutting down").await;
+                break;
+            }
+            frame = queue.recv() => match frame {
+                Some(frame) => open = send(&inner, &mut socket, frame).await,
+                None => {
+                    close(&mut socket, CLOSE_REPLACED, "replaced by a newer connection, or disconnected").await;
+                    break;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(WsMessage::Text(text))) => open = handle(&inner, &mut socket, &scope, &masker, text).await,
+                Some(Ok(WsMessage::Binary(_))) => {
+                    open = send_error(&inner, &mut socket, ErrorCode::BadMessage, "frames are JSON text").await;
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break,
+            },
+        }
+    }
+
+    let mut agents = inner.agents();
+    if let Some(slot) = agents.get_mut(&*scope)
+        && slot.connection.as_ref().is_some_and(|connection| connection.id == id)
+    {
+        slot.connection = None;
+    }
+    drop(agents);
+    tracing::info!(agent_id = %hello.agent_id, namespace = %scope.namespace, name = %scope.name, "agent disconnected");
+}
+
+/// Checks a HELLO's token and scope; returns the scope and a fresh session token.
+async fn admit(
+    inner: &Inner,
+    hello: &Hello,
+) -> Result<(Arc<Scope>, stagely_api::protocol::Sensitive), (ErrorCode, &'static str)> {
+    let refusal = |err: TokenError| {
+        let message = match err {
+            TokenError::Invalid => "the token is not valid",
+            TokenError::Expired => "the token has expired",
+            TokenError::Replayed => "the enrollment token was already used",
+            TokenError::WrongScope => "the token was minted for another agent",
+            _ => "failed to check the token",
+        };
+        (err.code(), message)
+    };
+    let (claims, kind) = inner.tokens.verify_agent(hello.token.expose(), &hello.agent_id).map_err(refusal)?;
+    match inner.objects.is_current(&claims.scope).await {
+        Ok(true) => {}
+        Ok(false) => return Err((ErrorCode::WrongScope, "the token's object no longer exists")),
+        Err(err) => {
+            tracing::warn!(error = %err, "failed to check an agent's scope");
+            return Err((ErrorCode::Internal, "failed to check the token's object; retry"));
+        }
+    }
+    if kind == TokenKind::Enrollment {
+        inner.tokens.consume(&claims).map_err(refusal)?;
+    }
+    let session = inner
+        .tokens
+        .mint_session(&claims.scope, &hello.agent_id, inner.settings.session_ttl)
+        .map_err(|_| (ErrorCode::Internal, "failed to issue a session token"))?;
+    // One allocation shared by the slot, the heartbeat recorder and this connection.
+    let scope = {
+        let agents = inner.agents();
+        agents.get_key_value(&claims.scope).map(|(key, _)| Arc::clone(key))
+    };
+    Ok((scope.unwrap_or_else(|| Arc::new(claims.scope)), session))
+}
+
+type Registered = (u64, mpsc::Receiver<Utf8Bytes>, Vec<Utf8Bytes>, Arc<RwLock<Masker>>);
+
+/// Makes this connection the scope's one (closing any older one) and picks the pending
+/// commands to resend: every one the HELLO does not list as accepted or running.
+fn register(inner: &Inner, scope: &Arc<Scope>, hello: &Hello) -> Registered {
+    let id = inner.next_connection.fetch_add(1, Ordering::Relaxed);
+    let (queue, receiver) = mpsc::channel(inner.settings.queue_capacity);
+    let mut agents = inner.agents();
+    let slot = agents.entry(Arc::clone(scope)).or_default();
+    // Dropping the old sender ends the old connection with a close frame.
+    slot.connection = Some(Connection { id, agent_id: hello.agent_id.clone(), queue });
+    let resend = slot
+        .pending
+        .iter()
+        .filter(|(job_id, _)| {
+            // A job the agent knows as finished is resent too: it answers with the job's STATUS.
+            !hello.jobs.iter().any(|known| &known.job_id == *job_id && !known.state.is_final())
+        })
+        .map(|(_, pending)| pending.frame.clone())
+        .collect();
+    (id, receiver, resend, Arc::clone(&slot.masker))
+}
+
+/// Handles one frame from the agent; false once the connection is lost.
+async fn handle(
+    inner: &Inner,
+    socket: &mut WebSocket,
+    scope: &Arc<Scope>,
+    masker: &RwLock<Masker>,
+    text: Utf8Bytes,
+) -> bool {
+    let message = match serde_json::from_str::<Message>(&text) {
+        Ok(message) => message,
+        Err(_) => return send_error(inner, socket, ErrorCode::BadMessage, "not a valid message").await,
+    };
+    match message {
+        Message::Heartbeat(_) => {
+            inner.heartbeats.touch(scope);
+            // The ack is the heartbeat itself, echoed unchanged.
+            send(inner, socket, text).await
+        }
+        Message::Log(mut log) => {
+            let Some(logs) = &inner.logs else { return true };
+            {
+                let masker = masker.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let std::borrow::Cow::Owned(masked) = masker.mask(&log.data) {
+                    log.data = masked;
+                }
+            }
+            if let Err(err) = logs.append(&log).await {
+                tracing::warn!(error = %err, "failed to store a log line");
+            }
+            true
+        }
+        Message::Status(mut status) => {
+            if let Some(message) = &status.message {
+                let masker = masker.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let std::borrow::Cow::Owned(masked) = masker.mask(message) {
+                    status.message = Some(masked);
+                }
+            }
+            record_status(inner, scope, status);
+            true
+        }
+        Message::Error(error) => {
+            let text = {
+                let masker = masker.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                masker.mask(&error.message).into_owned()
+            };
+            tracing::warn!(
+                namespace = %scope.namespace, name = %scope.name, code = ?error.code, job_id = ?error.job_id,
+                message = %text, "agent reported an error"
+            );
+            true
+        }
+        other => {
+            let _ = other;
+            send_error(inner, socket, ErrorCode::BadMessage, "agents send HEARTBEAT, LOG, STATUS or ERROR").await
+        }
+    }
+}
+
+fn record_status(inner: &Inner, scope: &Scope, status: Status) {
+    let mut agents = inner.agents();
+    let Some(slot) = agents.get_mut(scope) else { return };
+    let finished = status.state.is_final();
+    let job_id = status.job_id.clone();
+    tracing::debug!(namespace = %scope.namespace, name = %scope.name, job_id, state = ?status.state, "job status");
+    match slot.pending.get(&job_id) {
+        Some(pending) => {
+            pending.status.send_replace(Some(status));
+        }
+        None => {
+            if status.state != JobState::Succeeded {
+                tracing::debug!(job_id, "status of a job no one waits for");
+            }
+            return;
+        }
+    }
+    if finished {
+        slot.pending.remove(&job_id);
+    }
+}
+
+/// Writes one frame; false if the agent is gone or too slow.
+async fn send(inner: &Inner, socket: &mut WebSocket, frame: Utf8Bytes) -> bool {
+    matches!(tokio::time::timeout(inner.settings.write_timeout, socket.send(WsMessage::Text(frame))).await, Ok(Ok(())))
+}
+
+async fn send_error(inner: &Inner, socket: &mut WebSocket, code: ErrorCode, message: &str) -> bool {
+    let frame = Message::Error(ErrorMessage { code, message: message.to_owned(), job_id: None });
+    match serde_json::to_string(&frame) {
+        Ok(frame) => send(inner, socket, Utf8Bytes::from(frame)).await,
+        Err(_) => true,
+    }
+}
+
+/// Sends an ERROR and closes the connection.
+async fn refuse(socket: &mut WebSocket, code: ErrorCode, message: &str) {
+    let frame = Message::Error(ErrorMessage { code, message: message.to_owned(), job_id: None });
+    if let Ok(frame) = serde_json::to_string(&frame) {
+        let send = socket.send(WsMessage::Text(Utf8Bytes::from(frame)));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+    }
+    close(socket, CLOSE_REFUSED, message).await;
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason.to_owned()) };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(WsMessage::Close(Some(frame)))).await;
+}

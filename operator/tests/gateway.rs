@@ -1,0 +1,620 @@
+//! The agent gateway on loopback, driven by real WebSocket clients: the HELLO handshake and its
+//! refusals, session reconnects, command delivery and resend, heartbeats recorded on a real
+//! Environment (stagely-testenv's kube-apiserver), slow agents, and logs masked into a real
+//! redis-server.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use stagely_api::protocol::*;
+use stagely_api::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, Platform, PullRequest};
+use stagely_operator::gateway::objects::KubeObjects;
+use stagely_operator::gateway::token::{AgentClaims, SigningKey};
+use stagely_operator::gateway::{Gateway, GatewayBuilder, GatewayError, RunningGateway, Settings};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Ws = WebSocketStream<TcpStream>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---- harness ----
+
+/// Every tracing line the gateway writes in this test binary.
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(Arc::clone(&logs));
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("stagely_operator=trace"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        logs
+    })
+}
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn builder() -> GatewayBuilder {
+    captured_logs();
+    Gateway::builder().settings(Settings { token_leeway: Duration::ZERO, ..Settings::default() })
+}
+
+async fn start(builder: GatewayBuilder) -> RunningGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    builder.serve(listener).await.expect("gateway starts")
+}
+
+fn scope(name: &str) -> Scope {
+    Scope { kind: ScopeKind::BuildJob, namespace: "team-a".into(), name: name.into(), uid: format!("uid-{name}") }
+}
+
+async fn connect(gateway: &RunningGateway) -> Ws {
+    let tcp = TcpStream::connect(gateway.addr()).await.expect("tcp connect");
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(gateway.connect_url(), tcp))
+        .await
+        .expect("connect in time")
+        .expect("websocket handshake");
+    ws
+}
+
+fn hello(agent_id: &str, token: &Sensitive, jobs: Vec<JobSummary>) -> Message {
+    Message::Hello(Hello {
+        agent_id: agent_id.into(),
+        token: token.clone(),
+        version: "test".into(),
+        system_info: SystemInfo::default(),
+        jobs,
+    })
+}
+
+async fn send(ws: &mut Ws, message: &Message) {
+    ws.send(WsMessage::text(serde_json::to_string(message).unwrap())).await.expect("send");
+}
+
+/// The next protocol message (skipping pings), or a panic naming what came instead.
+async fn recv(ws: &mut Ws) -> Message {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next()).await.expect("a frame in time");
+        match frame {
+            Some(Ok(WsMessage::Text(text))) => return serde_json::from_str(&text).expect("a protocol message"),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Waits for the close frame and returns its code; panics on anything but a close.
+async fn expect_close(ws: &mut Ws) -> u16 {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next()).await.expect("a close in time");
+        match frame {
+            Some(Ok(WsMessage::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Connects and completes the HELLO; returns the socket and the HELLO_ACK.
+async fn enroll(gateway: &RunningGateway, agent_id: &str, token: &Sensitive, jobs: Vec<JobSummary>) -> (Ws, HelloAck) {
+    let mut ws = connect(gateway).await;
+    send(&mut ws, &hello(agent_id, token, jobs)).await;
+    match recv(&mut ws).await {
+        Message::HelloAck(ack) => (ws, ack),
+        other => panic!("expected HELLO_ACK, got {other:?}"),
+    }
+}
+
+/// Sends a HELLO and asserts it is refused with `code` and the socket closed.
+async fn assert_refused(gateway: &RunningGateway, agent_id: &str, token: &Sensitive, code: ErrorCode) {
+    let mut ws = connect(gateway).await;
+    send(&mut ws, &hello(agent_id, token, vec![])).await;
+    match recv(&mut ws).await {
+        Message::Error(error) => assert_eq!(error.code, code, "{}", error.message),
+        other => panic!("expected ERROR {code:?}, got {other:?}"),
+    }
+    assert_eq!(expect_close(&mut ws).await, 1008);
+}
+
+fn mint(gateway: &RunningGateway, scope: &Scope, agent_id: &str) -> Sensitive {
+    gateway.gateway().mint_enrollment_token(scope, agent_id, Duration::from_secs(600)).unwrap()
+}
+
+fn build(job_id: &str, git_token: Option<&str>) -> Message {
+    Message::Build(Build {
+        job_id: job_id.into(),
+        clone_url: "https://github.com/acme/shop.git".into(),
+        git_token: git_token.map(Sensitive::from),
+        commit: "a".repeat(40),
+        context: ".".into(),
+        dockerfile: "Dockerfile".into(),
+        platform: Platform::LinuxAmd64,
+        build_args: BTreeMap::new(),
+        cache_from: vec![],
+        image: "registry.stagely:5000/shop/api:pr-1".into(),
+        registry_auth: None,
+        timeout_seconds: 600,
+    })
+}
+
+fn status(job_id: &str, state: JobState, message: Option<&str>) -> Message {
+    Message::Status(Status {
+        job_id: job_id.into(),
+        state,
+        exit_code: None,
+        duration_seconds: None,
+        message: message.map(str::to_owned),
+        image_digest: None,
+        services: vec![],
+    })
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- handshake ----
+
+#[tokio::test]
+async fn a_good_enrollment_token_is_accepted_once() {
+    let gateway = start(builder()).await;
+    let scope = scope("handshake");
+    let token = mint(&gateway, &scope, "agent-1");
+    let (_ws, ack) = enroll(&gateway, "agent-1", &token, vec![]).await;
+    assert_eq!(ack.scope, scope);
+    assert_eq!(ack.heartbeat_interval_seconds, HEARTBEAT_INTERVAL_SECS);
+    assert_ne!(ack.session_token, token);
+    assert!(gateway.gateway().is_connected(&scope));
+
+    // The same enrollment token a second time.
+    assert_refused(&gateway, "agent-1", &token, ErrorCode::TokenReplayed).await;
+}
+
+#[tokio::test]
+async fn bad_signature_expired_and_foreign_tokens_are_refused() {
+    let gateway = start(builder()).await;
+    let scope = scope("refusals");
+
+    let other = Gateway::builder().signing_key(SigningKey::generate().unwrap()).build().await.unwrap();
+    let forged = other.mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    assert_refused(&gateway, "agent-1", &forged, ErrorCode::InvalidToken).await;
+    assert_refused(&gateway, "agent-1", &Sensitive::from("not-a-jwt"), ErrorCode::InvalidToken).await;
+
+    let mut claims = AgentClaims::enrollment(&scope, "agent-1", Duration::ZERO).unwrap();
+    claims.exp -= 60;
+    let expired = gateway.gateway().tokens().sign(&claims).unwrap();
+    assert_refused(&gateway, "agent-1", &expired, ErrorCode::ExpiredToken).await;
+
+    // Minted for agent-1, presented by agent-2: refused, and not used up by the attempt.
+    let token = mint(&gateway, &scope, "agent-1");
+    assert_refused(&gateway, "agent-2", &token, ErrorCode::WrongScope).await;
+    let log_token = gateway.gateway().mint_log_token("job-1", Duration::from_secs(60)).unwrap();
+    assert_refused(&gateway, "agent-1", &log_token, ErrorCode::InvalidToken).await;
+    enroll(&gateway, "agent-1", &token, vec![]).await;
+
+    // A first frame that is not a HELLO.
+    let mut ws = connect(&gateway).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 0, sent_at_ms: 0 })).await;
+    assert!(matches!(recv(&mut ws).await, Message::Error(ErrorMessage { code: ErrorCode::BadMessage, .. })));
+    assert_eq!(expect_close(&mut ws).await, 1008);
+}
+
+#[tokio::test]
+async fn the_session_token_reconnects_and_a_second_connection_replaces_the_first() {
+    let gateway = start(builder()).await;
+    let scope = scope("session");
+    let (mut first, ack) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+
+    // The session token works again and again, and only for its agent.
+    assert_refused(&gateway, "agent-9", &ack.session_token, ErrorCode::WrongScope).await;
+    let (mut second, again) = enroll(&gateway, "agent-1", &ack.session_token, vec![]).await;
+    assert_eq!(again.scope, scope);
+    assert_eq!(expect_close(&mut first).await, 4000, "the older connection is closed");
+
+    // Commands go to the newer connection.
+    let job = gateway.gateway().send(&scope, build("job-session", None)).unwrap();
+    assert_eq!(recv(&mut second).await.job_id(), Some("job-session"));
+    send(&mut second, &status("job-session", JobState::Succeeded, None)).await;
+    assert_eq!(job.finished().await.unwrap().state, JobState::Succeeded);
+
+    let (_third, _) = enroll(&gateway, "agent-1", &again.session_token, vec![]).await;
+    assert_eq!(expect_close(&mut second).await, 4000);
+}
+
+// ---- commands ----
+
+#[tokio::test]
+async fn a_command_is_resent_after_a_reconnect_and_its_status_resolves_the_caller() {
+    let gateway = start(builder()).await;
+    let scope = scope("resend");
+
+    // Sent before the agent connects: delivered on HELLO.
+    let controller = tokio::spawn({
+        let gateway = gateway.gateway().clone();
+        let scope = scope.clone();
+        async move { gateway.command(&scope, build("job-1", None)).await }
+    });
+    // Sending a pending job id again only subscribes to it (whichever of the two comes first).
+    let mut job = gateway.gateway().send(&scope, build("job-1", None)).unwrap();
+    let (mut ws, ack) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+    assert_eq!(recv(&mut ws).await, build("job-1", None));
+    send(&mut ws, &status("job-1", JobState::Accepted, None)).await;
+    assert_eq!(job.next_status().await.unwrap().state, JobState::Accepted);
+
+    // The agent drops off without finishing; on reconnect the job comes again, same job id.
+    drop(ws);
+    eventually("the gateway to see the disconnect", WAIT, || {
+        let connected = gateway.gateway().is_connected(&scope);
+        async move { (!connected).then_some(()) }
+    })
+    .await;
+    let (mut ws, ack) = enroll(&gateway, "agent-1", &ack.session_token, vec![]).await;
+    assert_eq!(recv(&mut ws).await, build("job-1", None));
+
+    // Listed as running in the HELLO: not resent.
+    drop(ws);
+    let running = vec![JobSummary { job_id: "job-1".into(), state: JobState::Running }];
+    let (mut ws, _) = enroll(&gateway, "agent-1", &ack.session_token, running).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 7 })).await;
+    assert_eq!(recv(&mut ws).await, Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 7 }), "no resend first");
+
+    send(&mut ws, &status("job-1", JobState::Running, None)).await;
+    send(&mut ws, &status("job-1", JobState::Succeeded, Some("built"))).await;
+    let done = tokio::time::timeout(WAIT, controller).await.expect("resolved in time").unwrap().unwrap();
+    assert_eq!((done.state, done.message.as_deref()), (JobState::Succeeded, Some("built")));
+
+    // Not pending any more: a later reconnect does not bring it back.
+    drop(ws);
+    let (mut ws, _) = enroll(&gateway, "agent-1", &ack.session_token, vec![]).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 2, sent_at_ms: 8 })).await;
+    assert!(matches!(recv(&mut ws).await, Message::Heartbeat(_)));
+
+    assert!(matches!(
+        gateway.gateway().send(&scope, Message::Heartbeat(Heartbeat { seq: 0, sent_at_ms: 0 })),
+        Err(GatewayError::NotACommand("HEARTBEAT"))
+    ));
+    gateway.gateway().forget(&scope);
+    let forgotten = gateway.gateway().send(&scope, build("job-2", None)).unwrap();
+    gateway.gateway().forget(&scope);
+    assert!(matches!(forgotten.finished().await, Err(GatewayError::Forgotten(_))));
+}
+
+#[tokio::test]
+async fn a_slow_agent_does_not_stall_commands_to_another() {
+    let settings = Settings { queue_capacity: 4, token_leeway: Duration::ZERO, ..Settings::default() };
+    let gateway = start(builder().settings(settings)).await;
+    let (slow_scope, fast_scope) = (scope("slow"), scope("fast"));
+    // The slow agent says HELLO and then never reads again.
+    let (_slow, _) = enroll(&gateway, "slow", &mint(&gateway, &slow_scope, "slow"), vec![]).await;
+    let (mut fast, _) = enroll(&gateway, "fast", &mint(&gateway, &fast_scope, "fast"), vec![]).await;
+
+    // Big commands fill the socket buffers, then the queue; sending never waits on it.
+    let mut big = build("x", None);
+    if let Message::Build(b) = &mut big {
+        b.build_args.insert("PADDING".into(), "p".repeat(256 * 1024));
+    }
+    let mut sent = 0;
+    let refused = loop {
+        let mut command = big.clone();
+        if let Message::Build(b) = &mut command {
+            b.job_id = format!("slow-{sent}");
+        }
+        match gateway.gateway().send(&slow_scope, command) {
+            Ok(_) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(sent < 10_000, "the slow agent's queue never filled");
+        tokio::task::yield_now().await;
+    };
+    assert!(matches!(refused, GatewayError::QueueFull { .. }), "{refused}");
+    assert!(!gateway.gateway().is_connected(&slow_scope), "the slow agent is let go");
+
+    let job = gateway.gateway().send(&fast_scope, build("fast-1", None)).unwrap();
+    assert_eq!(recv(&mut fast).await.job_id(), Some("fast-1"));
+    send(&mut fast, &status("fast-1", JobState::Failed, Some("exit 1"))).await;
+    assert_eq!(job.finished().await.unwrap().state, JobState::Failed);
+}
+
+#[tokio::test]
+async fn shutdown_closes_agents_with_a_close_frame() {
+    let gateway = start(builder()).await;
+    let scope = scope("shutdown");
+    let (mut ws, _) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+    let addr = gateway.addr();
+    let stopping = tokio::spawn(gateway.shutdown());
+    assert_eq!(expect_close(&mut ws).await, 1001);
+    tokio::time::timeout(WAIT, stopping).await.expect("drained in time").unwrap().unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+}
+
+// ---- heartbeats on a real Environment ----
+
+fn plane() -> &'static stagely_testenv::ControlPlane {
+    stagely_testenv::shared(|| stagely_testenv::Options { crds: stagely_api::crds(), ..Default::default() })
+}
+
+fn environment(name: &str) -> Environment {
+    Environment::new(
+        name,
+        EnvironmentSpec {
+            project_ref: LocalObjectRef::new("shop"),
+            pull_request: PullRequest {
+                number: 7,
+                head_sha: "9f2c1e0b7a6d5c4b3a29180f7e6d5c4b3a291807".into(),
+                head_ref: "feature".into(),
+                base_ref: "main".into(),
+                author: None,
+                url: None,
+            },
+            overrides: None,
+        },
+    )
+}
+
+#[tokio::test]
+async fn heartbeats_land_on_the_environment_and_stale_scopes_are_refused() {
+    let client = plane().client().await.expect("client");
+    let namespace = "gateway-heartbeat";
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() }, ..Default::default() };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    let envs = Api::<Environment>::namespaced(client.clone(), namespace);
+    let env = envs.create(&PostParams::default(), &environment("shop-pr-7")).await.expect("create environment");
+    let scope = Scope {
+        kind: ScopeKind::Environment,
+        namespace: namespace.into(),
+        name: "shop-pr-7".into(),
+        uid: env.metadata.uid.clone().unwrap(),
+    };
+
+    let gateway =
+        start(builder().objects(KubeObjects::new(client.clone())).heartbeat_write_interval(Duration::from_millis(200)))
+            .await;
+    let (mut ws, ack) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 })).await;
+    assert_eq!(recv(&mut ws).await, Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 }), "echoed as the ack");
+    let recorded = eventually("status.lastHeartbeat", WAIT, || {
+        let envs = envs.clone();
+        async move { envs.get_status("shop-pr-7").await.ok()?.status?.last_heartbeat }
+    })
+    .await;
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(recorded.0);
+    assert!(age.as_secs() < 600, "a recent time: {recorded:?}");
+
+    // A token for an object that no longer matches (deleted and recreated: a new UID).
+    let gone = Scope { uid: "0b7c6f0e-0000-0000-0000-000000000000".into(), ..scope.clone() };
+    assert_refused(&gateway, "agent-2", &mint(&gateway, &gone, "agent-2"), ErrorCode::WrongScope).await;
+    let missing = Scope { name: "no-such-env".into(), ..scope.clone() };
+    assert_refused(&gateway, "agent-3", &mint(&gateway, &missing, "agent-3"), ErrorCode::WrongScope).await;
+
+    // Once the Environment is gone, even the session token is refused.
+    envs.delete("shop-pr-7", &DeleteParams::default()).await.unwrap();
+    eventually("the environment to be deleted", WAIT, || {
+        let envs = envs.clone();
+        async move { envs.get_opt("shop-pr-7").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert_refused(&gateway, "agent-1", &ack.session_token, ErrorCode::WrongScope).await;
+}
+
+// ---- logs ----
+
+/// A redis-server on a free loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/install-deps.sh installs it)");
+        let redis = Self { child, port, _dir: dir };
+        eventually("redis-server to accept connections", WAIT, || async {
+            let mut conn = redis.conn().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+        })
+        .await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn conn(&self) -> Option<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url()).ok()?.get_multiplexed_async_connection().await.ok()
+    }
+
+    async fn stream_len(&self, job_id: &str) -> u64 {
+        let mut conn = self.conn().await.unwrap();
+        redis::cmd("XLEN").arg(format!("stagely:logs:{job_id}")).query_async(&mut conn).await.unwrap()
+    }
+
+    /// Every value stored under every key, as one string.
+    async fn dump(&self) -> String {
+        let mut conn = self.conn().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+        let mut all = String::new();
+        for key in keys {
+            let entries: redis::Value =
+                redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut conn).await.unwrap();
+            all.push_str(&format!("{key} {entries:?}\n"));
+        }
+        all
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn log(job_id: &str, seq: u64, data: &str) -> Message {
+    Message::Log(Log {
+        job_id: job_id.into(),
+        stream: LogStream::Stdout,
+        seq,
+        timestamp_ms: 1_000 + seq,
+        data: data.into(),
+    })
+}
+
+/// GET over plain HTTP/1.1 on loopback; returns (status code, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gateway\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response)).await.expect("response in time").unwrap();
+    let code = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test]
+async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway_log() {
+    let redis = Redis::start().await;
+    let gateway = start(builder().redis(redis.url()).log_max_len(100)).await;
+    let scope = scope("logs");
+    let (git_token, password, database_url) = ("ghs_s3cr3tT0ken", "hunter2-registry", "postgres://u:pw-9f8e@db/x");
+    let pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+    let (mut ws, ack) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+
+    let mut command = build("build-logs", Some(git_token));
+    if let Message::Build(b) = &mut command {
+        b.registry_auth =
+            Some(RegistryAuth { server: "registry".into(), username: "push".into(), password: password.into() });
+    }
+    let job = gateway.gateway().send(&scope, command).unwrap();
+    let deploy = Message::Deploy(Deploy {
+        job_id: "deploy-logs".into(),
+        project: "shop".into(),
+        clone_url: "https://github.com/acme/shop.git".into(),
+        git_token: None,
+        commit: "b".repeat(40),
+        compose_file: "docker-compose.yml".into(),
+        images: BTreeMap::new(),
+        secrets: [("DATABASE_URL", database_url), ("tls.key", pem)]
+            .into_iter()
+            .map(|(key, value)| SecretValue {
+                key: key.into(),
+                value: value.into(),
+                scope: GLOBAL_SCOPE.into(),
+                kind: SecretKind::Env,
+                path: None,
+                mode: None,
+            })
+            .collect(),
+        lifecycle: Lifecycle::default(),
+        registry_auth: None,
+    });
+    let _deploy = gateway.gateway().send(&scope, deploy).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("build-logs"));
+    assert_eq!(recv(&mut ws).await.job_id(), Some("deploy-logs"));
+
+    // Secrets in log lines, whole or a line of a multi-line one, and in a failing status.
+    send(&mut ws, &log("build-logs", 0, &format!("cloning with {git_token}"))).await;
+    send(&mut ws, &log("build-logs", 1, &format!("login push:{password} ok; db={database_url}"))).await;
+    send(&mut ws, &log("build-logs", 2, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC")).await;
+    send(&mut ws, &log("build-logs", 1, "a resent line is stored once")).await;
+    for seq in 3..1000 {
+        send(&mut ws, &log("build-logs", seq, &format!("line {seq}"))).await;
+    }
+    send(&mut ws, &status("build-logs", JobState::Failed, Some(&format!("push failed for {password}")))).await;
+    send(&mut ws, &Message::Error(ErrorMessage { code: ErrorCode::Internal, message: git_token.into(), job_id: None }))
+        .await;
+    let failed = job.finished().await.unwrap();
+    assert_eq!(failed.message.as_deref(), Some("push failed for ***"), "status messages are masked");
+
+    // Capped: about 100 lines kept (MAXLEN ~ trims whole nodes), the newest among them.
+    let len = redis.stream_len("build-logs").await;
+    assert!((100..=300).contains(&len), "{len} lines kept");
+
+    let addr = gateway.addr();
+    let path = "/v1/jobs/build-logs/logs";
+    assert_eq!(http_get(addr, path, None).await.0, 401);
+    assert_eq!(http_get(addr, path, Some(ack.session_token.expose())).await.0, 401);
+    let other = gateway.gateway().mint_log_token("deploy-logs", Duration::from_secs(60)).unwrap();
+    assert_eq!(http_get(addr, path, Some(other.expose())).await.0, 403);
+    let token = gateway.gateway().mint_log_token("build-logs", Duration::from_secs(60)).unwrap();
+    let (code, body) = http_get(addr, path, Some(token.expose())).await;
+    assert_eq!(code, 200, "{body}");
+    let lines: Vec<serde_json::Value> = body.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len() as u64, len);
+    assert_eq!(lines.last().unwrap()["data"], "line 999");
+    assert_eq!(lines.last().unwrap()["seq"], 999);
+    assert!(lines.iter().all(|line| line["data"] != "line 3"), "the oldest lines are trimmed");
+
+    // Before trimming, the masked lines were stored: read a short job in full.
+    send(&mut ws, &log("short", 0, &format!("token {git_token} then {password}"))).await;
+    send(&mut ws, &log("short", 1, &format!("{database_url}"))).await;
+    send(&mut ws, &log("short", 2, "  MIIEvQIBADANBgkqhkiG9w0BAQEFAASC  ")).await;
+    send(&mut ws, &log("short", 1, "resent")).await;
+    let token = gateway.gateway().mint_log_token("short", Duration::from_secs(60)).unwrap();
+    let body = eventually("the short job's three lines", WAIT, || {
+        let token = token.clone();
+        async move {
+            let (_, body) = http_get(addr, "/v1/jobs/short/logs", Some(token.expose())).await;
+            (body.lines().count() == 3).then_some(body)
+        }
+    })
+    .await;
+    let data: Vec<String> = body
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["data"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(data, ["token *** then ***", "***", "  ***  "]);
+
+    let stored = redis.dump().await;
+    let printed = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(printed.contains("agent connected"), "the capture works: {printed}");
+    for secret in [git_token, password, database_url, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", ack.session_token.expose()] {
+        assert!(!stored.contains(secret), "{secret} reached redis");
+        assert!(!printed.contains(secret), "{secret} reached the gateway's log");
+    }
+}
