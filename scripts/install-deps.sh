@@ -29,6 +29,17 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/d
   python3 -m pip install --quiet 'moto[server]==5.2.1'
 fi
 
+# The DigitalOcean and Hetzner providers' tests run Prism (pinned in tools/prism) in front of fakes.
+prism_dir="$(cd "$(dirname "$0")/.." && pwd)/tools/prism"
+if [ ! -x "$prism_dir/node_modules/.bin/prism" ]; then
+  if ! command -v npm >/dev/null || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    echo "install-deps: Node.js 20 or newer with npm is required (the provider tests run Prism)" >&2
+    exit 1
+  fi
+  echo "install-deps: installing Prism"
+  npm ci --prefix "$prism_dir" --no-audit --no-fund --silent
+fi
+
 # Toolchains come with the machine; say clearly when one is missing or too old.
 if ! command -v go >/dev/null; then
   echo "install-deps: Go 1.${need_go_minor} or newer is required (testenv builds Kubernetes from Go modules)" >&2
