@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod controllers;
+pub mod gateway;
 pub mod providers;
 
 use std::net::SocketAddr;
