@@ -1,6 +1,8 @@
 //! The AWS provider against moto's EC2 server, started per test on loopback.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
@@ -168,4 +170,84 @@ async fn a_missing_image_is_a_clear_error() {
     let aws = Aws::new(moto.settings());
     let err = aws.create(&spec("uid-2", Size::Small, Platform::LinuxArm64)).await.unwrap_err();
     assert_eq!(err.to_string(), "no Ubuntu 24.04 arm64 image found in eu-west-1");
+}
+
+/// Sits in front of moto and answers the first `throttle` requests the way EC2 throttles
+/// (HTTP 503, `RequestLimitExceeded`), then forwards everything. moto cannot throttle, so this
+/// hand-written shim injects the fault; every request it forwards is answered by moto.
+struct Throttler {
+    url: String,
+    throttled: Arc<AtomicUsize>,
+    forwarded: Arc<AtomicUsize>,
+}
+
+impl Throttler {
+    async fn start(upstream: &str, throttle: usize) -> Self {
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let state = (upstream.to_owned(), throttle, throttled.clone(), forwarded.clone(), reqwest::Client::new());
+        let app = axum::Router::new().fallback(
+            |axum::extract::State((upstream, throttle, throttled, forwarded, client)): axum::extract::State<(
+                String,
+                usize,
+                Arc<AtomicUsize>,
+                Arc<AtomicUsize>,
+                reqwest::Client,
+            )>,
+             request: axum::extract::Request| async move {
+                if throttled.fetch_add(1, Ordering::SeqCst) < throttle {
+                    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>\
+                        <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors>\
+                        <RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>";
+                    return axum::response::Response::builder().status(503).body(axum::body::Body::from(body)).unwrap();
+                }
+                throttled.fetch_sub(1, Ordering::SeqCst);
+                forwarded.fetch_add(1, Ordering::SeqCst);
+                let (parts, body) = request.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let mut headers = parts.headers.clone();
+                headers.remove(axum::http::header::HOST);
+                let answer = client
+                    .request(parts.method, format!("{upstream}{path}"))
+                    .headers(headers)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = answer.status();
+                let bytes = answer.bytes().await.unwrap();
+                axum::response::Response::builder().status(status).body(axum::body::Body::from(bytes)).unwrap()
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(std::future::IntoFuture::into_future(axum::serve(listener, app.with_state(state))));
+        Self { url, throttled, forwarded }
+    }
+}
+
+#[tokio::test]
+async fn throttled_calls_are_retried_with_backoff_and_then_reported() {
+    let moto = Moto::start().await;
+    moto.register_ubuntu("amd64", "20260101").await;
+
+    // Two throttled answers, then moto: the provider's call succeeds.
+    let shim = Throttler::start(&moto.url, 2).await;
+    let mut settings = moto.settings();
+    settings.endpoint = Some(shim.url.clone());
+    let aws = Aws::new(settings);
+    let created = aws.create(&spec("uid-t", Size::Small, Platform::LinuxAmd64)).await.expect("retried through");
+    assert!(created.id.starts_with("i-"));
+    assert_eq!(shim.throttled.load(Ordering::SeqCst), 2, "both throttled answers were seen");
+    assert!(shim.forwarded.load(Ordering::SeqCst) >= 1);
+
+    // Throttled past the retry budget: a clear error, not a hang.
+    let shim = Throttler::start(&moto.url, usize::MAX).await;
+    let mut settings = moto.settings();
+    settings.endpoint = Some(shim.url.clone());
+    let err = Aws::new(settings).list().await.unwrap_err();
+    assert_eq!(err.to_string(), "AWS is throttling requests; retry later");
+    assert!(shim.throttled.load(Ordering::SeqCst) > 1, "retried before giving up");
+    assert_eq!(shim.forwarded.load(Ordering::SeqCst), 0);
 }
