@@ -123,6 +123,9 @@ impl Local {
             .env("STAGELY_WORK_DIR", dir.join("work"))
             // Nothing else listens for the agent's ops endpoints on a shared host.
             .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
+            // The "VM" is the agent: after too long without the gateway it stops itself, never
+            // the host.
+            .env("STAGELY_SHUTDOWN_COMMAND", "kill -TERM $PPID")
             .envs(&self.settings.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io)?)

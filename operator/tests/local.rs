@@ -1,0 +1,148 @@
+//! The local provider: instances are real `stagely-agent` processes started with the
+//! configuration their cloud-init user data carries.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use stagely_api::v1alpha1::{ContainerEngine, Platform, Size};
+use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
+use stagely_operator::providers::local::{Local, LocalSettings};
+use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
+
+/// The agent binary of this workspace, built if needed (it is another package's binary).
+fn agent_bin() -> PathBuf {
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-agent"]).status().unwrap();
+    assert!(status.success(), "building stagely-agent failed");
+    // target/debug/deps/<this test> → target/debug/stagely-agent
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("stagely-agent")
+}
+
+fn spec(name: &str, key: &str) -> InstanceSpec {
+    // Nobody listens on this gateway: the agent keeps trying, which is all this test needs.
+    let bootstrap = AgentBootstrap::new(
+        "ws://127.0.0.1:9/v1/agent/connect",
+        name,
+        "enrollment-token",
+        Role::Preview,
+        "http://unused",
+        &"0".repeat(64),
+    );
+    InstanceSpec {
+        name: name.into(),
+        size: Size::Small,
+        platform: Platform::LinuxAmd64,
+        region: "local".into(),
+        user_data: cloudinit::render(&bootstrap),
+        tags: stagely_tags(key, "team-a", Role::Preview),
+        spot: false,
+        idempotency_key: key.into(),
+    }
+}
+
+fn pid_of(dir: &std::path::Path, name: &str) -> u32 {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(name).join("instance.json")).unwrap()).unwrap();
+    record["pid"].as_u64().unwrap() as u32
+}
+
+#[tokio::test]
+async fn instances_are_agent_processes_from_the_user_data() {
+    let state = tempfile::tempdir().unwrap();
+    let local = Local::new(LocalSettings {
+        agent_bin: agent_bin(),
+        state_dir: state.path().to_owned(),
+        engine: ContainerEngine::Podman,
+        env: [("STAGELY_RECONNECT_MAX_MS".to_owned(), "200".to_owned())].into(),
+    });
+    local.validate_credentials().await.unwrap();
+
+    let created = local.create(&spec("env-1", "uid-1")).await.unwrap();
+    assert_eq!(created.id, "env-1");
+    assert!(created.ready(), "{created:?}");
+    assert_eq!(created.public_ip.unwrap().to_string(), "127.0.0.1");
+    let pid = pid_of(state.path(), "env-1");
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().contains("stagely-agent"));
+
+    // The agent got the configuration from the user data, privately.
+    let config_path = state.path().join("env-1/agent.json");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    assert_eq!(config["agent_id"], "env-1");
+    assert_eq!(config["token"], "enrollment-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&config_path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // It is up and trying to reach its gateway.
+    let log = state.path().join("env-1/agent.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("127.0.0.1:9") {
+        assert!(Instant::now() < deadline, "the agent never tried its gateway: {:?}", std::fs::read_to_string(&log));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A retried create adopts the running agent rather than starting a second one.
+    let again = local.create(&spec("env-1", "uid-1")).await.unwrap();
+    assert_eq!(again.id, "env-1");
+    assert_eq!(pid_of(state.path(), "env-1"), pid, "the same process");
+
+    let listed = local.list().await.unwrap();
+    assert_eq!(listed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["env-1"]);
+    assert_eq!(listed[0].tags["stagely-owner-uid"], "uid-1");
+
+    local.terminate("env-1").await.unwrap();
+    // Gone, or exited and waiting to be reaped by the provider's waiter.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z "), "agent {pid} still runs: {stat}");
+    assert_eq!(local.get("env-1").await.unwrap(), None);
+    local.terminate("env-1").await.expect("terminating twice succeeds");
+    assert!(local.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_agent_binary_is_reported_and_bad_user_data_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let local = Local::new(LocalSettings {
+        agent_bin: state.path().join("no-such-agent"),
+        state_dir: state.path().to_owned(),
+        engine: ContainerEngine::Docker,
+        env: Default::default(),
+    });
+    let err = local.validate_credentials().await.unwrap_err();
+    assert!(err.to_string().contains("no-such-agent is missing or not executable"), "{err}");
+
+    let mut bad = spec("env-2", "uid-2");
+    bad.user_data = "#cloud-config\npackages: [git]\n".into();
+    let err = local.create(&bad).await.unwrap_err();
+    assert_eq!(err.to_string(), "the local provider cannot use this user data: no write_files");
+    let mut evil = spec("../escape", "uid-3");
+    evil.name = "../escape".into();
+    assert!(local.create(&evil).await.unwrap_err().to_string().contains("not a valid local instance name"));
+}
+
+#[tokio::test]
+async fn an_agent_without_its_gateway_stops_itself_not_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let local = Local::new(LocalSettings {
+        agent_bin: agent_bin(),
+        state_dir: state.path().to_owned(),
+        engine: ContainerEngine::Podman,
+        env: [
+            ("STAGELY_DISCONNECT_SHUTDOWN_SECONDS".to_owned(), "1".to_owned()),
+            ("STAGELY_RECONNECT_MAX_MS".to_owned(), "200".to_owned()),
+        ]
+        .into(),
+    });
+    local.create(&spec("env-3", "uid-3")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let instance = local.get("env-3").await.unwrap().expect("still recorded");
+        if instance.state == InstanceState::Terminated {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent kept running without its gateway");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(local.list().await.unwrap().is_empty(), "a stopped agent is not a running instance");
+    local.terminate("env-3").await.unwrap();
+}
