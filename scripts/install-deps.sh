@@ -16,6 +16,11 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
+# The agent's tests build, push and run images with podman (FROM scratch, with busybox in them).
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+command -v podman-compose >/dev/null || missing+=(podman-compose)
+[ -x /bin/busybox ] || missing+=(busybox-static)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"

@@ -123,6 +123,28 @@ impl Context {
         }
     }
 
+    /// Creates the work directory and the agent's registry credentials file (podman wants
+    /// it to exist).
+    pub fn prepare(&self) -> Result<(), JobError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.work_dir)
+            .map_err(JobError::io("create", &self.work_dir))?;
+        if self.engine == Engine::Podman {
+            let path = self.work_dir.join("auth.json");
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+                Ok(mut file) => {
+                    std::io::Write::write_all(&mut file, b"{\"auths\":{}}\n").map_err(JobError::io("write", &path))?
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(JobError::Io { what: "write", path, source: err }),
+            }
+        }
+        Ok(())
+    }
+
     /// A command for `program` with the context's environment.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
@@ -360,20 +382,11 @@ impl Executor {
             let log = JobLog::new(&job_id, &this.ctx);
             log.system(&format!("{} {job_id} started", message.type_name()));
             let mut ctx = this.ctx.clone();
-            let result = match message {
-                Message::Build(build) => {
-                    let limit = build.timeout_seconds.max(1);
-                    match tokio::time::timeout(Duration::from_secs(limit), crate::build::build(&mut ctx, &log, &build))
-                        .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => Err(JobError::Timeout(limit)),
-                    }
-                }
-                Message::Deploy(deploy) => crate::compose::deploy(&mut ctx, &log, &deploy).await,
-                Message::Terminate(terminate) => crate::compose::terminate(&ctx, &log, &terminate).await,
-                _ => unreachable!("only commands start jobs"),
+            let result = match ctx.prepare() {
+                Err(err) => Err(err),
+                Ok(()) => this.dispatch(&mut ctx, &log, message).await,
             };
+
             let mut status = status_of(&job_id, JobState::Succeeded);
             status.duration_seconds = Some(started.elapsed().as_secs_f64());
             match result {
@@ -395,6 +408,21 @@ impl Executor {
             tracing::info!(%job_id, state = ?status.state, message = status.message.as_deref().unwrap_or(""), "job finished");
             this.update(status);
         }))
+    }
+
+    async fn dispatch(&self, ctx: &mut Context, log: &JobLog, message: Message) -> Result<Outcome, JobError> {
+        match message {
+            Message::Build(build) => {
+                let limit = build.timeout_seconds.max(1);
+                match tokio::time::timeout(Duration::from_secs(limit), crate::build::build(ctx, log, &build)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(JobError::Timeout(limit)),
+                }
+            }
+            Message::Deploy(deploy) => crate::compose::deploy(ctx, log, &deploy).await,
+            Message::Terminate(terminate) => crate::compose::terminate(ctx, log, &terminate).await,
+            other => Err(JobError::Invalid(format!("{} is not a command", other.type_name()))),
+        }
     }
 
     fn update(&self, status: Status) {

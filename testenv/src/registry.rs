@@ -77,11 +77,15 @@ impl Registry {
         }
     }
 
-    /// The HTTP status of `GET path`, if the registry answered.
+    /// The HTTP status of `GET path` (accepting image manifests), if the registry answered.
     pub fn get_status(&self, path: &str) -> Option<u16> {
         let mut stream = TcpStream::connect(&self.addr).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).ok()?;
+        // Manifests are served only to clients that accept their media type.
+        let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+                      application/vnd.docker.distribution.manifest.v2+json, \
+                      application/vnd.docker.distribution.manifest.list.v2+json";
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\nAccept: {accept}\r\n\r\n", self.addr).ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         response.split_whitespace().nth(1)?.parse().ok()

@@ -1,0 +1,231 @@
+//! BUILD, DEPLOY and TERMINATE through the executor, for real: a `FROM scratch` image built
+//! with podman from a local git repository at a commit, pushed to the distribution registry,
+//! run with podman-compose, served over HTTP, and torn down.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stagely_agent::config::AgentConfig;
+use stagely_agent::executor::{Context, Executor};
+use stagely_api::protocol::{
+    Build, Deploy, GLOBAL_SCOPE, Hook, JobState, Lifecycle, Message, SecretKind, SecretValue, Status, Terminate,
+};
+use stagely_api::v1alpha1::Platform;
+use stagely_testenv::registry::Registry;
+use support::{Podman, app_repo, free_port, http_get, wait_for};
+use tokio::sync::mpsc;
+
+const GIT_TOKEN: &str = "ghs_git-token-value-1234";
+const GLOBAL_SECRET: &str = "global-secret-value-5678";
+const WEB_SECRET: &str = "web-only-secret-value-9012";
+const FILE_SECRET: &str = "-----BEGIN KEY-----\nfile-secret-line-3456\n-----END KEY-----\n";
+
+fn executor(work: &std::path::Path, podman: &Podman) -> (Executor, mpsc::UnboundedReceiver<Message>) {
+    let env = BTreeMap::from([
+        ("STAGELY_GATEWAY_URL".to_owned(), "ws://127.0.0.1:9/v1/agent/connect".to_owned()),
+        ("STAGELY_AGENT_ID".to_owned(), "agent-test".to_owned()),
+        ("STAGELY_AGENT_TOKEN".to_owned(), "enrollment".to_owned()),
+        ("STAGELY_ENGINE".to_owned(), "podman".to_owned()),
+        ("STAGELY_WORK_DIR".to_owned(), work.to_string_lossy().into_owned()),
+    ]);
+    let config = Arc::new(AgentConfig::load_with(None, &env).unwrap());
+    let (outbox, messages) = mpsc::unbounded_channel();
+    let mut ctx = Context::new(config, outbox);
+    ctx.env.extend(podman.env.iter().cloned());
+    (Executor::new(ctx), messages)
+}
+
+fn drain(messages: &mut mpsc::UnboundedReceiver<Message>, into: &mut Vec<Message>) {
+    while let Ok(message) = messages.try_recv() {
+        into.push(message);
+    }
+}
+
+fn final_status(messages: &[Message], job_id: &str) -> Status {
+    messages
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::Status(s) if s.job_id == job_id && s.state.is_final() => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no final status for {job_id}"))
+}
+
+fn logs(messages: &[Message], job_id: &str) -> String {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Log(l) if l.job_id == job_id => Some(format!("[{:?}] {}\n", l.stream, l.data)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_push_deploy_serve_and_terminate_with_podman() {
+    let dir = tempfile::tempdir().unwrap();
+    let podman = Podman::new(dir.path());
+    let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
+    let port = free_port();
+    let repo = dir.path().join("repo");
+    let commit = app_repo(&repo, port);
+    // A later commit, so the agent must check out the one it is asked for.
+    std::fs::write(repo.join("www/index.html"), "not this commit\n").unwrap();
+    support::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "later"]);
+    let work = dir.path().join("work");
+    let (executor, mut outbox) = executor(&work, &podman);
+    let mut messages = Vec::new();
+
+    // BUILD
+    let image = format!("{}/shop/web:pr-1", registry.addr());
+    let build = Build {
+        job_id: "build-1".into(),
+        clone_url: format!("file://{}", repo.display()),
+        git_token: Some(GIT_TOKEN.into()),
+        commit: commit.clone(),
+        context: ".".into(),
+        dockerfile: "Dockerfile".into(),
+        platform: Platform::LinuxAmd64,
+        build_args: BTreeMap::from([("UNUSED".into(), "1".into())]),
+        cache_from: Vec::new(),
+        image: image.clone(),
+        registry_auth: None,
+        timeout_seconds: 600,
+    };
+    let task = executor.handle(Message::Build(build.clone())).expect("a new job starts");
+    task.await.unwrap();
+    drain(&mut outbox, &mut messages);
+    let status = final_status(&messages, "build-1");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", logs(&messages, "build-1"));
+    let digest = status.image_digest.clone().unwrap();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert_eq!(registry.get_status(&format!("/v2/shop/web/manifests/{digest}")), Some(200));
+
+    // The same BUILD again: not run twice, its status re-reported.
+    assert!(executor.handle(Message::Build(build)).is_none(), "a known job id must not run again");
+    drain(&mut outbox, &mut messages);
+    let Some(Message::Status(resent)) = messages.last() else { panic!("the known job's status is re-reported") };
+    assert_eq!((resent.job_id.as_str(), resent.state), ("build-1", JobState::Succeeded));
+
+    // Only the registry has the image now: DEPLOY must pull it.
+    podman.run(&["rmi", "-f", &image]);
+
+    // DEPLOY
+    let pinned = format!("{}/shop/web@{digest}", registry.addr());
+    let deploy = Deploy {
+        job_id: "deploy-1".into(),
+        project: "shop-pr-1".into(),
+        clone_url: repo.to_string_lossy().into_owned(),
+        git_token: None,
+        commit: commit.clone(),
+        compose_file: "docker-compose.yml".into(),
+        images: BTreeMap::from([("web".into(), pinned.clone()), ("worker".into(), pinned.clone())]),
+        secrets: vec![
+            SecretValue {
+                key: "APP_TOKEN".into(),
+                value: GLOBAL_SECRET.into(),
+                scope: GLOBAL_SCOPE.into(),
+                kind: SecretKind::Env,
+                path: None,
+                mode: None,
+            },
+            SecretValue {
+                key: "WEB_ONLY".into(),
+                value: WEB_SECRET.into(),
+                scope: "web".into(),
+                kind: SecretKind::Env,
+                path: None,
+                mode: None,
+            },
+            SecretValue {
+                key: "key.pem".into(),
+                value: FILE_SECRET.into(),
+                scope: "web".into(),
+                kind: SecretKind::File,
+                path: Some("/run/secrets".into()),
+                mode: Some(0o440),
+            },
+        ],
+        lifecycle: Lifecycle {
+            on_start: vec![Hook {
+                service: "web".into(),
+                command: "echo \"hook sees $APP_TOKEN\"; echo hook-ran > /www/hook.txt".into(),
+            }],
+        },
+        registry_auth: None,
+    };
+    executor.handle(Message::Deploy(deploy)).expect("a new job starts").await.unwrap();
+    drain(&mut outbox, &mut messages);
+    let status = final_status(&messages, "deploy-1");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", logs(&messages, "deploy-1"));
+    let web = status.services.iter().find(|s| s.name == "web").expect("web is reported");
+    assert_eq!(web.state, "running");
+    assert_eq!(web.ports.len(), 1, "{web:?}");
+    assert_eq!((web.ports[0].container_port, web.ports[0].published_port), (8080, port));
+    assert!(status.services.iter().any(|s| s.name == "worker" && s.state == "running"), "{status:?}");
+
+    // The app answers, from the requested commit, and the hook ran in its container.
+    let (code, body) = wait_for("the app to answer", Duration::from_secs(30), || http_get(port, "/"));
+    assert_eq!((code, body.as_str()), (200, "hello from stagely\n"));
+    assert_eq!(http_get(port, "/hook.txt").map(|(_, b)| b), Some("hook-ran\n".into()));
+
+    // The secrets are in the containers, scoped, with their modes.
+    let container = |service: &str| {
+        podman
+            .run(&[
+                "ps",
+                "-q",
+                "--filter",
+                "label=com.docker.compose.project=shop-pr-1",
+                "--filter",
+                &format!("label=com.docker.compose.service={service}"),
+            ])
+            .trim()
+            .to_owned()
+    };
+    let (web_id, worker_id) = (container("web"), container("worker"));
+    let in_web = podman.run(&[
+        "exec",
+        &web_id,
+        "sh",
+        "-c",
+        "echo \"$APP_TOKEN|$WEB_ONLY\"; stat -c %a /run/secrets/key.pem; cat /run/secrets/key.pem",
+    ]);
+    assert_eq!(in_web, format!("{GLOBAL_SECRET}|{WEB_SECRET}\n440\n{FILE_SECRET}"));
+    let in_worker =
+        podman.run(&["exec", &worker_id, "sh", "-c", "echo \"$APP_TOKEN|$WEB_ONLY\"; ls /run/secrets 2>&1 || true"]);
+    assert!(in_worker.starts_with(&format!("{GLOBAL_SECRET}|\n")), "{in_worker}");
+    assert!(!in_worker.contains("key.pem"), "{in_worker}");
+
+    // Secret files on the VM: 0700 directory; none of the values in the compose override.
+    let project_dir = work.join("deploy/shop-pr-1");
+    let secrets_dir = project_dir.join("secrets");
+    assert_eq!(std::fs::metadata(&secrets_dir).unwrap().permissions().mode() & 0o777, 0o700);
+    let override_yaml = std::fs::read_to_string(project_dir.join("src/docker-compose.stagely.yml")).unwrap();
+    for secret in [GLOBAL_SECRET, WEB_SECRET, "file-secret-line-3456"] {
+        assert!(!override_yaml.contains(secret), "{override_yaml}");
+    }
+
+    // TERMINATE
+    let terminate = Terminate { job_id: "terminate-1".into(), reason: "pr_closed".into(), grace_period_seconds: 1 };
+    executor.handle(Message::Terminate(terminate)).expect("a new job starts").await.unwrap();
+    drain(&mut outbox, &mut messages);
+    let status = final_status(&messages, "terminate-1");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", logs(&messages, "terminate-1"));
+    let left = podman.run(&["ps", "-a", "-q", "--filter", "label=com.docker.compose.project=shop-pr-1"]);
+    assert_eq!(left.trim(), "", "containers are left after TERMINATE");
+    assert!(!secrets_dir.exists() && !project_dir.exists(), "secret files are left after TERMINATE");
+
+    // No LOG line carries a secret, and the hook's echo of one was masked.
+    let all_logs: String = ["build-1", "deploy-1", "terminate-1"].iter().map(|job| logs(&messages, job)).collect();
+    for secret in [GIT_TOKEN, GLOBAL_SECRET, WEB_SECRET, "file-secret-line-3456"] {
+        assert!(!all_logs.contains(secret), "a LOG line leaks {secret}:\n{all_logs}");
+    }
+    assert!(all_logs.contains("hook sees ****"), "{all_logs}");
+    assert!(all_logs.contains("podman build --platform linux/amd64"), "commands are logged:\n{all_logs}");
+}

@@ -1,0 +1,143 @@
+//! What the agent's integration tests share: an isolated podman (its own containers.conf and
+//! storage in the test's tempdir), a local git repository holding the test app, and small
+//! HTTP and waiting helpers.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Podman confined to one test: `CONTAINERS_CONF` (cgroupfs, runc, ulimits this machine needs)
+/// and `CONTAINERS_STORAGE_CONF` (images and containers under the tempdir).
+pub struct Podman {
+    /// Environment for every podman, podman-compose and agent process of the test.
+    pub env: Vec<(String, String)>,
+    root: PathBuf,
+}
+
+impl Podman {
+    /// Writes the configuration under `dir`. Fails loudly when podman is missing: these tests
+    /// are part of the suite, and `scripts/install-deps.sh` installs it.
+    pub fn new(dir: &Path) -> Self {
+        for tool in ["podman", "podman-compose", "runc", "git"] {
+            let found =
+                Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
+            assert!(found, "{tool} is not installed: run scripts/install-deps.sh (make deps)");
+        }
+        let file = std::fs::read("/bin/busybox").expect("/bin/busybox is missing: install busybox-static (make deps)");
+        assert!(
+            // A dynamically linked ELF names its loader in an `.interp` section.
+            !file.windows(b".interp".len()).any(|w| w == b".interp"),
+            "/bin/busybox is dynamically linked: install busybox-static (make deps)"
+        );
+        let root = dir.join("podman");
+        std::fs::create_dir_all(&root).unwrap();
+        let conf = root.join("containers.conf");
+        std::fs::write(
+            &conf,
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\n[engine]\ncgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\n",
+        )
+        .unwrap();
+        let storage = root.join("storage.conf");
+        std::fs::write(
+            &storage,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                root.join("graph").display(),
+                root.join("run").display()
+            ),
+        )
+        .unwrap();
+        let env = vec![
+            ("CONTAINERS_CONF".to_owned(), conf.to_string_lossy().into_owned()),
+            ("CONTAINERS_STORAGE_CONF".to_owned(), storage.to_string_lossy().into_owned()),
+        ];
+        Self { env, root }
+    }
+
+    /// A podman command in this test's storage.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new("podman");
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// Runs podman with `args` and returns its standard output; panics on failure.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = self.command().args(args).output().unwrap();
+        assert!(output.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Containers a failed test left behind, then the storage (overlay mounts first).
+        let _ = self.command().args(["rm", "-af", "-t", "0"]).output();
+        let _ = self.command().args(["system", "reset", "-f"]).output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The test app's repository: a `FROM scratch` image with busybox serving `/www` on 8080, and
+/// a compose file with `web` (published on `port`) and `worker`. Returns the commit.
+pub fn app_repo(dir: &Path, port: u16) -> String {
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "hello from stagely\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY www /www\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("docker-compose.yml"),
+        format!(
+            "services:\n  web:\n    build: .\n    ports:\n      - \"127.0.0.1:{port}:8080\"\n  worker:\n    build: .\n    command: [\"httpd\", \"-f\", \"-p\", \"8081\", \"-h\", \"/www\"]\n"
+        ),
+    )
+    .unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["add", "."]);
+    git(dir, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "app"]);
+    git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// Runs git in `dir`; panics on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap();
+    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` on 127.0.0.1:`port`: status and body, if anything answered.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
