@@ -9,7 +9,7 @@ DEMO_DIR ?= .demo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy
+.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -61,4 +61,7 @@ demo-down: ## Stop the demo's control plane.
 bench-proxy: deps ## Benchmark the edge proxy against nginx on the same upstream (wrk).
 	edge-proxy/bench/bench.sh
 
-bench: bench-proxy ## Every benchmark.
+bench-gateway: ## Benchmark the agent gateway: RSS per idle agent at 10,000 agents, heartbeat ack latency.
+	operator/bench/gateway.sh
+
+bench: bench-proxy bench-gateway ## Every benchmark.

@@ -30,6 +30,32 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "STAGELY_LOG_FORMAT", value_enum, default_value_t = ops::LogFormat::Text)]
     pub log_format: ops::LogFormat,
+
+    /// The agent gateway.
+    #[command(flatten)]
+    pub gateway: gateway::GatewayConfig,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The operations server failed.
+    #[error(transparent)]
+    Ops(#[from] ops::ServeError),
+    /// No Kubernetes client.
+    #[error("failed to create a Kubernetes client: {0}")]
+    Kube(#[source] kube::Error),
+    /// The agent gateway could not start or failed.
+    #[error(transparent)]
+    Gateway(#[from] gateway::ConfigError),
+    /// The agent gateway's address could not be bound.
+    #[error("failed to listen on {addr} for the agent gateway: {source}")]
+    GatewayListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// This binary's metrics.
@@ -38,9 +64,19 @@ pub fn metrics() -> ops::Metrics {
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> Result<(), ops::ServeError> {
-    tracing::info!(addr = %config.ops_addr, version = env!("CARGO_PKG_VERSION"), "stagely-operator started");
-    ops::serve_until_signal(config.ops_addr, metrics()).await?;
+pub async fn run(config: Config) -> Result<(), RunError> {
+    // kube's rustls needs a process-wide provider; the AWS SDK compiles in a second one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default().await.map_err(RunError::Kube)?;
+    let gateway = config.gateway.build(client).await?;
+    let addr = config.gateway.gateway_addr;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
+    tracing::info!(addr = %config.ops_addr, gateway_addr = %addr, version = env!("CARGO_PKG_VERSION"), "stagely-operator started");
+    let serve_gateway =
+        async { gateway.serve(listener, ops::shutdown_signal()).await.map_err(|err| RunError::Gateway(err.into())) };
+    let serve_ops = async { ops::serve_until_signal(config.ops_addr, metrics()).await.map_err(RunError::from) };
+    tokio::try_join!(serve_ops, serve_gateway)?;
     tracing::info!("stagely-operator stopped");
     Ok(())
 }

@@ -618,3 +618,27 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
         assert!(!printed.contains(secret), "{secret} reached the gateway's log");
     }
 }
+
+// ---- configuration ----
+
+#[test]
+fn the_gateway_config_has_defaults_and_reads_its_key_file() {
+    use clap::Parser;
+    let config = stagely_operator::Config::try_parse_from(["stagely-operator"]).unwrap();
+    assert_eq!(config.gateway.gateway_addr.to_string(), "0.0.0.0:8443");
+    assert!(config.gateway.gateway_signing_key_file.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, "too-short").unwrap();
+    let path = short.to_str().unwrap();
+    let config =
+        stagely_operator::Config::try_parse_from(["stagely-operator", "--gateway-signing-key-file", path]).unwrap();
+    let err = config.gateway.signing_key().unwrap_err().to_string();
+    assert!(err.contains("signing key is 9 bytes; at least 32"), "{err}");
+
+    let args = ["stagely-operator", "--gateway-signing-key", "0123456789abcdef0123456789abcdef-secret"];
+    let config = stagely_operator::Config::try_parse_from(args).unwrap();
+    assert!(config.gateway.signing_key().is_ok());
+    assert!(!format!("{config:?}").contains("-secret"), "the key never shows in Debug");
+}

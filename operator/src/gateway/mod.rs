@@ -11,6 +11,7 @@
 //! scope, then stored in Redis and served at `GET /v1/jobs/{job_id}/logs` to a bearer of a
 //! log-read token ([`Gateway::mint_log_token`]).
 
+mod config;
 mod connection;
 pub mod logs;
 pub mod objects;
@@ -32,6 +33,7 @@ use stagely_api::protocol::{CONNECT_PATH, HEARTBEAT_INTERVAL_SECS, Message, Scop
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
+pub use self::config::{ConfigError, GatewayConfig};
 use self::logs::{LogError, LogStore, Masker};
 use self::objects::{HeartbeatRecorder, NoObjects, ScopeObjects};
 use self::token::{SigningKey, TokenError, TokenKeys};

@@ -1,0 +1,95 @@
+//! The gateway's command-line and environment configuration, and starting it from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stagely_api::protocol::Sensitive;
+
+use super::objects::KubeObjects;
+use super::token::SigningKey;
+use super::{Gateway, GatewayError, Settings};
+
+/// How the agent gateway is configured.
+///
+/// The token signing key comes from `--gateway-signing-key-file` (the file's bytes, at least
+/// 32) or else `STAGELY_GATEWAY_SIGNING_KEY` (the string's bytes). Without either, a random key is
+/// generated with a warning: every token then dies with the process, so agents must re-enroll
+/// after a restart, which they cannot. Production sets a key from a Secret.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayConfig {
+    /// Address of the agent gateway (WebSocket at /v1/agent/connect, job logs at /v1/jobs/{id}/logs).
+    #[arg(long, env = "STAGELY_GATEWAY_ADDR", default_value = "0.0.0.0:8443")]
+    pub gateway_addr: SocketAddr,
+
+    /// File holding the agent token signing key (raw bytes, at least 32).
+    #[arg(long, env = "STAGELY_GATEWAY_SIGNING_KEY_FILE")]
+    pub gateway_signing_key_file: Option<PathBuf>,
+
+    /// The agent token signing key itself (prefer the file; at least 32 bytes).
+    #[arg(long, env = "STAGELY_GATEWAY_SIGNING_KEY", hide_env_values = true)]
+    pub gateway_signing_key: Option<Sensitive>,
+
+    /// Redis for job logs, e.g. `redis://redis:6379`; without it LOG lines are not stored.
+    #[arg(long, env = "STAGELY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Sensitive>,
+
+    /// Log lines kept per job (approximately).
+    #[arg(long, env = "STAGELY_LOG_MAX_LINES", default_value_t = 10_000)]
+    pub log_max_lines: usize,
+
+    /// Seconds between writes of one object's `status.lastHeartbeat`.
+    #[arg(long, env = "STAGELY_HEARTBEAT_WRITE_INTERVAL_SECS", default_value_t = 60)]
+    pub heartbeat_write_interval_secs: u64,
+}
+
+/// Why the gateway's configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The key file could not be read.
+    #[error("failed to read the gateway signing key file {path}: {source}")]
+    ReadKey {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gateway could not start.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+impl GatewayConfig {
+    /// The signing key this configuration names, or a fresh random one (with a warning).
+    pub fn signing_key(&self) -> Result<SigningKey, ConfigError> {
+        let key = if let Some(path) = &self.gateway_signing_key_file {
+            let bytes = std::fs::read(path).map_err(|source| ConfigError::ReadKey { path: path.clone(), source })?;
+            SigningKey::from_bytes(bytes).map_err(GatewayError::from)?
+        } else if let Some(key) = &self.gateway_signing_key {
+            SigningKey::from_bytes(key.expose().as_bytes()).map_err(GatewayError::from)?
+        } else {
+            tracing::warn!(
+                "no gateway signing key configured (STAGELY_GATEWAY_SIGNING_KEY_FILE); using a random one: \
+                 agent tokens will not survive a restart"
+            );
+            SigningKey::generate().map_err(GatewayError::from)?
+        };
+        Ok(key)
+    }
+
+    /// Builds the gateway, checking scopes and recording heartbeats through `client`.
+    pub async fn build(&self, client: kube::Client) -> Result<Gateway, ConfigError> {
+        let mut builder = Gateway::builder()
+            .signing_key(self.signing_key()?)
+            .objects(KubeObjects::new(client))
+            .log_max_len(self.log_max_lines)
+            .settings(Settings {
+                heartbeat_write_interval: Duration::from_secs(self.heartbeat_write_interval_secs.max(1)),
+                ..Settings::default()
+            });
+        if let Some(url) = &self.redis_url {
+            builder = builder.redis(url.expose());
+        }
+        Ok(builder.build().await?)
+    }
+}
