@@ -2,6 +2,16 @@
 //! authentication switched on: Ready follows the credentials Secret, and no credential reaches
 //! the status, an event or a log line.
 
+#[allow(dead_code)]
+#[path = "support/digitalocean_fake.rs"]
+mod digitalocean_fake;
+#[allow(dead_code)]
+#[path = "support/hetzner_fake.rs"]
+mod hetzner_fake;
+#[allow(dead_code)]
+#[path = "support/prism.rs"]
+mod prism;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -107,6 +117,24 @@ fn moto() -> &'static Moto {
     MOTO.get_or_init(Moto::start)
 }
 
+/// DigitalOcean's and Hetzner's fakes behind Prism, validated against their OpenAPI specs.
+struct Clouds {
+    digitalocean: prism::Prism,
+    hetzner: prism::Prism,
+}
+
+fn clouds() -> &'static Clouds {
+    static CLOUDS: OnceLock<Clouds> = OnceLock::new();
+    CLOUDS.get_or_init(|| {
+        let digitalocean = prism::serve(digitalocean_fake::DigitalOceanFake::default().router());
+        let hetzner = prism::serve(hetzner_fake::HetznerFake::default().router());
+        Clouds {
+            digitalocean: prism::Prism::start("digitalocean-v2.yaml", &digitalocean),
+            hetzner: prism::Prism::start("hetzner-cloud-v1.json", &hetzner),
+        }
+    })
+}
+
 /// A namespace of its own, and the controller running against the control plane.
 async fn setup(namespace: &str) -> Client {
     capture_logs();
@@ -116,6 +144,8 @@ async fn setup(namespace: &str) -> Client {
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
     let endpoints = Endpoints {
         aws: Some(moto().url.clone()),
+        digitalocean: Some(clouds().digitalocean.url.clone()),
+        hetzner: Some(clouds().hetzner.url.clone()),
         local_agent_bin: "/bin/true".into(),
         local_state_dir: std::env::temp_dir().join("stagely-cloudprovider-test"),
         ..Endpoints::default()
@@ -267,4 +297,34 @@ async fn a_local_provider_is_ready_when_its_agent_binary_is_there() {
     assert_eq!(reason, "CredentialsAccepted");
     assert_eq!(message, "agents run as processes on the operator's host");
     assert_eq!(instances, Some(0));
+}
+
+#[tokio::test]
+async fn digitalocean_and_hetzner_tokens_are_checked_too() {
+    let client = setup("cp-tokens").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), "cp-tokens");
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-tokens");
+    // The fakes refuse tokens starting with "bad", as the real APIs refuse unknown ones.
+    for (type_, region, want) in [
+        ("digitalocean", "fra1", "DigitalOcean rejected the credentials: Unable to authenticate you"),
+        ("hetzner", "fsn1", "Hetzner rejected the credentials: unable to authenticate"),
+    ] {
+        let token = format!("bad-{type_}-token-0123456789");
+        secrets.create(&PostParams::default(), &secret(type_, &[("token", &token)])).await.unwrap();
+        let spec: CloudProviderSpec = serde_json::from_value(serde_json::json!({
+            "type": type_, "region": region, "credentialsSecretRef": {"name": type_},
+        }))
+        .unwrap();
+        providers.create(&PostParams::default(), &CloudProvider::new(type_, spec)).await.unwrap();
+        let (reason, message, _) = wait_ready(&providers, type_, "False").await;
+        assert_eq!((reason.as_str(), message.as_str()), ("CredentialsRejected", want));
+
+        let good = serde_json::json!({"stringData": {"token": format!("{type_}-good-token")}});
+        secrets.patch(type_, &PatchParams::default(), &Patch::Merge(good)).await.unwrap();
+        let (_, message, instances) = wait_ready(&providers, type_, "True").await;
+        assert!(message.ends_with(&format!("accepted the credentials in {region}")), "{message}");
+        assert_eq!(instances, Some(0));
+        let status = serde_json::to_string(&providers.get(type_).await.unwrap().status).unwrap();
+        assert!(!status.contains(&token) && !status.contains("good-token"), "status leaks the token: {status}");
+    }
 }

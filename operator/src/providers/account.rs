@@ -9,6 +9,8 @@ use kube::{Api, Client, ResourceExt};
 use stagely_api::v1alpha1::{CloudProvider as CloudProviderObject, ProviderType};
 
 use super::aws::{Aws, AwsSettings};
+use super::digitalocean::{DigitalOcean, DigitalOceanSettings};
+use super::hetzner::{Hetzner, HetznerSettings};
 use super::local::{Local, LocalSettings};
 use super::{CloudProvider, ProviderError};
 
@@ -169,8 +171,27 @@ pub async fn connect(
             }
             Ok(Arc::new(Aws::new(settings)))
         }
-        ProviderType::Digitalocean | ProviderType::Hetzner => Err(AccountError::Provider(ProviderError::Unsupported(
-            format!("{} is not supported by this operator build yet", spec.type_.as_str()),
-        ))),
+        ProviderType::Digitalocean => {
+            let creds = credentials(client, object).await?;
+            let mut settings = DigitalOceanSettings::new(&creds.get("token", "digitalocean", "token")?);
+            if let Some(url) = &endpoints.digitalocean {
+                settings.base_url = url.clone();
+            }
+            if let Some(image) = &spec.defaults.image {
+                settings.image = image.clone();
+            }
+            Ok(Arc::new(DigitalOcean::new(settings)))
+        }
+        ProviderType::Hetzner => {
+            let creds = credentials(client, object).await?;
+            let mut settings = HetznerSettings::new(&creds.get("token", "hetzner", "token")?, &region()?);
+            if let Some(url) = &endpoints.hetzner {
+                settings.base_url = url.clone();
+            }
+            if let Some(image) = &spec.defaults.image {
+                settings.image = image.clone();
+            }
+            Ok(Arc::new(Hetzner::new(settings)))
+        }
     }
 }
