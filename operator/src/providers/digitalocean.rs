@@ -277,7 +277,7 @@ impl CloudProvider for DigitalOcean {
                 if let Some(size) = found.sizes.iter().find(|s| s.slug == slug) {
                     return Ok(Some(size.price_hourly));
                 }
-                if found.sizes.is_empty() || !found.links.pages.is_some_and(|p| p.next.is_some()) {
+                if found.sizes.is_empty() || found.links.pages.is_none_or(|p| p.next.is_none()) {
                     break;
                 }
             }

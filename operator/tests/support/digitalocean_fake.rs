@@ -105,7 +105,7 @@ impl DigitalOceanFake {
     }
 
     /// Checks the token and the throttle; `Ok` holds the token.
-    fn gate(&self, headers: &HeaderMap) -> Result<String, Response> {
+    fn gate(&self, headers: &HeaderMap) -> Result<String, Box<Response>> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -113,7 +113,7 @@ impl DigitalOceanFake {
             .unwrap_or_default()
             .to_owned();
         if token.is_empty() || token.starts_with("bad") {
-            return Err(error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unable to authenticate you"));
+            return Err(Box::new(error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unable to authenticate you")));
         }
         let mut inner = self.inner.lock().unwrap();
         let account = inner.accounts.entry(token.clone()).or_default();
@@ -124,7 +124,7 @@ impl DigitalOceanFake {
             headers.insert("retry-after", account.retry_after.into());
             headers.insert("ratelimit-limit", 5000.into());
             headers.insert("ratelimit-remaining", 0.into());
-            return Err(response);
+            return Err(Box::new(response));
         }
         Ok(token)
     }
@@ -198,7 +198,7 @@ fn maybe_break(fake: &DigitalOceanFake, token: &str, mut droplet: Value) -> Valu
 
 async fn account(State(fake): State<DigitalOceanFake>, headers: HeaderMap) -> Response {
     if let Err(response) = fake.gate(&headers) {
-        return response;
+        return *response;
     }
     Json(json!({ "account": {
         "droplet_limit": 25, "floating_ip_limit": 3, "email": "team@example.com", "name": "Team",
@@ -210,7 +210,7 @@ async fn account(State(fake): State<DigitalOceanFake>, headers: HeaderMap) -> Re
 
 async fn sizes(State(fake): State<DigitalOceanFake>, headers: HeaderMap) -> Response {
     if let Err(response) = fake.gate(&headers) {
-        return response;
+        return *response;
     }
     let sizes: Vec<Value> = SIZES.iter().map(|s| size_json(s.0)).collect();
     Json(json!({ "sizes": sizes, "links": {}, "meta": { "total": SIZES.len() } })).into_response()
@@ -223,7 +223,7 @@ async fn list(
 ) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let droplets: Vec<Value> = fake
         .droplets(&token)
@@ -238,7 +238,7 @@ async fn list(
 async fn create(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let text = |key: &str| body.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
     if !SIZES.iter().any(|s| s.0 == text("size")) {
@@ -273,7 +273,7 @@ async fn create(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Json(b
 async fn read(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let found = {
         let mut inner = fake.inner.lock().unwrap();
@@ -292,7 +292,7 @@ async fn read(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Path(id)
 async fn destroy(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let removed = fake.inner.lock().unwrap().accounts.entry(token).or_default().droplets.remove(&id);
     match removed {

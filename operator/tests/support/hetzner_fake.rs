@@ -129,7 +129,7 @@ impl HetznerFake {
     }
 
     /// Checks the token and the throttle; `Ok` holds the token.
-    fn gate(&self, headers: &HeaderMap) -> Result<String, Response> {
+    fn gate(&self, headers: &HeaderMap) -> Result<String, Box<Response>> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -137,7 +137,7 @@ impl HetznerFake {
             .unwrap_or_default()
             .to_owned();
         if token.is_empty() || token.starts_with("bad") {
-            return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "unable to authenticate"));
+            return Err(Box::new(error(StatusCode::UNAUTHORIZED, "unauthorized", "unable to authenticate")));
         }
         let mut inner = self.inner.lock().unwrap();
         let project = inner.projects.entry(token.clone()).or_default();
@@ -150,7 +150,7 @@ impl HetznerFake {
             headers.insert("ratelimit-limit", 3600.into());
             headers.insert("ratelimit-remaining", 0.into());
             headers.insert("ratelimit-reset", reset.into());
-            return Err(response);
+            return Err(Box::new(response));
         }
         Ok(token)
     }
@@ -253,7 +253,7 @@ fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
 
 async fn server_types(State(fake): State<HetznerFake>, headers: HeaderMap) -> Response {
     if let Err(response) = fake.gate(&headers) {
-        return response;
+        return *response;
     }
     fake.inner.lock().unwrap().server_type_reads += 1;
     let types: Vec<Value> = SERVER_TYPES.iter().map(|t| server_type_json(t.1)).collect();
@@ -262,7 +262,7 @@ async fn server_types(State(fake): State<HetznerFake>, headers: HeaderMap) -> Re
 
 async fn pricing(State(fake): State<HetznerFake>, headers: HeaderMap) -> Response {
     if let Err(response) = fake.gate(&headers) {
-        return response;
+        return *response;
     }
     let types: Vec<Value> =
         SERVER_TYPES.iter().map(|t| json!({ "id": t.0, "name": t.1, "prices": prices(t.6) })).collect();
@@ -288,7 +288,7 @@ async fn list(
 ) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let servers: Vec<Value> = fake
         .servers(&token)
@@ -303,7 +303,7 @@ async fn list(
 async fn create(State(fake): State<HetznerFake>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let text = |key: &str| body.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
     if !SERVER_TYPES.iter().any(|t| t.1 == text("server_type") && !t.5) {
@@ -343,7 +343,7 @@ async fn create(State(fake): State<HetznerFake>, headers: HeaderMap, Json(body):
 async fn read(State(fake): State<HetznerFake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let found = {
         let mut inner = fake.inner.lock().unwrap();
@@ -362,7 +362,7 @@ async fn read(State(fake): State<HetznerFake>, headers: HeaderMap, Path(id): Pat
 async fn destroy(State(fake): State<HetznerFake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     let token = match fake.gate(&headers) {
         Ok(token) => token,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let removed = fake.inner.lock().unwrap().projects.entry(token).or_default().servers.remove(&id);
     match removed {
