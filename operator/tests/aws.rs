@@ -170,6 +170,12 @@ async fn a_missing_image_is_a_clear_error() {
     let aws = Aws::new(moto.settings());
     let err = aws.create(&spec("uid-2", Size::Small, Platform::LinuxArm64)).await.unwrap_err();
     assert_eq!(err.to_string(), "no Ubuntu 24.04 arm64 image found in eu-west-1");
+
+    let mut oversized = spec("uid-3", Size::Small, Platform::LinuxAmd64);
+    oversized.user_data = format!("#cloud-config\n#{}\n", "x".repeat(17_000));
+    let err = aws.create(&oversized).await.unwrap_err();
+    assert_eq!(err.to_string(), "the VM's user data is 17016 bytes; aws accepts at most 16384");
+    assert!(aws.list().await.unwrap().is_empty(), "nothing was started");
 }
 
 /// Sits in front of moto and answers the first `throttle` requests the way EC2 throttles
@@ -181,19 +187,30 @@ struct Throttler {
     forwarded: Arc<AtomicUsize>,
 }
 
+#[derive(Clone)]
+struct ShimState {
+    upstream: String,
+    throttle: usize,
+    throttled: Arc<AtomicUsize>,
+    forwarded: Arc<AtomicUsize>,
+    client: reqwest::Client,
+}
+
 impl Throttler {
     async fn start(upstream: &str, throttle: usize) -> Self {
         let throttled = Arc::new(AtomicUsize::new(0));
         let forwarded = Arc::new(AtomicUsize::new(0));
-        let state = (upstream.to_owned(), throttle, throttled.clone(), forwarded.clone(), reqwest::Client::new());
+        let state = ShimState {
+            upstream: upstream.to_owned(),
+            throttle,
+            throttled: throttled.clone(),
+            forwarded: forwarded.clone(),
+            client: reqwest::Client::new(),
+        };
         let app = axum::Router::new().fallback(
-            |axum::extract::State((upstream, throttle, throttled, forwarded, client)): axum::extract::State<(
-                String,
-                usize,
-                Arc<AtomicUsize>,
-                Arc<AtomicUsize>,
-                reqwest::Client,
-            )>,
+            |axum::extract::State(ShimState { upstream, throttle, throttled, forwarded, client }): axum::extract::State<
+                ShimState,
+            >,
              request: axum::extract::Request| async move {
                 if throttled.fetch_add(1, Ordering::SeqCst) < throttle {
                     let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>\

@@ -10,10 +10,10 @@ use aws_sdk_ec2::types::{
     ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
 };
 use stagely_api::keys::cloud_tags;
-use stagely_api::v1alpha1::{Platform, Size};
+use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 use tokio::sync::Mutex;
 
-use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, sizes};
+use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit, sizes};
 
 const PROVIDER: &str = "AWS";
 
@@ -135,6 +135,7 @@ impl Aws {
     }
 
     async fn create_instance(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
+        cloudinit::check_size(&spec.user_data, ProviderType::Aws)?;
         if let Some(existing) = self.find_by_key(&spec.idempotency_key).await? {
             return Ok(existing);
         }
