@@ -1,0 +1,217 @@
+//! The real agent process against the real gateway on loopback: enrollment with a minted token,
+//! heartbeats landing, reconnection with the session token after the gateway restarts, a
+//! resent command answered without running it twice, and BUILD → DEPLOY → HTTP 200 with
+//! podman and the distribution registry.
+
+#[path = "../../agent/tests/support/mod.rs"]
+mod agent_support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_support::{Podman, app_repo, free_port, http_get, wait_for};
+use k8s_openapi::jiff::Timestamp;
+use stagely_api::protocol::{Build, Deploy, JobState, Message, Scope, ScopeKind, Terminate};
+use stagely_api::v1alpha1::Platform;
+use stagely_operator::gateway::objects::{BoxFuture, ObjectsError, ScopeObjects};
+use stagely_operator::gateway::token::SigningKey;
+use stagely_operator::gateway::{Gateway, RunningGateway, Settings};
+use stagely_testenv::registry::Registry;
+use tokio::net::TcpListener;
+
+fn agent_bin() -> PathBuf {
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-agent"]).status().unwrap();
+    assert!(status.success(), "building stagely-agent failed");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("stagely-agent")
+}
+
+/// Records heartbeats instead of writing them to an apiserver (the gateway's own tests cover
+/// the Kubernetes write); every scope is current.
+#[derive(Clone, Default)]
+struct Heartbeats(Arc<Mutex<Vec<Scope>>>);
+
+impl ScopeObjects for Heartbeats {
+    fn is_current<'a>(&'a self, _scope: &'a Scope) -> BoxFuture<'a, Result<bool, ObjectsError>> {
+        Box::pin(async { Ok(true) })
+    }
+
+    fn record_heartbeat<'a>(&'a self, scope: &'a Scope, _at: Timestamp) -> BoxFuture<'a, Result<(), ObjectsError>> {
+        self.0.lock().unwrap().push(scope.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn gateway(listener: TcpListener, key: &SigningKey, heartbeats: &Heartbeats) -> RunningGateway {
+    Gateway::builder()
+        .signing_key(key.clone())
+        .objects(heartbeats.clone())
+        .settings(Settings {
+            heartbeat_interval_secs: 1,
+            heartbeat_write_interval: Duration::from_millis(10),
+            ..Settings::default()
+        })
+        .serve(listener)
+        .await
+        .expect("the gateway starts")
+}
+
+fn scope() -> Scope {
+    Scope { kind: ScopeKind::Environment, namespace: "team-a".into(), name: "shop-pr-1".into(), uid: "uid-1".into() }
+}
+
+/// The agent process, started from the file cloud-init writes; killed when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(dir: &Path, url: &str, token: &str, env: &[(String, String)]) -> Self {
+        let config = dir.join("agent.json");
+        let json = serde_json::json!({"gateway_url": url, "agent_id": "agent-1", "token": token, "role": "preview"});
+        std::fs::write(&config, json.to_string()).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let child = Command::new(agent_bin())
+            .arg("--config")
+            .arg(&config)
+            .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
+            .env("STAGELY_WORK_DIR", dir.join("work"))
+            .env("STAGELY_ENGINE", "podman")
+            .env("STAGELY_RECONNECT_INITIAL_MS", "50")
+            .env("STAGELY_RECONNECT_MAX_MS", "500")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_connected(gateway: &Gateway, scope: &Scope) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !gateway.is_connected(scope) {
+        assert!(tokio::time::Instant::now() < deadline, "the agent did not connect within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_enrolls_heartbeats_survives_a_gateway_restart_and_runs_a_resent_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::generate().unwrap();
+    let heartbeats = Heartbeats::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let running = gateway(listener, &key, &heartbeats).await;
+    let scope = scope();
+    let token = running.gateway().mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    let _agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
+
+    wait_connected(running.gateway(), &scope).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !heartbeats.0.lock().unwrap().contains(&scope) {
+        assert!(tokio::time::Instant::now() < deadline, "no heartbeat was recorded within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let terminate =
+        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "test".into(), grace_period_seconds: 1 });
+    let first = tokio::time::timeout(Duration::from_secs(60), running.gateway().command(&scope, terminate.clone()))
+        .await
+        .expect("TERMINATE finishes")
+        .unwrap();
+    assert_eq!(first.state, JobState::Succeeded, "{first:?}");
+
+    // The gateway restarts on the same address with the same key: the enrollment token is
+    // spent, so only the session token can bring the agent back.
+    running.shutdown().await.unwrap();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let running = gateway(listener, &key, &heartbeats).await;
+    let job = running.gateway().send(&scope, terminate).unwrap();
+    wait_connected(running.gateway(), &scope).await;
+    let again = tokio::time::timeout(Duration::from_secs(60), job.finished()).await.expect("answered").unwrap();
+    // The same record, not a second run: a rerun would have its own duration.
+    assert_eq!(again, first, "a resent job must be answered with its status, not run again");
+    assert!(running.gateway().is_connected(&scope));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_then_deploy_through_the_gateway_serves_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let podman = Podman::new(dir.path());
+    let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
+    let port = free_port();
+    let repo = dir.path().join("repo");
+    let commit = app_repo(&repo, port);
+
+    let key = SigningKey::generate().unwrap();
+    let heartbeats = Heartbeats::default();
+    let running = gateway(TcpListener::bind("127.0.0.1:0").await.unwrap(), &key, &heartbeats).await;
+    let scope = scope();
+    let token = running.gateway().mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    let _agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &podman.env);
+
+    let image = format!("{}/shop/web:pr-1", registry.addr());
+    let build = Message::Build(Build {
+        job_id: "build-1".into(),
+        clone_url: format!("file://{}", repo.display()),
+        git_token: None,
+        commit: commit.clone(),
+        context: ".".into(),
+        dockerfile: "Dockerfile".into(),
+        platform: Platform::LinuxAmd64,
+        build_args: BTreeMap::new(),
+        cache_from: Vec::new(),
+        image: image.clone(),
+        registry_auth: None,
+        timeout_seconds: 600,
+    });
+    let built = tokio::time::timeout(Duration::from_secs(300), running.gateway().command(&scope, build))
+        .await
+        .expect("BUILD finishes")
+        .unwrap();
+    assert_eq!(built.state, JobState::Succeeded, "{built:?}");
+    let digest = built.image_digest.expect("BUILD reports the digest");
+
+    let pinned = format!("{}/shop/web@{digest}", registry.addr());
+    let deploy = Message::Deploy(Deploy {
+        job_id: "deploy-1".into(),
+        project: "shop-pr-1".into(),
+        clone_url: format!("file://{}", repo.display()),
+        git_token: None,
+        commit,
+        compose_file: "docker-compose.yml".into(),
+        images: BTreeMap::from([("web".into(), pinned.clone()), ("worker".into(), pinned)]),
+        secrets: Vec::new(),
+        lifecycle: Default::default(),
+        registry_auth: None,
+    });
+    let deployed = tokio::time::timeout(Duration::from_secs(300), running.gateway().command(&scope, deploy))
+        .await
+        .expect("DEPLOY finishes")
+        .unwrap();
+    assert_eq!(deployed.state, JobState::Succeeded, "{deployed:?}");
+    let web = deployed.services.iter().find(|s| s.name == "web").expect("web is reported");
+    assert_eq!(web.ports[0].published_port, port);
+    let (code, body) = wait_for("the app to answer", Duration::from_secs(30), || http_get(port, "/"));
+    assert_eq!((code, body.as_str()), (200, "hello from stagely\n"));
+
+    let terminate =
+        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "pr_closed".into(), grace_period_seconds: 1 });
+    let terminated = tokio::time::timeout(Duration::from_secs(120), running.gateway().command(&scope, terminate))
+        .await
+        .expect("TERMINATE finishes")
+        .unwrap();
+    assert_eq!(terminated.state, JobState::Succeeded, "{terminated:?}");
+    assert!(http_get(port, "/").is_none(), "the app still answers after TERMINATE");
+}
