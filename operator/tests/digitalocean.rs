@@ -105,6 +105,12 @@ async fn sizes_map_to_slugs_and_arm64_is_refused_clearly() {
     assert!(err.to_string().starts_with("DigitalOcean has no arm64 droplets"), "{err}");
     assert!(cloud.hourly_price(Size::Large, Platform::LinuxArm64).await.is_err());
     assert_eq!(stack().fake.creates(token), 3, "nothing was created for arm64");
+
+    let mut oversized = spec("e", Size::Small, Platform::LinuxAmd64);
+    oversized.user_data = "x".repeat(64 * 1024 + 1);
+    let err = cloud.create(&oversized).await.unwrap_err();
+    assert_eq!(err.to_string(), "the VM's user data is 65537 bytes; digitalocean accepts at most 65536");
+    assert_eq!(stack().fake.creates(token), 3, "nothing was created for oversized user data");
 }
 
 #[tokio::test]

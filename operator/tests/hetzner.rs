@@ -109,6 +109,13 @@ async fn sizes_and_architectures_map_to_current_server_types_and_prices() {
     elsewhere.region = "ash".into();
     let err = cloud.create(&elsewhere).await.unwrap_err();
     assert!(err.to_string().contains("in ash"), "{err}");
+
+    let creates = stack().fake.creates(token);
+    let mut oversized = spec("h", Size::Small, Platform::LinuxAmd64);
+    oversized.user_data = "x".repeat(32 * 1024 + 1);
+    let err = cloud.create(&oversized).await.unwrap_err();
+    assert_eq!(err.to_string(), "the VM's user data is 32769 bytes; hetzner accepts at most 32768");
+    assert_eq!(stack().fake.creates(token), creates, "nothing was created for oversized user data");
 }
 
 #[tokio::test]

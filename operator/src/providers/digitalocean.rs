@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde_json::json;
 use stagely_api::keys::cloud_tags;
 use stagely_api::protocol::Sensitive;
-use stagely_api::v1alpha1::{Platform, Size};
+use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 
 use super::http::{JsonApi, RetryPolicy};
-use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, sizes};
+use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit, sizes};
 
 const PROVIDER: &str = "DigitalOcean";
 
@@ -230,7 +230,10 @@ fn droplet_id(id: &str) -> Option<u64> {
 
 impl CloudProvider for DigitalOcean {
     fn create<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<Instance, ProviderError>> {
-        Box::pin(self.create_droplet(spec))
+        Box::pin(async move {
+            cloudinit::check_size(&spec.user_data, ProviderType::Digitalocean)?;
+            self.create_droplet(spec).await
+        })
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>> {

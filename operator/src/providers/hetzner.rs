@@ -12,13 +12,13 @@ use serde::Deserialize;
 use serde_json::json;
 use stagely_api::keys::cloud_tags;
 use stagely_api::protocol::Sensitive;
-use stagely_api::v1alpha1::{Platform, Size};
+use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 use tokio::sync::Mutex;
 
 use super::digitalocean::parse_time;
 use super::http::{JsonApi, RetryPolicy};
 use super::sizes::{self, HetznerServerType};
-use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError};
+use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit};
 
 const PROVIDER: &str = "Hetzner";
 
@@ -309,7 +309,10 @@ fn server_id(id: &str) -> Option<u64> {
 
 impl CloudProvider for Hetzner {
     fn create<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<Instance, ProviderError>> {
-        Box::pin(self.create_server(spec))
+        Box::pin(async move {
+            cloudinit::check_size(&spec.user_data, ProviderType::Hetzner)?;
+            self.create_server(spec).await
+        })
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>> {

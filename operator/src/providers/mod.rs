@@ -9,10 +9,10 @@
 pub mod account;
 pub mod aws;
 pub mod cloudinit;
-pub mod local;
 pub mod digitalocean;
 pub mod hetzner;
 pub mod http;
+pub mod local;
 pub mod sizes;
 
 use std::collections::BTreeMap;
