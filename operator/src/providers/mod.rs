@@ -170,7 +170,8 @@ pub trait CloudProvider: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>>;
     /// Checks the credentials with a real call.
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>>;
-    /// Hourly price in US dollars of a size, if the provider publishes one.
+    /// Hourly price of a size in the provider's billing currency (US dollars; euros for Hetzner,
+    /// which bills in euros), if the provider publishes one.
     fn hourly_price(&self, size: Size, platform: Platform) -> BoxFuture<'_, Result<Option<f64>, ProviderError>>;
 }
 
