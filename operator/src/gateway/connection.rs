@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
+use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, Message, Scope, Status};
 use tokio::sync::mpsc;
 
 use super::logs::Masker;
@@ -72,6 +72,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
         %peer, agent_id = %hello.agent_id, kind = ?scope.kind, namespace = %scope.namespace, name = %scope.name,
         version = %hello.version, resent = resend.len(), "agent connected"
     );
+    // Only the agent id is needed from here on; the rest of the HELLO (its token) goes.
+    let agent_id = into_agent_id(hello);
     let mut open = send(&inner, &mut socket, Utf8Bytes::from(ack)).await;
     for frame in resend {
         if !open {
@@ -112,7 +114,12 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
         slot.connection = None;
     }
     drop(agents);
-    tracing::info!(agent_id = %hello.agent_id, namespace = %scope.namespace, name = %scope.name, "agent disconnected");
+    tracing::info!(%agent_id, namespace = %scope.namespace, name = %scope.name, "agent disconnected");
+}
+
+/// The agent id, dropping the rest of the HELLO now rather than at the connection's end.
+fn into_agent_id(hello: Hello) -> String {
+    hello.agent_id
 }
 
 /// Checks a HELLO's token and scope; returns the scope and a fresh session token.
@@ -242,17 +249,12 @@ fn record_status(inner: &Inner, scope: &Scope, status: Status) {
     let finished = status.state.is_final();
     let job_id = status.job_id.clone();
     tracing::debug!(namespace = %scope.namespace, name = %scope.name, job_id, state = ?status.state, "job status");
-    match slot.pending.get(&job_id) {
-        Some(pending) => {
-            pending.status.send_replace(Some(status));
-        }
-        None => {
-            if status.state != JobState::Succeeded {
-                tracing::debug!(job_id, "status of a job no one waits for");
-            }
-            return;
-        }
-    }
+    let Some(pending) = slot.pending.get(&job_id) else {
+        // A job finished before, or sent before an operator restart: no one waits for it.
+        tracing::debug!(job_id, "status of a job no one waits for");
+        return;
+    };
+    pending.status.send_replace(Some(status));
     if finished {
         slot.pending.remove(&job_id);
     }
