@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fast;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;

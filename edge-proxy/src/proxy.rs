@@ -44,9 +44,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 #[derive(Clone, Debug)]
 pub struct Client {
     /// `X-Forwarded-For`: the peer's address.
-    forwarded_for: HeaderValue,
+    pub(crate) forwarded_for: HeaderValue,
     /// `X-Forwarded-Proto`.
-    forwarded_proto: HeaderValue,
+    pub(crate) forwarded_proto: HeaderValue,
 }
 
 impl Client {
@@ -62,11 +62,14 @@ impl Client {
 
 /// The proxy: routing, pages and forwarding.
 pub struct Proxy {
-    domain: String,
-    routes: Arc<RouteTable>,
+    pub(crate) domain: String,
+    pub(crate) routes: Arc<RouteTable>,
     client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
-    request_timeout: Duration,
-    metrics: ProxyMetrics,
+    /// This worker's idle upstream connections for the HTTP/1.1 fast path.
+    pub(crate) upstreams: crate::fast::Pool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) metrics: ProxyMetrics,
 }
 
 impl Proxy {
@@ -86,7 +89,15 @@ impl Proxy {
             .pool_max_idle_per_host(1024)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        Self { domain: domain.trim_end_matches('.').to_ascii_lowercase(), routes, client, request_timeout, metrics }
+        Self {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            routes,
+            client,
+            upstreams: crate::fast::Pool::default(),
+            connect_timeout,
+            request_timeout,
+            metrics,
+        }
     }
 
     /// Answers one request from `client`.
@@ -201,18 +212,23 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         Some(host) => host,
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
+    Some(without_port(host))
+}
+
+/// `host` without its `:port`, if any.
+pub(crate) fn without_port(host: &str) -> &str {
     if host.starts_with('[') {
         // An IPv6 literal: never a preview address, so its port does not matter.
-        return Some(host);
+        return host;
     }
-    Some(match host.rsplit_once(':') {
+    match host.rsplit_once(':') {
         Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
-    })
+    }
 }
 
 /// The subdomain hash of `host` under `domain`, if `host` is exactly `<hash>.<domain>`.
-fn subdomain<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
+pub(crate) fn subdomain<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
     let host = host.strip_suffix('.').unwrap_or(host);
     let split = host.len().checked_sub(domain.len() + 1)?;
     if !host.is_char_boundary(split)

@@ -7,6 +7,7 @@
 //! refetched on its next use, and while Redis cannot answer, the stale value keeps serving.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ pub struct ResolvedRoute {
     pub route: Route,
     /// `ip:port` of the app, when the route is ready.
     pub backend: Option<Authority>,
+    /// The same, when it is an IP address (what the HTTP/1.1 fast path connects to).
+    pub backend_addr: Option<SocketAddr>,
     /// `X-Stagely-Project`.
     pub project: HeaderValue,
     /// `X-Stagely-PR`.
@@ -45,8 +48,10 @@ pub struct ResolvedRoute {
 impl ResolvedRoute {
     fn new(route: Route, rate_limit: u32) -> Self {
         let header = |value: &str| HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        let backend = route.backend();
         Self {
-            backend: route.backend().and_then(|backend| backend.parse().ok()),
+            backend_addr: backend.as_deref().and_then(|backend| backend.parse().ok()),
+            backend: backend.and_then(|backend| backend.parse().ok()),
             project: header(&route.project),
             pr: HeaderValue::from(route.pr),
             environment: header(&format!("{}/{}", route.namespace, route.environment)),
@@ -109,6 +114,14 @@ impl RouteTable {
             config,
             metrics,
         }
+    }
+
+    /// The route of subdomain `hash` if the cache holds a fresh one; never asks Redis and counts
+    /// nothing (the caller counts the hit if it uses the route).
+    pub fn cached(&self, hash: &str) -> Option<Arc<ResolvedRoute>> {
+        let entries = self.entries.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = entries.get(hash)?;
+        if entry.expires > Instant::now() { entry.route.clone() } else { None }
     }
 
     /// The route of subdomain `hash`.

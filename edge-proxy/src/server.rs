@@ -13,9 +13,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::fast::{self, Prefixed};
 use crate::proxy::Proxy;
 
 /// How long a TLS handshake may take.
@@ -48,19 +49,40 @@ pub fn spawn_workers(
                 Err(err) => return tracing::error!(%err, "failed to start a proxy worker"),
             };
             runtime.block_on(async move {
-                let listener = Listener { proxy: Arc::new(make_proxy()), idle_timeout };
+                let proxy = Arc::new(make_proxy());
+                let sweeper = tokio::spawn({
+                    let proxy = proxy.clone();
+                    async move {
+                        let mut every = tokio::time::interval(Duration::from_secs(30));
+                        loop {
+                            every.tick().await;
+                            proxy.upstreams.sweep();
+                        }
+                    }
+                });
+                // Every connection task holds a sender: once all are gone, the worker is drained.
+                let (open, mut drained) = mpsc::channel::<()>(1);
+                let listener = Listener { proxy, idle_timeout };
                 let graceful = GracefulShutdown::new();
                 let mut accepting = Vec::new();
                 for (socket, tls) in own {
                     match TcpListener::from_std(socket) {
-                        Ok(socket) => accepting.push(listener.clone().run(socket, tls, &graceful, shutdown.clone())),
+                        Ok(socket) => {
+                            accepting.push(listener.clone().run(socket, tls, &graceful, open.clone(), shutdown.clone()))
+                        }
                         Err(err) => tracing::error!(%err, "failed to register a listener"),
                     }
                 }
+                drop(open);
                 futures_util::future::join_all(accepting).await;
-                if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+                let drain = async {
+                    graceful.shutdown().await;
+                    let _ = drained.recv().await;
+                };
+                if tokio::time::timeout(grace, drain).await.is_err() {
                     tracing::warn!("connections still open after the grace period; closing them");
                 }
+                sweeper.abort();
             });
         })?;
         workers.push(worker);
@@ -92,13 +114,14 @@ impl Listener {
     }
 
     /// Accepts connections on `listener` until `shutdown` turns true; connections are
-    /// registered with `graceful` so the caller can drain them. Connections are served on the
-    /// calling runtime.
+    /// registered with `graceful` so the caller can drain them, and each holds a clone of `open`
+    /// until it ends. Connections are served on the calling runtime.
     pub async fn run(
         self,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
         graceful: &GracefulShutdown,
+        open: mpsc::Sender<()>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let builder = Arc::new(self.builder());
@@ -121,12 +144,23 @@ impl Listener {
             let watcher = graceful.watcher();
             let tls = tls.clone();
             let idle_timeout = self.idle_timeout;
+            let open = open.clone();
+            let mut stopping = shutdown.clone();
             tokio::spawn(async move {
+                let _open = open;
                 let scheme = if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
-                let started = Arc::new(AtomicBool::new(false));
+                let client = crate::proxy::Client::new(peer, scheme);
+                let mut stream = stream;
+                let prefix = match tls {
+                    None => match fast::serve(&proxy, &mut stream, &client, idle_timeout, &mut stopping).await {
+                        fast::Handoff::Closed => return,
+                        fast::Handoff::Hyper(prefix) => prefix,
+                    },
+                    Some(_) => Vec::new(),
+                };
+                let started = Arc::new(AtomicBool::new(!prefix.is_empty()));
                 let service = {
                     let started = started.clone();
-                    let client = crate::proxy::Client::new(peer, scheme);
                     service_fn(move |req| {
                         started.store(true, Ordering::Relaxed);
                         let proxy = proxy.clone();
@@ -136,8 +170,11 @@ impl Listener {
                 };
                 let conn = match tls {
                     None => Either::Left(
-                        watcher
-                            .watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned()),
+                        watcher.watch(
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(Prefixed::new(prefix, stream)), service)
+                                .into_owned(),
+                        ),
                     ),
                     Some(acceptor) => {
                         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

@@ -130,7 +130,7 @@ pub fn route(status: RouteStatus, backend: Option<SocketAddr>) -> Route {
 
 /// An upstream app: answers every request with a JSON echo of what it received, tagged with
 /// its name; `/bytes/N` streams N bytes; `/count` counts the request body's bytes;
-/// `/hold` answers only once the test says so.
+/// `/hold` answers only once the test says so; `/status/N` answers status N with no body.
 pub struct Upstream {
     pub addr: SocketAddr,
     /// Connections accepted so far.
@@ -186,6 +186,11 @@ async fn upstream_answer(
             Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.slice(..len)))
         }));
         return Ok(Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream))));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut response = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        *response.status_mut() = http::StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        return Ok(response);
     }
     if path == "/hold" {
         std::future::pending::<()>().await;
@@ -381,4 +386,123 @@ pub async fn connect_h2(addr: SocketAddr) -> hyper::client::conn::http2::SendReq
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     sender
+}
+
+/// An upstream that answers every request on a connection with the raw bytes `answer`, then
+/// closes the connection: for responses no well-behaved server library would send.
+pub async fn scripted_upstream(answer: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from `stream` (bytes read past it stay in `buf`); `None` if the
+/// connection ends first. `head` says the request was HEAD (no body follows).
+pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, head: bool) -> Option<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+    let (status, headers, len) = loop {
+        let mut parsed = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut parsed);
+        if let httparse::Status::Complete(len) = response.parse(buf).expect("a valid response head") {
+            let headers: Vec<(String, String)> = response
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            break (response.code.unwrap(), headers, len);
+        }
+        if !fill(stream, buf).await {
+            return None;
+        }
+    };
+    buf.drain(..len);
+    let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head || status == 204 || status == 304 {
+    } else if find("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let line_end = loop {
+                if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break at;
+                }
+                if !fill(stream, buf).await {
+                    return None;
+                }
+            };
+            let line = std::str::from_utf8(&buf[..line_end]).unwrap();
+            let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                // Trailers, up to an empty line.
+                loop {
+                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..at + 4);
+                        break;
+                    }
+                    if !fill(stream, buf).await {
+                        return None;
+                    }
+                }
+                break;
+            }
+            while buf.len() < line_end + 2 + size + 2 {
+                if !fill(stream, buf).await {
+                    return None;
+                }
+            }
+            body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+            buf.drain(..line_end + 2 + size + 2);
+        }
+    } else if let Some(length) = find("content-length") {
+        let length: usize = length.parse().unwrap();
+        while buf.len() < length {
+            if !fill(stream, buf).await {
+                return None;
+            }
+        }
+        body = buf.drain(..length).collect();
+    } else {
+        while fill(stream, buf).await {}
+        body = std::mem::take(buf);
+    }
+    Some(RawResponse { status, headers, body })
 }

@@ -1,0 +1,796 @@
+//! The HTTP/1.1 fast path: a plain-HTTP keep-alive client asking a ready, cached route for
+//! something without a request body.
+//!
+//! hyper's server and pooled client spent about twice nginx's user CPU per request, mostly
+//! moving each message between tasks, channels and header maps. Here the connection's own task
+//! parses the request head in place (httparse), writes the rewritten head to an upstream
+//! connection from its worker's pool, and relays the response as its bytes arrive, reframing
+//! nothing. Anything else (HTTP/2, HTTP/1.0, upgrades, request bodies, `Expect`, absolute-form
+//! targets, routes that are not cached and ready) is handed, with the bytes already read, to the
+//! hyper path in [`crate::proxy`], which serves the connection from then on.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::pages;
+use crate::proxy::{Client, Proxy, subdomain, without_port};
+use crate::routes::ResolvedRoute;
+
+/// Request heads longer than this go to hyper (which answers 431 past its own limit).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Upstream response heads longer than this are a 502, as with hyper's client.
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+/// Bytes read from an upstream at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Idle upstream connections kept per app, and for how long (as the hyper client's pool).
+const MAX_IDLE_PER_BACKEND: usize = 1024;
+const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
+
+/// Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), and those the proxy sets.
+const NOT_FORWARDED: [&str; 16] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-stagely-project",
+    "x-stagely-pr",
+    "x-stagely-environment",
+];
+
+/// How a client connection ended on the fast path.
+pub enum Handoff {
+    /// It is closed (or must be).
+    Closed,
+    /// Hyper serves it from here; these bytes were already read from it.
+    Hyper(Vec<u8>),
+}
+
+/// Idle upstream connections of one worker thread; requests on other threads never see them.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let streams = idle.get_mut(&addr)?;
+        while let Some((stream, since)) = streams.pop() {
+            if now.duration_since(since) < IDLE_UPSTREAM && is_quiet(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, stream: TcpStream, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let streams = idle.entry(addr).or_default();
+        if streams.len() < MAX_IDLE_PER_BACKEND {
+            streams.push((stream, now));
+        }
+    }
+
+    /// Closes connections idle for too long, including those to apps no longer routed to.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        idle.retain(|_, streams| {
+            streams.retain(|(_, since)| now.duration_since(*since) < IDLE_UPSTREAM);
+            !streams.is_empty()
+        });
+    }
+}
+
+/// Whether an idle connection has nothing to say: an app that closed it, or sent bytes nobody
+/// asked for, has. Costs no system call unless the socket was marked readable.
+fn is_quiet(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Serves requests on `stream` while they suit the fast path.
+pub async fn serve(
+    proxy: &Proxy,
+    stream: &mut TcpStream,
+    client: &Client,
+    idle_timeout: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Handoff {
+    // Reused from request to request: bytes read from the client and not yet used, what goes
+    // to the app and then to the client, and bytes read from the app.
+    let (mut input, mut output, mut upstream) = (Vec::with_capacity(4096), Vec::with_capacity(4096), Vec::new());
+    loop {
+        let deadline = tokio::time::Instant::now() + idle_timeout;
+        let head_len = loop {
+            if !input.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; 64];
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(&input) {
+                    Ok(httparse::Status::Complete(len)) => break len,
+                    Ok(httparse::Status::Partial) if input.len() < MAX_REQUEST_HEAD => {}
+                    _ => return Handoff::Hyper(input),
+                }
+            }
+            input.reserve(4096);
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)) => read,
+                _ = crate::stopped(shutdown), if input.is_empty() => return Handoff::Closed,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Handoff::Closed,
+            }
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let _ = req.parse(&input);
+        let Some(plan) = plan(proxy, &req) else { return Handoff::Hyper(input) };
+
+        let start = Instant::now();
+        proxy.metrics.cache_hits.inc();
+        let answered = if plan.route.limiter.allow() {
+            forward(proxy, stream, &req, &plan, client, &mut output, &mut upstream, start).await
+        } else {
+            answer_page(proxy, stream, &plan, pages::too_many_requests(), &mut output, start).await
+        };
+        if !answered || !plan.keep_alive {
+            return Handoff::Closed;
+        }
+        input.drain(..head_len);
+    }
+}
+
+/// What the fast path does with a request it takes.
+struct Plan<'r> {
+    route: std::sync::Arc<ResolvedRoute>,
+    backend: SocketAddr,
+    host: &'r [u8],
+    /// `Connection` header values: they name more hop-by-hop headers.
+    connection: Vec<&'r [u8]>,
+    keep_alive: bool,
+    head: bool,
+    idempotent: bool,
+}
+
+/// The plan for `req`, or `None` when hyper should serve it.
+fn plan<'r>(proxy: &Proxy, req: &httparse::Request<'_, 'r>) -> Option<Plan<'r>> {
+    let method = req.method?;
+    if req.version != Some(1) || method == "CONNECT" || !req.path?.starts_with('/') {
+        return None;
+    }
+    let mut host = None;
+    let mut connection = Vec::new();
+    let mut keep_alive = true;
+    for header in req.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("host") {
+            if host.replace(header.value).is_some() {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(header.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return None;
+                }
+            }
+            connection.push(header.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if header.value.trim_ascii() != b"0" {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return None;
+        }
+    }
+    let host = host?;
+    let hash = subdomain(without_port(std::str::from_utf8(host).ok()?), &proxy.domain)?;
+    let route = proxy.routes.cached(&hash)?;
+    let backend = route.backend_addr?;
+    Some(Plan {
+        route,
+        backend,
+        host,
+        connection,
+        keep_alive,
+        head: method == "HEAD",
+        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"),
+    })
+}
+
+/// The comma-separated tokens of a header value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|token| !token.is_empty())
+}
+
+fn named_in(connection: &[&[u8]], name: &str) -> bool {
+    connection.iter().any(|value| tokens(value).any(|token| token.eq_ignore_ascii_case(name.as_bytes())))
+}
+
+/// Forwards the request and relays the answer; false when the client connection must close.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    proxy: &Proxy,
+    stream: &mut TcpStream,
+    req: &httparse::Request<'_, '_>,
+    plan: &Plan<'_>,
+    client: &Client,
+    output: &mut Vec<u8>,
+    upstream: &mut Vec<u8>,
+    start: Instant,
+) -> bool {
+    write_request_head(req, plan, client, output);
+    let exchanged = tokio::time::timeout(proxy.request_timeout, exchange(proxy, plan, output, upstream)).await;
+    let (mut conn, response) = match exchanged {
+        Ok(Ok(exchanged)) => exchanged,
+        Ok(Err(err)) => {
+            tracing::debug!(%err, environment = %plan.route.route.environment, "upstream failed");
+            return answer_page(proxy, stream, plan, pages::bad_gateway(&plan.route.route), output, start).await;
+        }
+        Err(_) => {
+            tracing::debug!(environment = %plan.route.route.environment, "upstream timed out");
+            return answer_page(proxy, stream, plan, pages::bad_gateway(&plan.route.route), output, start).await;
+        }
+    };
+    proxy.metrics.observe(response.status, start.elapsed());
+    match relay(stream, &mut conn, &response, output, upstream).await {
+        Relayed::Reusable => {
+            proxy.upstreams.put(plan.backend, conn, Instant::now());
+            true
+        }
+        Relayed::Done => true,
+        Relayed::Broken => false,
+    }
+}
+
+/// The request head as the app gets it: hop-by-hop headers dropped, Stagely's set.
+fn write_request_head(req: &httparse::Request<'_, '_>, plan: &Plan<'_>, client: &Client, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for header in req.headers.iter() {
+        if NOT_FORWARDED.iter().any(|name| header.name.eq_ignore_ascii_case(name))
+            || named_in(&plan.connection, header.name)
+        {
+            continue;
+        }
+        put_header(out, header.name.as_bytes(), header.value);
+    }
+    let route = &plan.route;
+    // The edge is the first hop Stagely trusts: whatever the client claims is replaced.
+    for (name, value) in [
+        (&b"host"[..], plan.host),
+        (b"x-forwarded-host", plan.host),
+        (b"x-forwarded-for", client.forwarded_for.as_bytes()),
+        (b"x-forwarded-proto", client.forwarded_proto.as_bytes()),
+        (b"x-stagely-project", route.project.as_bytes()),
+        (b"x-stagely-pr", route.pr.as_bytes()),
+        (b"x-stagely-environment", route.environment.as_bytes()),
+    ] {
+        put_header(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body ends (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// At the upstream's end of stream; relayed to the client chunked.
+    Close,
+}
+
+/// The upstream's response head, already rewritten for the client into the output buffer.
+struct ResponseHead {
+    status: u16,
+    /// Length of the head in the upstream buffer; what follows is body.
+    len: usize,
+    framing: Framing,
+    /// Whether the app keeps the connection open after this response.
+    keep_alive: bool,
+}
+
+/// Why an exchange with the app failed.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("failed to connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed before a response")]
+    Closed,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+/// Sends the request head in `output` and reads the response head, retrying once on a fresh
+/// connection when a pooled one turns out dead before answering an idempotent request. Leaves
+/// the client's response head in `output`.
+async fn exchange(
+    proxy: &Proxy,
+    plan: &Plan<'_>,
+    output: &mut Vec<u8>,
+    upstream: &mut Vec<u8>,
+) -> Result<(TcpStream, ResponseHead), UpstreamError> {
+    if let Some(mut conn) = proxy.upstreams.take(plan.backend, Instant::now()) {
+        match send(&mut conn, plan, output, upstream).await {
+            Ok(head) => return Ok((conn, head)),
+            Err(UpstreamError::Io(_) | UpstreamError::Closed) if plan.idempotent && upstream.is_empty() => {}
+            Err(err) => return Err(err),
+        }
+    }
+    let mut conn = match tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(plan.backend)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => return Err(UpstreamError::Connect(err)),
+        Err(_) => return Err(UpstreamError::ConnectTimeout),
+    };
+    let _ = conn.set_nodelay(true);
+    let head = send(&mut conn, plan, output, upstream).await?;
+    Ok((conn, head))
+}
+
+async fn send(
+    conn: &mut TcpStream,
+    plan: &Plan<'_>,
+    output: &mut Vec<u8>,
+    upstream: &mut Vec<u8>,
+) -> Result<ResponseHead, UpstreamError> {
+    conn.write_all(output).await?;
+    upstream.clear();
+    loop {
+        if upstream.capacity() - upstream.len() < 4096 {
+            upstream.reserve(READ_CHUNK);
+        }
+        if conn.read_buf(upstream).await? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+        // Informational responses (100, 103) are dropped, as hyper's client drops them.
+        while let Some(head) = response_head(upstream, plan, output)? {
+            if (100..200).contains(&head.status) {
+                if head.status == 101 {
+                    return Err(UpstreamError::Invalid("switching protocols unasked"));
+                }
+                upstream.drain(..head.len);
+                continue;
+            }
+            return Ok(head);
+        }
+        if upstream.len() > MAX_RESPONSE_HEAD {
+            return Err(UpstreamError::Invalid("head too large"));
+        }
+    }
+}
+
+/// Parses a response head from `buf` and writes the client's version of it to `out`.
+fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Option<ResponseHead>, UpstreamError> {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(UpstreamError::Invalid("malformed head")),
+    };
+    let status = res.code.unwrap_or(502);
+    let mut keep_alive = res.version == Some(1);
+    let mut connection = Vec::new();
+    let mut chunked = None;
+    let mut length = None;
+    let mut dated = false;
+    for header in res.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(header.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && res.version == Some(0) {
+                    keep_alive = true;
+                }
+            }
+            connection.push(header.value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = Some(tokens(header.value).last().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked")));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value).ok().and_then(|value| value.trim().parse::<u64>().ok());
+            match (value, length) {
+                (None, _) => return Err(UpstreamError::Invalid("bad content-length")),
+                (Some(value), Some(seen)) if value != seen => {
+                    return Err(UpstreamError::Invalid("conflicting content-length"));
+                }
+                (value, _) => length = value,
+            }
+        } else if name.eq_ignore_ascii_case("date") {
+            dated = true;
+        }
+    }
+    let framing = if plan.head || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) | (None, None) => Framing::Close,
+            (None, Some(length)) => Framing::Length(length),
+        }
+    };
+    if framing == Framing::Close {
+        keep_alive = false;
+    }
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write!(out, "{status} ").expect("writing to a Vec");
+    out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for header in res.headers.iter() {
+        let name = header.name;
+        let framing_header = name.eq_ignore_ascii_case("content-length") && framing == Framing::Chunked;
+        if framing_header
+            || NOT_FORWARDED[..9].iter().any(|hop| name.eq_ignore_ascii_case(hop))
+            || named_in(&connection, name)
+        {
+            continue;
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    if !dated {
+        put_date(out);
+    }
+    if matches!(framing, Framing::Chunked | Framing::Close) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !plan.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead { status, len, framing, keep_alive }))
+}
+
+/// How relaying a response ended.
+enum Relayed {
+    /// Completely, and the upstream connection can serve another request.
+    Reusable,
+    /// Completely, but the upstream connection is done.
+    Done,
+    /// Not completely: the client connection must close.
+    Broken,
+}
+
+/// Sends the response head in `output` and the body from `upstream` (then from `conn`).
+async fn relay(
+    client: &mut TcpStream,
+    conn: &mut TcpStream,
+    head: &ResponseHead,
+    output: &mut Vec<u8>,
+    upstream: &mut Vec<u8>,
+) -> Relayed {
+    let mut framing = head.framing;
+    let mut chunks = Chunks::default();
+    let mut start = head.len;
+    loop {
+        let body = &upstream[start..];
+        let (used, finished) = match framing {
+            Framing::Empty => (0, true),
+            Framing::Length(left) => {
+                let used = body.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                framing = Framing::Length(left - used as u64);
+                (used, left == used as u64)
+            }
+            Framing::Chunked => match chunks.scan(body) {
+                Ok(used) => (used, chunks.done()),
+                Err(()) => {
+                    let _ = client.write_all(output).await;
+                    return Relayed::Broken;
+                }
+            },
+            Framing::Close => {
+                if !body.is_empty() {
+                    write!(output, "{:x}\r\n", body.len()).expect("writing to a Vec");
+                    output.extend_from_slice(body);
+                    output.extend_from_slice(b"\r\n");
+                }
+                (0, false)
+            }
+        };
+        let leftover = used < body.len() && framing != Framing::Close;
+        if output.is_empty() {
+            if client.write_all(&body[..used]).await.is_err() {
+                return Relayed::Broken;
+            }
+        } else {
+            output.extend_from_slice(&body[..used]);
+            if client.write_all(output).await.is_err() {
+                return Relayed::Broken;
+            }
+            output.clear();
+        }
+        if finished {
+            return if head.keep_alive && !leftover { Relayed::Reusable } else { Relayed::Done };
+        }
+        upstream.clear();
+        if upstream.capacity() < READ_CHUNK {
+            upstream.reserve(READ_CHUNK);
+        }
+        start = 0;
+        match conn.read_buf(upstream).await {
+            Ok(n) if n > 0 => {}
+            _ if framing == Framing::Close => {
+                return match client.write_all(b"0\r\n\r\n").await {
+                    Ok(()) => Relayed::Done,
+                    Err(_) => Relayed::Broken,
+                };
+            }
+            // The app went away mid-body: the client sees a truncated response.
+            _ => return Relayed::Broken,
+        }
+    }
+}
+
+/// Answers with one of the proxy's own pages; false when the connection must close.
+async fn answer_page(
+    proxy: &Proxy,
+    stream: &mut TcpStream,
+    plan: &Plan<'_>,
+    page: http::Response<http_body_util::Full<bytes::Bytes>>,
+    out: &mut Vec<u8>,
+    start: Instant,
+) -> bool {
+    proxy.metrics.observe(page.status().as_u16(), start.elapsed());
+    let (parts, body) = page.into_parts();
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
+    out.clear();
+    write!(out, "HTTP/1.1 {} {}\r\n", parts.status.as_str(), parts.status.canonical_reason().unwrap_or(""))
+        .expect("writing to a Vec");
+    for (name, value) in &parts.headers {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    write!(out, "content-length: {}\r\n", body.len()).expect("writing to a Vec");
+    put_date(out);
+    if !plan.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !plan.head {
+        out.extend_from_slice(&body);
+    }
+    stream.write_all(out).await.is_ok()
+}
+
+thread_local! {
+    /// The `Date` header value of the current second.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+}
+
+fn put_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_secs());
+    DATE.with_borrow_mut(|(cached, date)| {
+        if *cached != second || date.is_empty() {
+            *cached = second;
+            *date = httpdate::fmt_http_date(now);
+        }
+        put_header(out, b"date", date.as_bytes());
+    });
+}
+
+/// Finds where a chunked body ends while its bytes pass through unchanged.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    /// In a chunk-size line: the size so far, whether a digit was seen, whether in extensions.
+    #[default]
+    SizeStart,
+    Size {
+        size: u64,
+        extension: bool,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final empty line).
+    TrailerStart,
+    Trailer,
+    FinalLf,
+    Done,
+}
+
+impl Chunks {
+    fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Advances over `bytes`; returns how many belong to the body (fewer only once it is done).
+    fn scan(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let byte = bytes[at];
+            self.state = match self.state {
+                ChunkState::Done => return Ok(at),
+                ChunkState::Data { left } => {
+                    let take = (bytes.len() - at).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    at += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 { ChunkState::DataCr } else { ChunkState::Data { left } };
+                    continue;
+                }
+                ChunkState::SizeStart => ChunkState::Size { size: hex(byte).ok_or(())?, extension: false },
+                ChunkState::Size { size, extension } => match (byte, hex(byte)) {
+                    (b'\r', _) => ChunkState::SizeLf { size },
+                    (_, Some(digit)) if !extension => {
+                        ChunkState::Size { size: size.checked_mul(16).ok_or(())? + digit, extension }
+                    }
+                    (b';' | b' ' | b'\t', _) => ChunkState::Size { size, extension: true },
+                    _ if extension && byte != b'\n' => ChunkState::Size { size, extension },
+                    _ => return Err(()),
+                },
+                ChunkState::SizeLf { size } => match (byte, size) {
+                    (b'\n', 0) => ChunkState::TrailerStart,
+                    (b'\n', left) => ChunkState::Data { left },
+                    _ => return Err(()),
+                },
+                ChunkState::DataCr if byte == b'\r' => ChunkState::DataLf,
+                ChunkState::DataLf if byte == b'\n' => ChunkState::SizeStart,
+                ChunkState::DataCr | ChunkState::DataLf => return Err(()),
+                ChunkState::TrailerStart if byte == b'\r' => ChunkState::FinalLf,
+                ChunkState::TrailerStart | ChunkState::Trailer if byte == b'\n' => ChunkState::TrailerStart,
+                ChunkState::TrailerStart | ChunkState::Trailer => ChunkState::Trailer,
+                ChunkState::FinalLf if byte == b'\n' => ChunkState::Done,
+                ChunkState::FinalLf => return Err(()),
+            };
+            at += 1;
+        }
+        Ok(at)
+    }
+}
+
+fn hex(byte: u8) -> Option<u64> {
+    (byte as char).to_digit(16).map(u64::from)
+}
+
+/// A stream whose first reads return bytes already read from it, so hyper can take over a
+/// connection the fast path started.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    read: usize,
+    stream: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `stream`, with `prefix` read first.
+    pub fn new(prefix: Vec<u8>, stream: S) -> Self {
+        Self { prefix, read: 0, stream }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.prefix.len() {
+            let n = (this.prefix.len() - this.read).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(body: &[u8], step: usize) -> (usize, bool) {
+        let mut chunks = Chunks::default();
+        let mut used = 0;
+        for piece in body.chunks(step) {
+            used += chunks.scan(piece).unwrap();
+            if chunks.done() {
+                break;
+            }
+        }
+        (used, chunks.done())
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_its_last_chunk_and_trailers_whatever_the_reads() {
+        let body = b"5;name=value\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, body.len()] {
+            assert_eq!(scan_all(body, step), (body.len() - 4, true), "reads of {step}");
+        }
+        assert_eq!(scan_all(b"0\r\n\r\n", 1), (5, true));
+        assert_eq!(scan_all(b"3\r\nabc\r\n", 100), (8, false), "not done before the last chunk");
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for body in [&b"x\r\n"[..], b"3\r\nabcX", b"3\nabc\r\n", b"ffffffffffffffffff\r\n"] {
+            assert!(Chunks::default().scan(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn connection_tokens_name_headers_case_insensitively() {
+        let connection: [&[u8]; 2] = [b"keep-alive, X-Secret-Hop", b" te"];
+        assert!(named_in(&connection, "x-secret-hop"));
+        assert!(named_in(&connection, "TE"));
+        assert!(!named_in(&connection, "x-kept"));
+    }
+}
