@@ -142,6 +142,8 @@ pub async fn serve(
                 _ => return Handoff::Closed,
             }
         };
+        // Parsed again (a fraction of a microsecond) rather than carried out of the loop above,
+        // whose reads need the buffer mutably.
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         let _ = req.parse(&input);

@@ -2,7 +2,8 @@
 //!
 //! A request's host names an environment; its route record (cached in process, invalidated
 //! through Redis) says whether to show the "Building…" page or to proxy to the preview VM.
-//! See [`proxy`] for the per-request path, [`routes`] for the cache, [`tls`] for certificates.
+//! See [`proxy`] for the per-request path, [`fast`] for its lean HTTP/1.1 form, [`routes`] for
+//! the cache, [`tls`] for certificates.
 
 #![forbid(unsafe_code)]
 

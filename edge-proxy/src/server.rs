@@ -115,7 +115,8 @@ impl Listener {
 
     /// Accepts connections on `listener` until `shutdown` turns true; connections are
     /// registered with `graceful` so the caller can drain them, and each holds a clone of `open`
-    /// until it ends. Connections are served on the calling runtime.
+    /// until it ends. Connections are served on the calling runtime; plain-HTTP ones start on the
+    /// [`fast`] path, which hands them to hyper when a request needs it.
     pub async fn run(
         self,
         listener: TcpListener,
