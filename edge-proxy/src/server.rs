@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::Either;
@@ -35,6 +35,7 @@ pub fn spawn_workers(
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let make_proxy = Arc::new(make_proxy);
+    let counts: Arc<[AtomicUsize]> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
     let mut workers = Vec::with_capacity(threads);
     for index in 0..threads {
         let mut own = Vec::with_capacity(listeners.len());
@@ -43,6 +44,7 @@ pub fn spawn_workers(
         }
         let make_proxy = make_proxy.clone();
         let shutdown = shutdown.clone();
+        let load = Load { counts: counts.clone(), index };
         let worker = std::thread::Builder::new().name(format!("proxy-worker-{index}")).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime,
@@ -67,9 +69,14 @@ pub fn spawn_workers(
                 let mut accepting = Vec::new();
                 for (socket, tls) in own {
                     match TcpListener::from_std(socket) {
-                        Ok(socket) => {
-                            accepting.push(listener.clone().run(socket, tls, &graceful, open.clone(), shutdown.clone()))
-                        }
+                        Ok(socket) => accepting.push(listener.clone().run(
+                            socket,
+                            tls,
+                            &graceful,
+                            open.clone(),
+                            load.clone(),
+                            shutdown.clone(),
+                        )),
                         Err(err) => tracing::error!(%err, "failed to register a listener"),
                     }
                 }
@@ -88,6 +95,38 @@ pub fn spawn_workers(
         workers.push(worker);
     }
     Ok(workers)
+}
+
+/// Open connections per worker. All workers wait on the same listening sockets, and one that
+/// is awake when a burst of clients connects would otherwise accept them all and serve them
+/// alone while the others idle (nginx avoids this with `EPOLLEXCLUSIVE`, accepting one at a
+/// time): a worker with more than one connection over the least busy leaves new ones to it.
+#[derive(Clone)]
+pub struct Load {
+    counts: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Load {
+    fn busier_than_the_rest(&self) -> bool {
+        let mine = self.counts[self.index].load(Ordering::Relaxed);
+        let least = self.counts.iter().map(|count| count.load(Ordering::Relaxed)).min().unwrap_or(0);
+        mine > least + 1
+    }
+
+    fn opened(&self) -> Opened {
+        self.counts[self.index].fetch_add(1, Ordering::Relaxed);
+        Opened(self.clone())
+    }
+}
+
+/// One open connection, counted in its worker's [`Load`] until dropped.
+struct Opened(Load);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.counts[self.0.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Connection settings shared by the listeners.
@@ -115,18 +154,26 @@ impl Listener {
 
     /// Accepts connections on `listener` until `shutdown` turns true; connections are
     /// registered with `graceful` so the caller can drain them, and each holds a clone of `open`
-    /// until it ends. Connections are served on the calling runtime; plain-HTTP ones start on the
-    /// [`fast`] path, which hands them to hyper when a request needs it.
+    /// and counts in `load` until it ends. Connections are served on the calling runtime;
+    /// plain-HTTP ones start on the [`fast`] path, which hands them to hyper when a request
+    /// needs it.
     pub async fn run(
         self,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
         graceful: &GracefulShutdown,
         open: mpsc::Sender<()>,
+        load: Load,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let builder = Arc::new(self.builder());
         loop {
+            while load.busier_than_the_rest() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                    _ = crate::stopped(&mut shutdown) => return,
+                }
+            }
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -145,7 +192,7 @@ impl Listener {
             let watcher = graceful.watcher();
             let tls = tls.clone();
             let idle_timeout = self.idle_timeout;
-            let open = open.clone();
+            let open = (open.clone(), load.opened());
             let mut stopping = shutdown.clone();
             tokio::spawn(async move {
                 let _open = open;
@@ -202,5 +249,25 @@ impl Listener {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_more_than_one_connection_ahead_leaves_new_ones_to_the_others() {
+        let counts: Arc<[AtomicUsize]> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        let (first, second) = (Load { counts: counts.clone(), index: 0 }, Load { counts, index: 1 });
+        let a = first.opened();
+        assert!(!first.busier_than_the_rest(), "one ahead still accepts");
+        let b = first.opened();
+        assert!(first.busier_than_the_rest());
+        assert!(!second.busier_than_the_rest());
+        let c = second.opened();
+        assert!(!first.busier_than_the_rest());
+        drop((a, b, c));
+        assert!(!first.busier_than_the_rest() && !second.busier_than_the_rest());
     }
 }
