@@ -136,6 +136,21 @@ impl Local {
             message: format!("cannot start {}: {err}", self.settings.agent_bin.display()),
         })?;
         let pid = child.id().unwrap_or_default();
+        // Until it has exec'd, the child still shows this process's command line; wait for the
+        // agent's own, so the instance reads as running from the first answer on.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !agent_running(pid, &config_path) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ProviderError::Transport {
+                    provider: PROVIDER,
+                    message: format!("the agent exited at once ({status}); see {}", dir.join("agent.log").display()),
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Reap it when it exits, so no zombie is left behind.
         tokio::spawn(async move {
             let _ = child.wait().await;
