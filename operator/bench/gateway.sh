@@ -20,7 +20,7 @@ if [ "$(ulimit -n)" -lt $((AGENTS + 100)) ]; then
 fi
 
 cargo build -q --release -p stagely-operator --example gateway-bench
-bin=target/release/examples/gateway-bench
+bin="${CARGO_TARGET_DIR:-target}/release/examples/gateway-bench"
 
 work=$(mktemp -d)
 trap 'kill "$gateway_pid" 2>/dev/null || true; wait "$gateway_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
