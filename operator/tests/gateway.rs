@@ -477,8 +477,13 @@ impl Redis {
         let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
         let mut all = String::new();
         for key in keys {
-            let entries: redis::Value =
-                redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut conn).await.unwrap();
+            let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
+            let read = if kind == "stream" {
+                redis::cmd("XRANGE").arg(&key).arg("-").arg("+").clone()
+            } else {
+                redis::cmd("GET").arg(&key).clone()
+            };
+            let entries: redis::Value = read.query_async(&mut conn).await.unwrap();
             all.push_str(&format!("{key} {entries:?}\n"));
         }
         all
@@ -641,4 +646,23 @@ fn the_gateway_config_has_defaults_and_reads_its_key_file() {
     let config = stagely_operator::Config::try_parse_from(args).unwrap();
     assert!(config.gateway.signing_key().is_ok());
     assert!(!format!("{config:?}").contains("-secret"), "the key never shows in Debug");
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_still_refuses_a_used_enrollment_token() {
+    let redis = Redis::start().await;
+    let key = [7u8; 32];
+    let first = start(builder().signing_key(SigningKey::from_bytes(key).unwrap()).redis(redis.url())).await;
+    let scope = scope("restart-replay");
+    let token = mint(&first, &scope, "agent-1");
+    let (ws, _) = enroll(&first, "agent-1", &token, vec![]).await;
+    drop(ws);
+    first.shutdown().await.unwrap();
+
+    // A new operator process: same key, same Redis, nothing in memory.
+    let second = start(builder().signing_key(SigningKey::from_bytes(key).unwrap()).redis(redis.url())).await;
+    assert_refused(&second, "agent-1", &token, ErrorCode::TokenReplayed).await;
+    // A token it has not seen is still welcome.
+    let fresh = mint(&second, &scope, "agent-1");
+    enroll(&second, "agent-1", &fresh, vec![]).await;
 }

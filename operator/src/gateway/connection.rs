@@ -148,6 +148,18 @@ async fn admit(
     }
     if kind == TokenKind::Enrollment {
         inner.tokens.consume(&claims).map_err(refusal)?;
+        // With Redis, "used" outlives this process: a restarted operator still refuses a replay.
+        if let Some(logs) = &inner.logs {
+            match logs.claim_enrollment(&claims.jti, claims.exp.saturating_add(86_400)).await {
+                Ok(true) => {}
+                Ok(false) => return Err(refusal(TokenError::Replayed)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to record an enrollment token as used");
+                    inner.tokens.release(&claims);
+                    return Err((ErrorCode::Internal, "failed to record the enrollment token; retry"));
+                }
+            }
+        }
     }
     let session = inner
         .tokens

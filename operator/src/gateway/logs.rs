@@ -148,6 +148,21 @@ impl LogStore {
         Ok(Self { conn, max_len, retention })
     }
 
+    /// Records that the enrollment token `jti` was used, until `keep_until` (Unix seconds);
+    /// `false` if it was recorded before, by this operator or an earlier one.
+    pub async fn claim_enrollment(&self, jti: &str, keep_until: u64) -> Result<bool, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("stagely:enrollment:{jti}"))
+            .arg(1)
+            .arg("NX")
+            .arg("EXAT")
+            .arg(keep_until)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Appends a line (already masked). The stream entry id is `0-<seq+1>`, so a line the agent
     /// resends is refused by Redis and stored once.
     pub async fn append(&self, log: &Log) -> Result<(), LogError> {

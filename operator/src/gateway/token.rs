@@ -154,8 +154,8 @@ impl TokenError {
 
 /// Signs and verifies the gateway's tokens, and remembers which enrollment tokens were used.
 ///
-/// The used-token set is in memory: after an operator restart an unexpired enrollment token
-/// could be presented once more, which the short enrollment lifetime bounds.
+/// The used-token set here is in memory; with Redis configured the gateway also records each
+/// used token there, so a restarted operator refuses a replay too.
 pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
@@ -250,6 +250,12 @@ impl TokenKeys {
             return Err(TokenError::Replayed);
         }
         Ok(())
+    }
+
+    /// Forgets that an enrollment token was used, when recording it elsewhere failed and the
+    /// agent is told to retry.
+    pub fn release(&self, claims: &AgentClaims) {
+        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&claims.jti);
     }
 
     /// The job id a log-read token grants.
