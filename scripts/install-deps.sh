@@ -12,6 +12,7 @@ command -v git >/dev/null || missing+=(git)
 command -v cc >/dev/null || missing+=(gcc)
 command -v curl >/dev/null || missing+=(curl)
 command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 # The edge proxy's tests run a real Redis; its benchmark compares with nginx under wrk.
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v nginx >/dev/null || missing+=(nginx-light)
@@ -31,7 +32,9 @@ fi
 # The AWS provider's tests run against moto's EC2 server.
 if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/dev/null; then
   echo "install-deps: installing moto[server]"
-  python3 -m pip install --quiet 'moto[server]==5.2.1'
+  # A distribution's own Python refuses pip installs (PEP 668) unless told otherwise.
+  python3 -m pip install --quiet 'moto[server]==5.2.1' 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
 fi
 
 # The DigitalOcean and Hetzner providers' tests run Prism (pinned in tools/prism) in front of fakes.
