@@ -241,7 +241,7 @@ async fn route_changes_are_seen_without_a_restart_and_steady_state_skips_redis()
 #[tokio::test]
 async fn cached_routes_keep_serving_while_redis_is_down_and_the_proxy_recovers() {
     let mut redis = Redis::start().await;
-    let port = redis.port;
+    let port = redis.port();
     let proxy = Proxy::start(&redis.url(), ProxyOptions::default()).await;
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     redis.put_route("sturdy1", &route(RouteStatus::Ready, Some(a.addr))).await;

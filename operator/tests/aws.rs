@@ -1,45 +1,33 @@
 //! The AWS provider against moto's EC2 server, started per test on loopback.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::ArchitectureValues;
 use stagely_api::v1alpha1::{Platform, Size};
 use stagely_operator::providers::aws::{Aws, AwsSettings};
 use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
+use stagely_testenv::server::Server;
 
 /// moto's account id: owner of the images the tests register.
 const MOTO_ACCOUNT: &str = "123456789012";
 
-struct Moto {
-    child: Child,
-    url: String,
-}
+struct Moto(Server);
 
 impl Moto {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server is installed (scripts/install-deps.sh installs moto[server])");
-        let moto = Self { child, url: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        moto
+        Self(Server::moto(&[]).expect("moto_server is installed (scripts/install-deps.sh installs moto[server])"))
+    }
+
+    fn url(&self) -> String {
+        self.0.url()
     }
 
     fn settings(&self) -> AwsSettings {
         let mut settings = AwsSettings::new("eu-west-1", "AKIAEXAMPLE", "secret");
-        settings.endpoint = Some(self.url.clone());
+        settings.endpoint = Some(self.url());
         settings.image_owner = MOTO_ACCOUNT.into();
         settings
     }
@@ -50,7 +38,7 @@ impl Moto {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("eu-west-1"))
             .credentials_provider(Credentials::new("AKIAEXAMPLE", "secret", None, None, "test"))
-            .endpoint_url(&self.url)
+            .endpoint_url(self.url())
             .build();
         aws_sdk_ec2::Client::from_conf(config)
     }
@@ -69,13 +57,6 @@ impl Moto {
             .image_id()
             .unwrap()
             .to_owned()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -250,7 +231,7 @@ async fn throttled_calls_are_retried_with_backoff_and_then_reported() {
     moto.register_ubuntu("amd64", "20260101").await;
 
     // Two throttled answers, then moto: the provider's call succeeds.
-    let shim = Throttler::start(&moto.url, 2).await;
+    let shim = Throttler::start(&moto.url(), 2).await;
     let mut settings = moto.settings();
     settings.endpoint = Some(shim.url.clone());
     let aws = Aws::new(settings);
@@ -260,7 +241,7 @@ async fn throttled_calls_are_retried_with_backoff_and_then_reported() {
     assert!(shim.forwarded.load(Ordering::SeqCst) >= 1);
 
     // Throttled past the retry budget: a clear error, not a hang.
-    let shim = Throttler::start(&moto.url, usize::MAX).await;
+    let shim = Throttler::start(&moto.url(), usize::MAX).await;
     let mut settings = moto.settings();
     settings.endpoint = Some(shim.url.clone());
     let err = Aws::new(settings).list().await.unwrap_err();

@@ -8,14 +8,15 @@ mod digitalocean_fake;
 #[allow(dead_code)]
 #[path = "support/hetzner_fake.rs"]
 mod hetzner_fake;
+#[path = "support/logs.rs"]
+mod logs;
 #[allow(dead_code)]
 #[path = "support/prism.rs"]
 mod prism;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
@@ -24,37 +25,8 @@ use kube::{Api, Client};
 use stagely_api::v1alpha1::{CloudProvider, CloudProviderSpec};
 use stagely_operator::controllers::cloudprovider::{self, Context};
 use stagely_operator::providers::account::Endpoints;
+use stagely_testenv::server::Server;
 use stagely_testenv::{ControlPlane, Options};
-
-/// Every line the controller logs, to check that no credential is among them.
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = Capture(buffer.clone());
-        tracing_subscriber::fmt()
-            .with_env_filter("stagely_operator=debug,kube=info")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .init();
-        buffer
-    })
-    .clone()
-}
 
 fn plane() -> &'static ControlPlane {
     stagely_testenv::shared(|| Options { crds: stagely_api::crds(), ..Options::default() })
@@ -63,28 +35,15 @@ fn plane() -> &'static ControlPlane {
 /// moto with IAM authentication: the first three calls (creating a user, its policy and its
 /// key) are let through, every later one must be signed by a known key.
 struct Moto {
-    child: Child,
-    url: String,
+    server: Server,
     access_key_id: String,
     secret_access_key: String,
 }
 
 impl Moto {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let server = Server::moto(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")])
             .expect("moto_server is installed (scripts/install-deps.sh installs moto[server])");
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
         // boto3 comes with moto; the operator has no IAM client of its own.
         let script = r#"
 import boto3, json, sys
@@ -96,18 +55,11 @@ iam.put_user_policy(UserName="stagely", PolicyName="ec2", PolicyDocument=json.du
 key = iam.create_access_key(UserName="stagely")["AccessKey"]
 print(key["AccessKeyId"], key["SecretAccessKey"])
 "#;
-        let out = Command::new("python3").args(["-c", script, &url]).output().expect("python3 runs");
+        let out = Command::new("python3").args(["-c", script, &server.url()]).output().expect("python3 runs");
         assert!(out.status.success(), "IAM setup failed: {}", String::from_utf8_lossy(&out.stderr));
         let out = String::from_utf8(out.stdout).unwrap();
         let (id, secret) = out.trim().split_once(' ').expect("key id and secret");
-        Self { child, url, access_key_id: id.into(), secret_access_key: secret.into() }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self { server, access_key_id: id.into(), secret_access_key: secret.into() }
     }
 }
 
@@ -137,13 +89,13 @@ fn clouds() -> &'static Clouds {
 
 /// A namespace of its own, and the controller running against the control plane.
 async fn setup(namespace: &str) -> Client {
-    capture_logs();
+    logs::capture();
     let client = plane().client().await.expect("client");
     let ns =
         Namespace { metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() }, ..Default::default() };
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
     let endpoints = Endpoints {
-        aws: Some(moto().url.clone()),
+        aws: Some(moto().server.url()),
         digitalocean: Some(clouds().digitalocean.url.clone()),
         hetzner: Some(clouds().hetzner.url.clone()),
         local_agent_bin: "/bin/true".into(),
@@ -248,7 +200,7 @@ async fn ready_follows_the_credentials_and_flips_when_the_secret_is_fixed() {
     // No credential anywhere a user or a log collector can read.
     let status = serde_json::to_string(&providers.get("aws").await.unwrap().status).unwrap();
     let events = events(&client, "cp-flip").await.join("\n");
-    let logs = String::from_utf8_lossy(&capture_logs().lock().unwrap()).into_owned();
+    let logs = logs::text();
     assert!(logs.contains("checked cloud provider"), "the controller logs its checks: {logs}");
     for leak in [wrong_secret, moto.secret_access_key.as_str()] {
         assert!(!status.contains(leak), "status leaks a credential: {status}");

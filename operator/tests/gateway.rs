@@ -3,11 +3,11 @@
 //! Environment (stagely-testenv's kube-apiserver), slow agents, and logs masked into a real
 //! redis-server.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,6 +17,7 @@ use stagely_api::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, Platfo
 use stagely_operator::gateway::objects::KubeObjects;
 use stagely_operator::gateway::token::{AgentClaims, SigningKey};
 use stagely_operator::gateway::{Gateway, GatewayBuilder, GatewayError, RunningGateway, Settings};
+use stagely_testenv::server::{Server, eventually};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -27,36 +28,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 // ---- harness ----
 
-/// Every tracing line the gateway writes in this test binary.
-fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let writer = Capture(Arc::clone(&logs));
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("stagely_operator=trace"))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .init();
-        logs
-    })
-}
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn builder() -> GatewayBuilder {
-    captured_logs();
+    logs::capture();
     Gateway::builder().settings(Settings { token_leeway: Duration::ZERO, ..Settings::default() })
 }
 
@@ -168,22 +141,6 @@ fn status(job_id: &str, state: JobState, message: Option<&str>) -> Message {
         image_digest: None,
         services: vec![],
     })
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ---- handshake ----
@@ -432,34 +389,16 @@ async fn heartbeats_land_on_the_environment_and_stale_scopes_are_refused() {
 
 // ---- logs ----
 
-/// A redis-server on a free loopback port, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
+/// A real redis-server (from testenv), with what these tests read from it.
+struct Redis(Server);
 
 impl Redis {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/install-deps.sh installs it)");
-        let redis = Self { child, port, _dir: dir };
-        eventually("redis-server to accept connections", WAIT, || async {
-            let mut conn = redis.conn().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
-        })
-        .await;
-        redis
+        Self(Server::redis().expect("redis-server is installed (scripts/install-deps.sh installs it)"))
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.0.url()
     }
 
     async fn conn(&self) -> Option<redis::aio::MultiplexedConnection> {
@@ -487,13 +426,6 @@ impl Redis {
             all.push_str(&format!("{key} {entries:?}\n"));
         }
         all
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -616,7 +548,7 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
     assert_eq!(data, ["token *** then ***", "***", "  ***  "]);
 
     let stored = redis.dump().await;
-    let printed = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    let printed = logs::text();
     assert!(printed.contains("agent connected"), "the capture works: {printed}");
     for secret in [git_token, password, database_url, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", ack.session_token.expose()] {
         assert!(!stored.contains(secret), "{secret} reached redis");

@@ -8,6 +8,7 @@
 
 mod pki;
 pub mod registry;
+pub mod server;
 mod spawn;
 
 use std::net::TcpListener;

@@ -5,8 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -17,59 +16,32 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use stagely_api::route::{ROUTE_CHANNEL, Route, RouteStatus, route_key};
 use stagely_edge_proxy::{Config, Listeners};
+use stagely_testenv::server::Server;
+#[allow(unused_imports)] // not every test binary polls
+pub use stagely_testenv::server::eventually;
 use tokio::net::{TcpListener, TcpStream};
 
 pub const DOMAIN: &str = "preview.test";
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A redis-server on a free loopback port, killed on drop.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
+/// A real redis-server (from testenv), with the route writes the operator makes.
+pub struct Redis(Server);
 
 impl Redis {
     pub async fn start() -> Self {
-        let port = free_port();
-        Self::start_on(port).await
+        Self(Server::redis().expect("redis-server is installed (scripts/install-deps.sh installs it)"))
     }
 
+    /// One on `port`, where an earlier one was (a Redis restart).
     pub async fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/install-deps.sh installs it)");
-        let redis = Self { child, port, dir };
-        eventually("redis-server to accept connections", Duration::from_secs(10), || async {
-            let client = redis::Client::open(redis.url()).ok()?;
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
-        })
-        .await;
-        redis
+        Self(Server::redis_on(port).expect("redis-server starts"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port()
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.0.url()
     }
 
     /// Writes the route of `hash` and publishes the change, as the operator does.
@@ -101,14 +73,7 @@ impl Redis {
     }
 
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.stop();
     }
 }
 

@@ -1,0 +1,140 @@
+//! The other real servers tests run against: `redis-server` and moto's server (EC2 and IAM), on
+//! free loopback ports with their files in a temporary directory. Like the control plane they
+//! stop when dropped and die with the test process.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result, free_port};
+
+/// A running server; stopped when dropped.
+pub struct Server {
+    name: &'static str,
+    scheme: &'static str,
+    port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name).field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A redis-server without persistence on a free port.
+    pub fn redis() -> Result<Self> {
+        Self::redis_on(free_port()?)
+    }
+
+    /// A redis-server on `port` (to bring one back where an earlier one was).
+    pub fn redis_on(port: u16) -> Result<Self> {
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        Self::start("redis-server", "redis", port, command, |stream| {
+            stream.write_all(b"PING\r\n").ok()?;
+            Some(*b"+PONG\r\n")
+        })
+    }
+
+    /// moto's server with `env` (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`) on a free port.
+    pub fn moto(env: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port()?;
+        let mut command = Command::new("moto_server");
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).envs(env.iter().copied());
+        Self::start("moto_server", "http", port, command, |stream| {
+            stream.write_all(b"GET /moto-api/ HTTP/1.0\r\n\r\n").ok()?;
+            Some(*b"HTTP/1.")
+        })
+    }
+
+    /// Starts `command` with its output in a log file, and waits until a connection to `port`
+    /// gets the answer `probe` expects after writing its question.
+    fn start<const N: usize>(
+        name: &'static str,
+        scheme: &'static str,
+        port: u16,
+        mut command: Command,
+        probe: fn(&mut TcpStream) -> Option<[u8; N]>,
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("stagely-{name}-"))
+            .tempdir()
+            .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+        let log_path = dir.path().join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Io { path: log_path.clone(), source })?;
+        let err = log.try_clone().map_err(|source| Error::Io { path: log_path.clone(), source })?;
+        command.current_dir(dir.path()).stdin(Stdio::null()).stdout(log).stderr(err);
+        let child = crate::spawn::spawn(command, false).map_err(|source| Error::Spawn { name, source })?;
+        let mut server = Self { name, scheme, port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reason = match server.child.try_wait() {
+                Ok(Some(status)) => format!("exited with {status}"),
+                _ if answers(port, probe) => return Ok(server),
+                _ if Instant::now() > deadline => "no answer within 30 s".to_owned(),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail = tail.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+            return Err(Error::NotReady { name, reason, log: log_path, tail });
+        }
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>` or `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// Stops it now (a test of what happens when it goes away).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Where its files and log are.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn answers<const N: usize>(port: u16, probe: fn(&mut TcpStream) -> Option<[u8; N]>) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let Some(expected) = probe(&mut stream) else { return false };
+    let mut answer = [0u8; N];
+    stream.read_exact(&mut answer).is_ok() && answer == expected
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
