@@ -4,15 +4,14 @@
 mod support;
 
 use std::io::BufRead;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use stagely_api::protocol::{CONNECT_PATH, HelloAck, JobState, Message, Scope, ScopeKind, Terminate};
-use support::{free_port, wait_for};
+use support::{agent_command, free_port, wait_for};
 use tokio_tungstenite::tungstenite;
 
 /// The agent process, killed when dropped; its log lines arrive on `lines`.
@@ -24,24 +23,9 @@ struct Agent {
 impl Agent {
     /// Starts the agent with a config file as cloud-init writes it, plus `env`.
     fn start(dir: &Path, gateway_url: &str, env: &[(&str, &str)]) -> Self {
-        let config = dir.join("agent.json");
-        std::fs::write(
-            &config,
-            serde_json::json!({
-                "gateway_url": gateway_url, "agent_id": "agent-1", "token": "enrollment-jwt", "role": "preview"
-            })
-            .to_string(),
-        )
-        .unwrap();
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-agent"));
+        let bin = Path::new(env!("CARGO_BIN_EXE_stagely-agent"));
+        let mut command = agent_command(bin, dir, gateway_url, "enrollment-jwt");
         command
-            .arg("--config")
-            .arg(&config)
-            .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
-            .env("STAGELY_WORK_DIR", dir.join("work"))
-            .env("STAGELY_ENGINE", "podman")
-            .env("STAGELY_RECONNECT_INITIAL_MS", "50")
             .env("STAGELY_RECONNECT_MAX_MS", "200")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())

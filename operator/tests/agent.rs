@@ -7,13 +7,12 @@
 mod agent_support;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_support::{Podman, app_repo, free_port, http_get, wait_for};
+use agent_support::{Podman, agent_bin, agent_command, app_repo, free_port, http_get, wait_for};
 use k8s_openapi::jiff::Timestamp;
 use stagely_api::protocol::{Build, Deploy, JobState, Message, Scope, ScopeKind, Terminate};
 use stagely_api::v1alpha1::Platform;
@@ -22,13 +21,6 @@ use stagely_operator::gateway::token::SigningKey;
 use stagely_operator::gateway::{Gateway, RunningGateway, Settings};
 use stagely_testenv::registry::Registry;
 use tokio::net::TcpListener;
-
-fn agent_bin() -> PathBuf {
-    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-agent"]).status().unwrap();
-    assert!(status.success(), "building stagely-agent failed");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("stagely-agent")
-}
 
 /// Records heartbeats instead of writing them to an apiserver (the gateway's own tests cover
 /// the Kubernetes write); every scope is current.
@@ -69,17 +61,7 @@ struct Agent(Child);
 
 impl Agent {
     fn start(dir: &Path, url: &str, token: &str, env: &[(String, String)]) -> Self {
-        let config = dir.join("agent.json");
-        let json = serde_json::json!({"gateway_url": url, "agent_id": "agent-1", "token": token, "role": "preview"});
-        std::fs::write(&config, json.to_string()).unwrap();
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let child = Command::new(agent_bin())
-            .arg("--config")
-            .arg(&config)
-            .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
-            .env("STAGELY_WORK_DIR", dir.join("work"))
-            .env("STAGELY_ENGINE", "podman")
-            .env("STAGELY_RECONNECT_INITIAL_MS", "50")
+        let child = agent_command(&agent_bin(), dir, url, token)
             .env("STAGELY_RECONNECT_MAX_MS", "500")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::inherit())

@@ -1,23 +1,16 @@
 //! The local provider: instances are real `stagely-agent` processes started with the
 //! configuration their cloud-init user data carries.
 
-use std::path::PathBuf;
-use std::process::Command;
+#[path = "../../agent/tests/support/mod.rs"]
+mod agent_support;
+
 use std::time::{Duration, Instant};
 
+use agent_support::agent_bin;
 use stagely_api::v1alpha1::{ContainerEngine, Platform, Size};
 use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
 use stagely_operator::providers::local::{Local, LocalSettings};
 use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
-
-/// The agent binary of this workspace, built if needed (it is another package's binary).
-fn agent_bin() -> PathBuf {
-    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-agent"]).status().unwrap();
-    assert!(status.success(), "building stagely-agent failed");
-    // target/debug/deps/<this test> → target/debug/stagely-agent
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("stagely-agent")
-}
 
 fn spec(name: &str, key: &str) -> InstanceSpec {
     // Nobody listens on this gateway: the agent keeps trying, which is all this test needs.

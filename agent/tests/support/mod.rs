@@ -141,3 +141,33 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The agent `bin` started as on a VM: `dir/agent.json` written as cloud-init writes it (mode
+/// 0600) for agent `agent-1` of `gateway_url` with `token`, podman as the engine, its work
+/// directory under `dir`, no fixed ops port, and quick reconnects.
+pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    let config = dir.join("agent.json");
+    let json =
+        serde_json::json!({"gateway_url": gateway_url, "agent_id": "agent-1", "token": token, "role": "preview"});
+    std::fs::write(&config, json.to_string()).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut command = Command::new(bin);
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
+        .env("STAGELY_WORK_DIR", dir.join("work"))
+        .env("STAGELY_ENGINE", "podman")
+        .env("STAGELY_RECONNECT_INITIAL_MS", "50");
+    command
+}
+
+/// The `stagely-agent` binary, for tests of other packages (which have no `CARGO_BIN_EXE_` for
+/// it): built if needed, found beside the test executable's `deps/` directory.
+pub fn agent_bin() -> PathBuf {
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-agent"]).status().unwrap();
+    assert!(status.success(), "building stagely-agent failed");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("stagely-agent")
+}
