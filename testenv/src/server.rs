@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ pub struct Server {
     scheme: &'static str,
     port: u16,
     child: Child,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl std::fmt::Debug for Server {
@@ -32,50 +33,53 @@ impl Server {
 
     /// A redis-server on `port` (to bring one back where an earlier one was).
     pub fn redis_on(port: u16) -> Result<Self> {
-        let mut command = Command::new("redis-server");
-        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-        Self::start("redis-server", "redis", port, command, |stream| {
-            stream.write_all(b"PING\r\n").ok()?;
-            Some(*b"+PONG\r\n")
-        })
+        let command = |_: &Path| {
+            let mut command = Command::new("redis-server");
+            command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            Ok(command)
+        };
+        Self::start("redis-server", "redis", port, command, |port| answers(port, b"PING\r\n", b"+PONG\r\n"))
     }
 
     /// moto's server with `env` (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`) on a free port.
     pub fn moto(env: &[(&str, &str)]) -> Result<Self> {
         let port = free_port()?;
-        let mut command = Command::new("moto_server");
-        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).envs(env.iter().copied());
-        Self::start("moto_server", "http", port, command, |stream| {
-            stream.write_all(b"GET /moto-api/ HTTP/1.0\r\n\r\n").ok()?;
-            Some(*b"HTTP/1.")
+        let command = |_: &Path| {
+            let mut command = Command::new("moto_server");
+            command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).envs(env.iter().copied());
+            Ok(command)
+        };
+        Self::start("moto_server", "http", port, command, |port| {
+            answers(port, b"GET /moto-api/ HTTP/1.0\r\n\r\n", b"HTTP/1.")
         })
     }
 
-    /// Starts `command` with its output in a log file, and waits until a connection to `port`
-    /// gets the answer `probe` expects after writing its question.
-    fn start<const N: usize>(
+    /// Runs the command `prepare` makes in a fresh directory (which it may fill first), with
+    /// its output in a log file there, and waits until `ready(port)`.
+    pub(crate) fn start(
         name: &'static str,
         scheme: &'static str,
         port: u16,
-        mut command: Command,
-        probe: fn(&mut TcpStream) -> Option<[u8; N]>,
+        prepare: impl FnOnce(&Path) -> Result<Command>,
+        ready: impl Fn(u16) -> bool,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("stagely-{name}-"))
             .tempdir()
             .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+        let mut command = prepare(dir.path())?;
         let log_path = dir.path().join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).map_err(|source| Error::Io { path: log_path.clone(), source })?;
         let err = log.try_clone().map_err(|source| Error::Io { path: log_path.clone(), source })?;
         command.current_dir(dir.path()).stdin(Stdio::null()).stdout(log).stderr(err);
         let child = crate::spawn::spawn(command, false).map_err(|source| Error::Spawn { name, source })?;
-        let mut server = Self { name, scheme, port, child, dir };
+        let mut server = Self { name, scheme, port, child, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let reason = match server.child.try_wait() {
                 Ok(Some(status)) => format!("exited with {status}"),
-                _ if answers(port, probe) => return Ok(server),
-                _ if Instant::now() > deadline => "no answer within 30 s".to_owned(),
+                _ if ready(port) => return Ok(server),
+                _ if Instant::now() > deadline => "not ready within 30 s".to_owned(),
                 _ => {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
@@ -102,11 +106,6 @@ impl Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    /// Where its files and log are.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
 }
 
 impl Drop for Server {
@@ -115,12 +114,12 @@ impl Drop for Server {
     }
 }
 
-fn answers<const N: usize>(port: u16, probe: fn(&mut TcpStream) -> Option<[u8; N]>) -> bool {
+/// Whether a connection to `port` that sends `question` gets an answer starting with `answer`.
+fn answers(port: u16, question: &[u8], answer: &[u8]) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let Some(expected) = probe(&mut stream) else { return false };
-    let mut answer = [0u8; N];
-    stream.read_exact(&mut answer).is_ok() && answer == expected
+    let mut got = vec![0u8; answer.len()];
+    stream.write_all(question).is_ok() && stream.read_exact(&mut got).is_ok() && got == answer
 }
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after `timeout`.
