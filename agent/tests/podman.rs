@@ -93,6 +93,7 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
         platform: Platform::LinuxAmd64,
         build_args: BTreeMap::from([("UNUSED".into(), "1".into())]),
         cache_from: Vec::new(),
+        cache_to: None,
         image: image.clone(),
         registry_auth: None,
         timeout_seconds: 600,

@@ -211,6 +211,9 @@ pub struct Build {
     /// Images to use as layer caches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_from: Vec<String>,
+    /// Image to push the layer cache to, for the next build (older agents ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_to: Option<String>,
     /// Image reference to push, with tag.
     pub image: String,
     /// Credentials for pushing.
@@ -505,6 +508,7 @@ mod tests {
                 platform: Platform::LinuxArm64,
                 build_args: BTreeMap::from([("NODE_ENV".into(), "production".into())]),
                 cache_from: vec!["registry.stagely:5000/shop/api:cache".into()],
+                cache_to: None,
                 image: "registry.stagely:5000/shop/api:pr-42-arm64".into(),
                 registry_auth: Some(auth.clone()),
                 timeout_seconds: 1800,

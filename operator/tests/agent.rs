@@ -154,6 +154,7 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
         platform: Platform::LinuxAmd64,
         build_args: BTreeMap::new(),
         cache_from: Vec::new(),
+        cache_to: None,
         image: image.clone(),
         registry_auth: None,
         timeout_seconds: 600,

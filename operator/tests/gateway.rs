@@ -125,6 +125,7 @@ fn build(job_id: &str, git_token: Option<&str>) -> Message {
         platform: Platform::LinuxAmd64,
         build_args: BTreeMap::new(),
         cache_from: vec![],
+        cache_to: None,
         image: "registry.stagely:5000/shop/api:pr-1".into(),
         registry_auth: None,
         timeout_seconds: 600,

@@ -71,6 +71,11 @@ pub struct BuildJobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_from: Vec<String>,
 
+    /// Image the build pushes its layer cache to, for the next build of this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub cache_to: Option<String>,
+
     /// How long the build may run before it is failed, e.g. `30m`.
     #[serde(default = "default_timeout")]
     #[schemars(length(max = 32))]

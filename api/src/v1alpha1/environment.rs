@@ -169,6 +169,11 @@ pub struct RunStatus {
     /// One entry per BuildJob of the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds: Vec<RunBuild>,
+
+    /// Once every build succeeded: the image each service runs, by digest (an image index
+    /// listing every platform when the service builds for several).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 /// A build of the current run, as the Environment sees it.

@@ -31,6 +31,15 @@ pub struct ProjectSpec {
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$')").message("repository must be a GitHub repository written as owner/name, e.g. acme/shop"))]
     pub repository: String,
 
+    /// Where builders and the operator fetch the code: any git URL (`https://…`, `ssh://…`,
+    /// `git@host:owner/name.git`, `file:///path` for a repository on the operator's host with
+    /// the `local` provider). Default `https://github.com/<repository>.git`; set it for GitHub
+    /// Enterprise or a mirror.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(https?|ssh|git|file)://.+$') || self.matches('^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:.+$')").message("cloneUrl must be a git URL: https://, http://, ssh://, git://, file:// or user@host:path"))]
+    pub clone_url: Option<String>,
+
     /// The CloudProvider (in this namespace) whose account runs the builder and preview VMs.
     pub cloud_provider_ref: LocalObjectRef,
 
@@ -63,6 +72,14 @@ pub struct ProjectSpec {
     /// Which pull requests get an environment.
     #[serde(default)]
     pub trigger: Trigger,
+}
+
+impl ProjectSpec {
+    /// The git URL the code is fetched from: `cloneUrl`, else GitHub's HTTPS URL of the
+    /// repository.
+    pub fn clone_url(&self) -> String {
+        self.clone_url.clone().unwrap_or_else(|| format!("https://github.com/{}.git", self.repository))
+    }
 }
 
 fn default_ttl() -> String {
