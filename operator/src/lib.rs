@@ -8,7 +8,10 @@
 
 pub mod controllers;
 pub mod gateway;
+pub mod metrics;
 pub mod providers;
+pub mod registry;
+pub mod source;
 
 use std::net::SocketAddr;
 

@@ -1,3 +1,7 @@
 //! The kube-rs controllers.
 
+pub mod buildjob;
+pub mod capacity;
 pub mod cloudprovider;
+pub mod environment;
+pub mod project;

@@ -1,0 +1,1 @@
+//! The BuildJob controller.

@@ -1,0 +1,1 @@
+//! Shared VM capacity: a CloudProvider's `maxInstances`, first come first served.

@@ -1,0 +1,68 @@
+//! The operator's own Prometheus metrics, registered beside `build_info` in the ops registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use stagely_api::ops;
+
+/// Labels of a finished build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// `linux/amd64` or `linux/arm64`.
+    pub platform: String,
+    /// `succeeded` or `failed`.
+    pub result: String,
+}
+
+/// Labels of a reconcile outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// The controller, e.g. `environment`.
+    pub controller: String,
+    /// `ok` or the error's reason.
+    pub outcome: String,
+}
+
+/// What the controllers count and time. Cheap to clone; clones share the values.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Seconds from a BuildJob's start to its end, by platform and result.
+    pub build_duration: Family<BuildLabels, Histogram>,
+    /// Reconciles by controller and outcome.
+    pub reconciles: Family<ReconcileLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            build_duration: Family::new_with_constructor(|| {
+                Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0])
+            }),
+            reconciles: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers these metrics and returns the ops registry holding them.
+    pub fn register(&self, version: &str) -> ops::Metrics {
+        let this = self.clone();
+        ops::Metrics::with("stagely_operator", version, move |registry: &mut Registry| {
+            registry.register(
+                "build_duration_seconds",
+                "Seconds from a BuildJob's start to its end, by platform and result",
+                this.build_duration,
+            );
+            registry.register("reconciles", "Reconciles by controller and outcome", this.reconciles);
+        })
+    }
+
+    /// Counts one reconcile of `controller` ending in `outcome`.
+    pub fn reconciled(&self, controller: &str, outcome: &str) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels { controller: controller.to_owned(), outcome: outcome.to_owned() })
+            .inc();
+    }
+}

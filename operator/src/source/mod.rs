@@ -1,0 +1,2 @@
+//! Where the code comes from: reading `stagely.yaml` at a commit without cloning the whole
+//! repository.
