@@ -26,6 +26,10 @@ pub const GITHUB_COMMENT_ID: &str = "stagely.dev/github-comment-id";
 /// Annotation: the id of the GitHub Deployment of an Environment.
 pub const GITHUB_DEPLOYMENT_ID: &str = "stagely.dev/github-deployment-id";
 
+/// Annotation on a BuildJob: stop it (its VM is terminated and it ends `Failed`); the value is
+/// why, shown in its status, e.g. `cancelled: build web (linux/arm64) failed`.
+pub const CANCEL: &str = "stagely.dev/cancel";
+
 /// Finalizer: an Environment's VM, route and GitHub deployment are cleaned up before it goes.
 pub const ENVIRONMENT_FINALIZER: &str = "stagely.dev/environment-cleanup";
 /// Finalizer: a BuildJob's builder VM is terminated before it goes.
@@ -67,6 +71,7 @@ mod tests {
             GITHUB_DELIVERY,
             GITHUB_COMMENT_ID,
             GITHUB_DEPLOYMENT_ID,
+            CANCEL,
             ENVIRONMENT_FINALIZER,
             BUILDJOB_FINALIZER,
             CLOUDPROVIDER_FINALIZER,
