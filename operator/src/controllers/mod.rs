@@ -3,5 +3,6 @@
 pub mod buildjob;
 pub mod capacity;
 pub mod cloudprovider;
+pub mod conditions;
 pub mod environment;
 pub mod project;
