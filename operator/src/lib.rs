@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod providers;
 pub mod registry;
+pub mod routes;
 pub mod source;
 
 use std::net::SocketAddr;
