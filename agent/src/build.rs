@@ -1,10 +1,23 @@
 //! BUILD: clone the repository at the commit, build the image for the requested platform with
 //! the container engine, push it, and report its digest.
+//!
+//! Layer caches: with podman, `--layers` plus `--cache-from`/`--cache-to`, which name a
+//! repository (no tag: podman tags each cached layer itself). With docker, `--cache-from <ref>`
+//! and an inline cache (`BUILDKIT_INLINE_CACHE=1`) in the image, which is then pushed again as
+//! `cache_to`. A cache is an optimisation: a missing one (the first build) or one that cannot be
+//! pushed never fails the build.
+
+use std::ffi::OsString;
+use std::path::Path;
 
 use stagely_api::protocol::{Build, RegistryAuth};
 
 use crate::config::Engine;
 use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, run};
+
+/// podman's exit code for its own errors (a failing `RUN` exits with the step's code instead).
+/// Pushing a `--cache-to` layer that the registry refuses ends the build with it.
+const PODMAN_ERROR: i32 = 125;
 
 /// Builds and pushes `build.image`.
 pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Outcome, JobError> {
@@ -14,9 +27,16 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
     if build.image.is_empty() || build.image.starts_with('-') {
         return Err(JobError::Invalid(format!("image `{}` is not usable", build.image)));
     }
+    for cache in build.cache_from.iter().chain(&build.cache_to) {
+        if cache.is_empty() || cache.starts_with('-') {
+            return Err(JobError::Invalid(format!("cache image `{cache}` is not usable")));
+        }
+    }
     let mut servers: Vec<String> = registry_of(&build.image).into_iter().collect();
     servers.extend(build.registry_auth.iter().map(|a| a.server.clone()));
-    servers.extend(build.cache_from.iter().filter_map(|c| registry_of(c)));
+    // podman pushes and pulls cache layers with the build's TLS settings: a plain-HTTP cache
+    // registry must be in the registries.conf that marks it insecure, or every cache push fails.
+    servers.extend(build.cache_from.iter().chain(&build.cache_to).filter_map(|c| registry_of(c)));
     ctx.allow_insecure(&servers)?;
 
     let job_dir = ctx.work_dir.join("builds").join(&build.job_id);
@@ -27,17 +47,24 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
     }
 
     let context_dir = src.join(&context);
+    let dockerfile = context_dir.join(&dockerfile);
     let mut command = ctx.engine_command();
-    command.arg("build").arg("--platform").arg(build.platform.as_str());
-    command.arg("-f").arg(context_dir.join(&dockerfile)).arg("-t").arg(&build.image);
-    for (key, value) in &build.build_args {
-        command.arg("--build-arg").arg(format!("{key}={value}"));
+    command.args(build_args(ctx.engine, build, &dockerfile, &context_dir, true));
+    match run(log, "build the image", command, None).await {
+        Ok(_) => {}
+        // The cache could not be pushed (e.g. the registry credential does not cover its
+        // repository). The layers are in local storage now, so building again without
+        // `--cache-to` costs little.
+        Err(JobError::Failed { code: PODMAN_ERROR, .. })
+            if ctx.engine == Engine::Podman && build.cache_to.is_some() =>
+        {
+            log.system("the build failed with --cache-to; building again without pushing the layer cache");
+            let mut command = ctx.engine_command();
+            command.args(build_args(ctx.engine, build, &dockerfile, &context_dir, false));
+            run(log, "build the image", command, None).await?;
+        }
+        Err(err) => return Err(err),
     }
-    for cache in &build.cache_from {
-        command.arg("--cache-from").arg(cache);
-    }
-    command.arg(&context_dir);
-    run(log, "build the image", command, None).await?;
 
     let digest_file = job_dir.join("digest");
     let mut command = ctx.engine_command();
@@ -55,9 +82,78 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
     if !digest.starts_with("sha256:") {
         return Err(JobError::Invalid(format!("the push of {} reported no digest", build.image)));
     }
+    if let (Engine::Docker, Some(cache_to)) = (ctx.engine, &build.cache_to) {
+        push_inline_cache(ctx, log, &build.image, cache_to).await;
+    }
     let _ = std::fs::remove_dir_all(&src);
     log.system(&format!("pushed {}@{digest}", build.image));
     Ok(Outcome { message: Some(format!("pushed {}", build.image)), image_digest: Some(digest), services: Vec::new() })
+}
+
+/// The engine's `build` arguments; `cache_to` says whether podman pushes the layer cache.
+pub fn build_args(
+    engine: Engine,
+    build: &Build,
+    dockerfile: &Path,
+    context_dir: &Path,
+    cache_to: bool,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["build".into(), "--platform".into(), build.platform.as_str().into()];
+    args.extend(["-f".into(), dockerfile.as_os_str().to_owned(), "-t".into(), build.image.clone().into()]);
+    for (key, value) in &build.build_args {
+        args.extend(["--build-arg".into(), format!("{key}={value}").into()]);
+    }
+    match engine {
+        Engine::Podman => {
+            let caching = !build.cache_from.is_empty() || build.cache_to.is_some();
+            if caching {
+                args.push("--layers".into());
+            }
+            for cache in &build.cache_from {
+                args.extend(["--cache-from".into(), repository_of(cache).into()]);
+            }
+            if let Some(cache) = build.cache_to.as_deref().filter(|_| cache_to) {
+                args.extend(["--cache-to".into(), repository_of(cache).into()]);
+            }
+        }
+        Engine::Docker => {
+            for cache in &build.cache_from {
+                args.extend(["--cache-from".into(), cache.into()]);
+            }
+            if build.cache_to.is_some() {
+                // The cache travels inside the image; `cache_to` is the same image under the
+                // cache's name.
+                args.extend(["--build-arg".into(), "BUILDKIT_INLINE_CACHE=1".into()]);
+            }
+        }
+    }
+    args.push(context_dir.as_os_str().to_owned());
+    args
+}
+
+/// Pushes the built image (which carries its inline cache) as `cache_to`; a failure is logged.
+async fn push_inline_cache(ctx: &Context, log: &JobLog, image: &str, cache_to: &str) {
+    let mut command = ctx.engine_command();
+    command.arg("tag").arg(image).arg(cache_to);
+    let mut result = run(log, "tag the layer cache", command, None).await.map(drop);
+    if result.is_ok() {
+        let mut command = ctx.engine_command();
+        command.arg("push").arg(cache_to);
+        result = run(log, "push the layer cache", command, None).await.map(drop);
+    }
+    if let Err(err) = result {
+        log.system(&format!("the layer cache was not pushed ({err}); the next build starts without it"));
+    }
+}
+
+/// An image reference without its tag or digest: `host:port/a/b:tag` → `host:port/a/b`.
+pub fn repository_of(reference: &str) -> &str {
+    let reference = reference.split_once('@').map_or(reference, |(name, _)| name);
+    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last_slash..].rfind(':') {
+        Some(colon) => &reference[..last_slash + colon],
+        None => reference,
+    }
 }
 
 /// Logs the engine in to a registry, the password on standard input.
@@ -79,6 +175,10 @@ pub fn digest_from_push_output(output: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use stagely_api::v1alpha1::Platform;
+
     use super::*;
 
     #[test]
@@ -86,5 +186,76 @@ mod tests {
         let output = "The push refers to repository [r/a]\n5f70bf18a086: Pushed\n1: digest: sha256:abc size: 528\n";
         assert_eq!(digest_from_push_output(output).as_deref(), Some("sha256:abc"));
         assert_eq!(digest_from_push_output("nothing"), None);
+    }
+
+    #[test]
+    fn repositories_lose_their_tag_or_digest_but_keep_the_port() {
+        assert_eq!(repository_of("127.0.0.1:5000/shop/web:cache"), "127.0.0.1:5000/shop/web");
+        assert_eq!(repository_of("127.0.0.1:5000/shop/web"), "127.0.0.1:5000/shop/web");
+        assert_eq!(repository_of("registry.example.com/a/b@sha256:00"), "registry.example.com/a/b");
+        assert_eq!(repository_of("registry.example.com/a/b:t@sha256:00"), "registry.example.com/a/b");
+        assert_eq!(repository_of("web:cache"), "web");
+    }
+
+    fn job(cache_from: &[&str], cache_to: Option<&str>) -> Build {
+        Build {
+            job_id: "build-1".into(),
+            clone_url: "file:///repo".into(),
+            git_token: None,
+            commit: "a".repeat(40),
+            context: ".".into(),
+            dockerfile: "Dockerfile".into(),
+            platform: Platform::LinuxArm64,
+            build_args: BTreeMap::from([("MODE".into(), "prod".into())]),
+            cache_from: cache_from.iter().map(|c| (*c).to_owned()).collect(),
+            cache_to: cache_to.map(str::to_owned),
+            image: "reg:5000/team/shop/web:abc-arm64".into(),
+            registry_auth: None,
+            timeout_seconds: 60,
+        }
+    }
+
+    fn args(engine: Engine, build: &Build, cache_to: bool) -> Vec<String> {
+        build_args(engine, build, Path::new("/src/Dockerfile"), Path::new("/src"), cache_to)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn podman_caches_layers_in_repositories_without_tags() {
+        let build = job(&["reg:5000/team/shop/web-cache:latest"], Some("reg:5000/team/shop/web-cache:latest"));
+        assert_eq!(
+            args(Engine::Podman, &build, true).join(" "),
+            "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
+             --build-arg MODE=prod --layers --cache-from reg:5000/team/shop/web-cache \
+             --cache-to reg:5000/team/shop/web-cache /src"
+        );
+        let retry = args(Engine::Podman, &build, false).join(" ");
+        assert!(!retry.contains("--cache-to") && retry.contains("--cache-from"), "{retry}");
+    }
+
+    #[test]
+    fn docker_reads_cache_images_and_builds_an_inline_cache() {
+        let build = job(&["reg:5000/team/shop/web-cache:latest"], Some("reg:5000/team/shop/web-cache:latest"));
+        assert_eq!(
+            args(Engine::Docker, &build, true).join(" "),
+            "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
+             --build-arg MODE=prod --cache-from reg:5000/team/shop/web-cache:latest \
+             --build-arg BUILDKIT_INLINE_CACHE=1 /src"
+        );
+    }
+
+    #[test]
+    fn no_cache_no_cache_flags() {
+        let build = job(&[], None);
+        for engine in [Engine::Podman, Engine::Docker] {
+            let args = args(engine, &build, true).join(" ");
+            assert_eq!(
+                args,
+                "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
+                 --build-arg MODE=prod /src"
+            );
+        }
     }
 }
