@@ -1,5 +1,6 @@
 //! The CNCF distribution registry (built from its Go module by `testenv/build.sh`), started on
-//! a free loopback port with filesystem storage in a temporary directory.
+//! a free loopback port with filesystem storage in a temporary directory, without authentication
+//! or with distribution's `token` auth.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,23 +14,89 @@ use crate::{Error, Result, binaries, free_port};
 #[derive(Debug)]
 pub struct Registry(Server);
 
+/// What a registry started with [`Registry::start_with_token_auth`] trusts: its config's
+/// `auth.token` section.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    /// The token endpoint clients are sent to (`auth.token.realm`).
+    pub realm: String,
+    /// The audience tokens must name (`auth.token.service`).
+    pub service: String,
+    /// The issuer tokens must name (`auth.token.issuer`).
+    pub issuer: String,
+    /// PEM certificate(s) whose keys may sign tokens (`auth.token.rootcertbundle`).
+    pub root_cert_pem: String,
+}
+
+/// A token signing key and its self-signed certificate (ECDSA P-256), fresh on each call: what
+/// a registry with token auth trusts and the operator signs with, for tests and the demo.
+#[derive(Clone)]
+pub struct TokenKey {
+    /// The private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The self-signed certificate for it, PEM.
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKey").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+impl TokenKey {
+    /// Generates a key and a self-signed certificate for it.
+    pub fn generate() -> Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "stagely registry token signer");
+        let cert = params.self_signed(&key)?;
+        Ok(Self { key_pem: key.serialize_pem(), cert_pem: cert.pem() })
+    }
+}
+
 impl Registry {
-    /// Starts a registry and waits until `GET /v2/` answers 200.
+    /// Starts a registry without authentication and waits until `GET /v2/` answers 200.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry that requires tokens signed by a key `auth.root_cert_pem` certifies,
+    /// and waits until `GET /v2/` answers 401.
+    pub fn start_with_token_auth(auth: &TokenAuth) -> Result<Self> {
+        Self::start_with(Some(auth))
+    }
+
+    fn start_with(auth: Option<&TokenAuth>) -> Result<Self> {
         let bin = binaries()?.join("registry");
         let port = free_port()?;
         let prepare = |dir: &std::path::Path| {
-            let config = dir.join("config.yml");
-            let text = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
-            );
-            std::fs::write(&config, text).map_err(|source| Error::Io { path: config.clone(), source })?;
+            let mut config = serde_json::json!({
+                "version": "0.1",
+                "log": {"level": "info", "accesslog": {"disabled": true}},
+                "storage": {"filesystem": {"rootdirectory": dir.join("data")}, "delete": {"enabled": true}},
+                "http": {"addr": format!("127.0.0.1:{port}")},
+            });
+            if let Some(auth) = auth {
+                let bundle = dir.join("token-roots.pem");
+                std::fs::write(&bundle, &auth.root_cert_pem)
+                    .map_err(|source| Error::Io { path: bundle.clone(), source })?;
+                config["auth"] = serde_json::json!({"token": {
+                    "realm": auth.realm,
+                    "service": auth.service,
+                    "issuer": auth.issuer,
+                    "rootcertbundle": bundle,
+                }});
+            }
+            let path = dir.join("config.yml");
+            let text = serde_yaml::to_string(&config).expect("the registry config serializes");
+            std::fs::write(&path, text).map_err(|source| Error::Io { path: path.clone(), source })?;
             let mut command = Command::new(&bin);
-            command.arg("serve").arg(&config);
+            command.arg("serve").arg(&path);
             Ok(command)
         };
-        let server = Server::start("registry", "http", port, prepare, |port| get_status(port, "/v2/") == Some(200))?;
+        let ready = if auth.is_some() { 401 } else { 200 };
+        let server = Server::start("registry", "http", port, prepare, |port| get_status(port, "/v2/") == Some(ready))?;
         Ok(Self(server))
     }
 
@@ -41,6 +108,11 @@ impl Registry {
     /// `127.0.0.1:<port>`: the registry's host as image references name it.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.0.port())
+    }
+
+    /// `http://127.0.0.1:<port>`: the base URL of its HTTP API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
     }
 }
 
