@@ -1,1 +1,625 @@
-//! The Project controller.
+//! The Project controller: reports, as the `Ready` condition, whether what a Project refers to is
+//! there (its CloudProvider, and Ready; its GitHub credentials Secret, with the keys it needs;
+//! every `secretRefs` Secret), and counts the Project's Environments.
+//!
+//! Everything it reads comes from watches, each feeding a store and waking the Projects that
+//! refer to what changed, so a fix (creating the missing Secret, the CloudProvider turning
+//! Ready) shows within a moment and nothing polls. The Secrets store keeps key names only: no
+//! Secret value stays in the controller's memory, and none reaches a log line, an event or the
+//! status. Whether GitHub accepts the credentials is not checked here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{self, Action, applier, trigger_self, trigger_with};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use stagely_api::keys::MANAGER_OPERATOR;
+use stagely_api::v1alpha1::{CloudProvider, Environment, Project, ProjectStatus};
+
+use crate::controllers::conditions::set_condition;
+use crate::metrics::Metrics;
+
+/// The controller's name, as events report it.
+pub const CONTROLLER: &str = "stagely-project-controller";
+
+/// Ready=True: everything the Project refers to is there.
+pub const REFERENCES_FOUND: &str = "ReferencesFound";
+/// The CloudProvider named by `spec.cloudProviderRef` does not exist.
+pub const CLOUD_PROVIDER_NOT_FOUND: &str = "CloudProviderNotFound";
+/// The CloudProvider exists but is not Ready (or not checked yet).
+pub const CLOUD_PROVIDER_NOT_READY: &str = "CloudProviderNotReady";
+/// The Secret named by `spec.github.credentialsSecretRef` does not exist.
+pub const GITHUB_SECRET_NOT_FOUND: &str = "GitHubSecretNotFound";
+/// The GitHub credentials Secret lacks `webhookSecret`, or both a token and an App's keys.
+pub const GITHUB_SECRET_INCOMPLETE: &str = "GitHubSecretIncomplete";
+/// One or more `secretRefs` Secrets do not exist.
+pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+
+/// What the GitHub credentials Secret must hold, as messages say it.
+const GITHUB_KEYS_NEEDED: &str = "it needs webhookSecret, and either token or appId, installationId and privateKey";
+const APP_KEYS: [&str; 3] = ["appId", "installationId", "privateKey"];
+
+/// Backoff after a failed reconcile: doubled on each failure in a row, up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// What the reconciler needs.
+pub struct Context {
+    /// The cluster.
+    pub client: Client,
+    /// Where reconciles are counted.
+    pub metrics: Metrics,
+    recorder: Recorder,
+}
+
+impl Context {
+    /// A context for `client`, counting into `metrics`.
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics }
+    }
+}
+
+/// Why a reconcile failed (and will be retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing the status failed.
+    #[error("failed to update the status of Project {namespace}/{name}: {source}")]
+    Status {
+        /// The Project's namespace.
+        namespace: String,
+        /// The Project.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// A watch the controller reads from stopped, so what it knows cannot be trusted.
+    #[error("failed to read the objects Project {namespace}/{name} refers to: a watch stopped")]
+    WatchStopped {
+        /// The Project's namespace.
+        namespace: String,
+        /// The Project.
+        name: String,
+    },
+}
+
+impl Error {
+    /// The metric outcome of this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Status { .. } => "StatusFailed",
+            Self::WatchStopped { .. } => "WatchStopped",
+        }
+    }
+}
+
+/// The stores the controller reads, what it last reported and its retry bookkeeping.
+struct State {
+    ctx: Arc<Context>,
+    projects: Store<Project>,
+    providers: Store<CloudProvider>,
+    secrets: Store<Secret>,
+    environments: Store<Environment>,
+    /// The Ready condition last written for each Project (by UID). The store may not show it yet
+    /// when the next reconcile comes, and the transition must not be announced twice.
+    reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
+    failures: Mutex<HashMap<ObjectRef<Project>, u32>>,
+}
+
+/// What the controller found about one Project's references.
+struct Observed<'a> {
+    provider: Option<&'a CloudProvider>,
+    /// The keys of the GitHub credentials Secret with a non-empty value, if it exists.
+    github_keys: Option<Vec<&'a str>>,
+    /// `secretRefs` names without a Secret.
+    missing_secrets: Vec<&'a str>,
+}
+
+/// The Ready condition to report.
+#[derive(Debug, PartialEq, Eq)]
+struct Readiness {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+}
+
+/// Decides Ready from what was observed. Each problem is reported; the first one's reason names
+/// the condition.
+fn readiness(project: &Project, observed: &Observed) -> Readiness {
+    let namespace = project.namespace().unwrap_or_default();
+    let spec = &project.spec;
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+
+    let provider_name = &spec.cloud_provider_ref.name;
+    match observed.provider {
+        None => problems.push((
+            CLOUD_PROVIDER_NOT_FOUND,
+            format!("CloudProvider {namespace}/{provider_name} (spec.cloudProviderRef) not found"),
+        )),
+        Some(provider) => {
+            let ready = provider.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+            match ready {
+                Some(c) if c.status == "True" => {}
+                Some(c) => problems.push((
+                    CLOUD_PROVIDER_NOT_READY,
+                    format!("CloudProvider {namespace}/{provider_name} is not ready: {}", c.message),
+                )),
+                None => problems.push((
+                    CLOUD_PROVIDER_NOT_READY,
+                    format!("CloudProvider {namespace}/{provider_name} has not been checked yet"),
+                )),
+            }
+        }
+    }
+
+    let github_name = &spec.github.credentials_secret_ref.name;
+    let mut credentials = "";
+    match &observed.github_keys {
+        None => problems.push((
+            GITHUB_SECRET_NOT_FOUND,
+            format!(
+                "Secret {namespace}/{github_name} (spec.github.credentialsSecretRef) not found; {GITHUB_KEYS_NEEDED}"
+            ),
+        )),
+        Some(keys) => {
+            let has = |key: &str| keys.contains(&key);
+            let mut missing: Vec<String> = Vec::new();
+            if !has("webhookSecret") {
+                missing.push("webhookSecret".into());
+            }
+            if has("token") {
+                credentials = "a token";
+            } else if APP_KEYS.iter().any(|k| has(k)) {
+                missing.extend(APP_KEYS.iter().filter(|k| !has(k)).map(|k| (*k).to_owned()));
+                credentials = "GitHub App credentials";
+            } else {
+                missing.push("token (or appId, installationId and privateKey)".into());
+            }
+            if !missing.is_empty() {
+                problems.push((
+                    GITHUB_SECRET_INCOMPLETE,
+                    format!(
+                        "Secret {namespace}/{github_name} (spec.github.credentialsSecretRef) has no {}; \
+                         {GITHUB_KEYS_NEEDED}",
+                        join(&missing)
+                    ),
+                ));
+            }
+        }
+    }
+
+    if !observed.missing_secrets.is_empty() {
+        let names: Vec<String> = observed.missing_secrets.iter().map(|n| format!("{namespace}/{n}")).collect();
+        let noun = if names.len() == 1 { "Secret" } else { "Secrets" };
+        problems.push((SECRET_NOT_FOUND, format!("{noun} {} (spec.secretRefs) not found", join(&names))));
+    }
+
+    if let Some((reason, _)) = problems.first() {
+        let message = problems.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
+        return Readiness { ready: false, reason, message };
+    }
+    let secrets = match spec.secret_refs.len() {
+        0 => String::new(),
+        1 => ", and its secretRefs Secret exists".into(),
+        n => format!(", and its {n} secretRefs Secrets exist"),
+    };
+    Readiness {
+        ready: true,
+        reason: REFERENCES_FOUND,
+        message: format!(
+            "CloudProvider {provider_name} is ready, Secret {github_name} holds {credentials} and a webhook \
+             secret{secrets}; whether GitHub accepts the credentials is not checked"
+        ),
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn join(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// Checks one Project's references, counts its Environments and writes what changed.
+async fn reconcile(project: Arc<Project>, state: Arc<State>) -> Result<Action, Error> {
+    let result = apply(&project, &state).await;
+    let key = ObjectRef::from_obj(&*project);
+    let outcome = match &result {
+        Ok(_) => {
+            state.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            "ok"
+        }
+        Err(err) => err.reason(),
+    };
+    state.ctx.metrics.reconciled("project", outcome);
+    result
+}
+
+async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
+    let ctx = &state.ctx;
+    let name = project.name_any();
+    let namespace = project.namespace().unwrap_or_default();
+    let stopped = || Error::WatchStopped { namespace: namespace.clone(), name: name.clone() };
+    // Until every store has listed its objects, a missing object may only not be seen yet.
+    state.providers.wait_until_ready().await.map_err(|_| stopped())?;
+    state.secrets.wait_until_ready().await.map_err(|_| stopped())?;
+    state.environments.wait_until_ready().await.map_err(|_| stopped())?;
+
+    let spec = &project.spec;
+    let provider = state.providers.get(&ObjectRef::new(&spec.cloud_provider_ref.name).within(&namespace));
+    let secret = |name: &str| state.secrets.get(&ObjectRef::new(name).within(&namespace));
+    let github = secret(&spec.github.credentials_secret_ref.name);
+    let observed = Observed {
+        provider: provider.as_deref(),
+        github_keys: github.as_ref().map(|s| s.data.iter().flatten().map(|(k, _)| k.as_str()).collect()),
+        missing_secrets: spec.secret_refs.iter().map(|r| r.name.as_str()).filter(|n| secret(n).is_none()).collect(),
+    };
+    let found = readiness(project, &observed);
+    let environments = state
+        .environments
+        .state()
+        .iter()
+        .filter(|e| e.metadata.namespace.as_deref() == Some(&namespace) && e.spec.project_ref.name == name)
+        .count();
+
+    let key = ObjectRef::from_obj(project);
+    let uid = project.uid().unwrap_or_default();
+    let mut conditions = project.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let reported = state.reported.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+    if let Some((reported_uid, condition)) = reported
+        && reported_uid == uid
+    {
+        conditions.retain(|c| c.type_ != "Ready");
+        conditions.push(condition);
+    }
+    let status = if found.ready { "True" } else { "False" };
+    let previous = conditions.iter().find(|c| c.type_ == "Ready");
+    let transition = previous.is_none_or(|c| c.status != status || c.reason != found.reason);
+    let (generation, now) = (project.metadata.generation, k8s_openapi::jiff::Timestamp::now());
+    set_condition(&mut conditions, "Ready", found.ready, found.reason, &found.message, generation, now);
+    let ready = conditions.iter().find(|c| c.type_ == "Ready").cloned().expect("Ready was just set");
+    let new_status = ProjectStatus {
+        observed_generation: project.metadata.generation,
+        conditions,
+        environments: Some(i32::try_from(environments).unwrap_or(i32::MAX)),
+    };
+
+    if project.status.as_ref() != Some(&new_status) {
+        // Only the fields this controller owns: other writers' conditions stay theirs.
+        let patch = json!({
+            "apiVersion": "stagely.dev/v1alpha1",
+            "kind": "Project",
+            "status": {
+                "observedGeneration": new_status.observed_generation,
+                "conditions": [ready],
+                "environments": new_status.environments,
+            },
+        });
+        let api: Api<Project> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch_status(&name, &PatchParams::apply(MANAGER_OPERATOR).force(), &Patch::Apply(patch))
+            .await
+            .map_err(|source| Error::Status { namespace: namespace.clone(), name: name.clone(), source })?;
+    }
+    {
+        let mut reported = state.reported.lock().unwrap_or_else(|e| e.into_inner());
+        reported.insert(key, (uid, ready));
+        // Forget deleted Projects.
+        reported.retain(|key, _| state.projects.get(key).is_some());
+    }
+
+    if transition {
+        tracing::info!(%namespace, %name, ready = found.ready, reason = found.reason, message = %found.message, "project readiness changed");
+        let event = Event {
+            type_: if found.ready { EventType::Normal } else { EventType::Warning },
+            reason: found.reason.into(),
+            note: Some(found.message),
+            action: "CheckReferences".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &project.object_ref(&())).await {
+            tracing::warn!(%namespace, %name, error = %err, "failed to record an event");
+        }
+    }
+    // Everything that can change the outcome is watched.
+    Ok(Action::await_change())
+}
+
+fn error_policy(project: Arc<Project>, err: &Error, state: Arc<State>) -> Action {
+    let mut failures = state.failures.lock().unwrap_or_else(|e| e.into_inner());
+    let count = failures.entry(ObjectRef::from_obj(&*project)).or_default();
+    *count = count.saturating_add(1);
+    let delay = RETRY_FIRST.saturating_mul(2u32.saturating_pow(*count - 1)).min(RETRY_MAX);
+    tracing::warn!(namespace = ?project.namespace(), name = %project.name_any(), error = %err, retry_in = ?delay, "project reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Keeps the names of a Secret's keys with a value, and nothing else: no value, no annotation
+/// (`kubectl apply` copies the whole Secret into one).
+fn key_names_only(secret: &mut Secret) {
+    let keys = secret.data.take().unwrap_or_default().into_iter().filter(|(_, v)| !v.0.is_empty());
+    secret.data = Some(keys.map(|(k, _)| (k, ByteString(Vec::new()))).collect());
+    secret.string_data = None;
+    secret.metadata.annotations = None;
+    secret.metadata.managed_fields = None;
+}
+
+/// The Projects in `namespace` for which `refers` holds.
+fn projects_referring(
+    projects: &Store<Project>,
+    namespace: Option<String>,
+    refers: impl Fn(&Project) -> bool,
+) -> Vec<ObjectRef<Project>> {
+    projects
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == namespace && refers(p))
+        .map(|p| ObjectRef::from_obj(&*p))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves: every Project, checked again when its
+/// CloudProvider, one of its Secrets or one of its Environments changes.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let config = watcher::Config::default();
+    let (projects, projects_writer) = reflector::store::<Project>();
+    let (providers, providers_writer) = reflector::store::<CloudProvider>();
+    let (secrets, secrets_writer) = reflector::store::<Secret>();
+    let (environments, environments_writer) = reflector::store::<Environment>();
+
+    // One watch per kind feeds both its store and the triggers, so a reconcile always sees at
+    // least the change that woke it.
+    let own = trigger_self(
+        reflector(
+            projects_writer,
+            watcher(Api::<Project>::all(client.clone()), config.clone())
+                .modify(|p: &mut Project| p.metadata.managed_fields = None)
+                .default_backoff(),
+        )
+        .applied_objects(),
+        (),
+    );
+    let by_provider = {
+        let projects = projects.clone();
+        let stream = reflector(
+            providers_writer,
+            watcher(Api::<CloudProvider>::all(client.clone()), config.clone())
+                .modify(|p: &mut CloudProvider| {
+                    p.metadata.managed_fields = None;
+                    p.metadata.annotations = None;
+                })
+                .default_backoff(),
+        );
+        trigger_with(stream.touched_objects(), move |provider: CloudProvider| {
+            let name = provider.name_any();
+            projects_referring(&projects, provider.namespace(), |p| p.spec.cloud_provider_ref.name == name)
+        })
+    };
+    let by_secret = {
+        let projects = projects.clone();
+        let stream = reflector(
+            secrets_writer,
+            watcher(Api::<Secret>::all(client.clone()), config.clone()).modify(key_names_only).default_backoff(),
+        );
+        trigger_with(stream.touched_objects(), move |secret: Secret| {
+            let name = secret.name_any();
+            projects_referring(&projects, secret.namespace(), |p| {
+                p.spec.github.credentials_secret_ref.name == name || p.spec.secret_refs.iter().any(|r| r.name == name)
+            })
+        })
+    };
+    let by_environment = {
+        let projects = projects.clone();
+        let stream = reflector(
+            environments_writer,
+            watcher(Api::<Environment>::all(client.clone()), config)
+                .modify(|e: &mut Environment| {
+                    e.status = None;
+                    e.metadata.managed_fields = None;
+                    e.metadata.annotations = None;
+                })
+                .default_backoff(),
+        );
+        trigger_with(stream.touched_objects(), move |environment: Environment| {
+            let project = ObjectRef::new(&environment.spec.project_ref.name).within(&environment.namespace()?);
+            projects.get(&project).is_some().then_some(project)
+        })
+    };
+    let queue = stream::select(own, stream::select(by_provider, stream::select(by_secret, by_environment)))
+        .take_until(shutdown);
+
+    let state = Arc::new(State {
+        ctx,
+        projects: projects.clone(),
+        providers,
+        secrets,
+        environments,
+        reported: Mutex::default(),
+        failures: Mutex::default(),
+    });
+    applier(
+        |project, state| Box::pin(reconcile(project, state)),
+        error_policy,
+        state,
+        projects,
+        queue,
+        controller::Config::default(),
+    )
+    .for_each(|result| async move {
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "project reconcile");
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(secret_refs: &[&str]) -> Project {
+        let refs: Vec<_> = secret_refs.iter().map(|n| json!({"name": n})).collect();
+        let spec = serde_json::from_value(json!({
+            "repository": "acme/shop",
+            "cloudProviderRef": {"name": "aws"},
+            "previewDomain": "preview.example.com",
+            "github": {"credentialsSecretRef": {"name": "gh"}},
+            "secretRefs": refs,
+        }))
+        .unwrap();
+        let mut project = Project::new("shop", spec);
+        project.metadata.namespace = Some("team".into());
+        project
+    }
+
+    fn provider(ready: Option<(&str, &str)>) -> CloudProvider {
+        let conditions: Vec<_> = ready
+            .map(|(status, message)| {
+                json!({"type": "Ready", "status": status, "reason": "R", "message": message,
+                       "lastTransitionTime": "2025-01-01T00:00:00Z"})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "stagely.dev/v1alpha1", "kind": "CloudProvider",
+            "metadata": {"name": "aws", "namespace": "team"},
+            "spec": {"type": "local"},
+            "status": {"conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_problem_has_its_reason_and_says_what_to_fix() {
+        let ready = provider(Some(("True", "")));
+        let rejected = provider(Some(("False", "AWS rejected the credentials: AuthFailure")));
+        let unchecked = provider(None);
+        let cases: Vec<(Observed, &str, &str)> = vec![
+            (
+                Observed { provider: None, github_keys: Some(vec!["token", "webhookSecret"]), missing_secrets: vec![] },
+                CLOUD_PROVIDER_NOT_FOUND,
+                "CloudProvider team/aws (spec.cloudProviderRef) not found",
+            ),
+            (
+                Observed {
+                    provider: Some(&rejected),
+                    github_keys: Some(vec!["token", "webhookSecret"]),
+                    missing_secrets: vec![],
+                },
+                CLOUD_PROVIDER_NOT_READY,
+                "CloudProvider team/aws is not ready: AWS rejected the credentials: AuthFailure",
+            ),
+            (
+                Observed {
+                    provider: Some(&unchecked),
+                    github_keys: Some(vec!["token", "webhookSecret"]),
+                    missing_secrets: vec![],
+                },
+                CLOUD_PROVIDER_NOT_READY,
+                "CloudProvider team/aws has not been checked yet",
+            ),
+            (
+                Observed { provider: Some(&ready), github_keys: None, missing_secrets: vec![] },
+                GITHUB_SECRET_NOT_FOUND,
+                "Secret team/gh (spec.github.credentialsSecretRef) not found; it needs webhookSecret, and either \
+                 token or appId, installationId and privateKey",
+            ),
+            (
+                Observed { provider: Some(&ready), github_keys: Some(vec!["token"]), missing_secrets: vec![] },
+                GITHUB_SECRET_INCOMPLETE,
+                "Secret team/gh (spec.github.credentialsSecretRef) has no webhookSecret; it needs webhookSecret, \
+                 and either token or appId, installationId and privateKey",
+            ),
+            (
+                Observed { provider: Some(&ready), github_keys: Some(vec!["appId"]), missing_secrets: vec![] },
+                GITHUB_SECRET_INCOMPLETE,
+                "Secret team/gh (spec.github.credentialsSecretRef) has no webhookSecret, installationId and \
+                 privateKey; it needs webhookSecret, and either token or appId, installationId and privateKey",
+            ),
+            (
+                Observed { provider: Some(&ready), github_keys: Some(vec!["webhookSecret"]), missing_secrets: vec![] },
+                GITHUB_SECRET_INCOMPLETE,
+                "Secret team/gh (spec.github.credentialsSecretRef) has no token (or appId, installationId and \
+                 privateKey); it needs webhookSecret, and either token or appId, installationId and privateKey",
+            ),
+            (
+                Observed {
+                    provider: Some(&ready),
+                    github_keys: Some(vec!["token", "webhookSecret"]),
+                    missing_secrets: vec!["db", "api"],
+                },
+                SECRET_NOT_FOUND,
+                "Secrets team/db and team/api (spec.secretRefs) not found",
+            ),
+            (
+                Observed { provider: None, github_keys: None, missing_secrets: vec!["db"] },
+                CLOUD_PROVIDER_NOT_FOUND,
+                "CloudProvider team/aws (spec.cloudProviderRef) not found; Secret team/gh \
+                 (spec.github.credentialsSecretRef) not found; it needs webhookSecret, and either token or appId, \
+                 installationId and privateKey; Secret team/db (spec.secretRefs) not found",
+            ),
+        ];
+        let project = project(&["db", "api"]);
+        for (observed, reason, message) in cases {
+            let found = readiness(&project, &observed);
+            assert_eq!((found.ready, found.reason, found.message.as_str()), (false, reason, message));
+        }
+    }
+
+    #[test]
+    fn ready_says_what_was_found_and_what_was_not_checked() {
+        let ready = provider(Some(("True", "")));
+        let app = Observed {
+            provider: Some(&ready),
+            github_keys: Some(vec!["appId", "installationId", "privateKey", "webhookSecret"]),
+            missing_secrets: vec![],
+        };
+        let found = readiness(&project(&["db", "api"]), &app);
+        assert_eq!(found.reason, REFERENCES_FOUND);
+        assert_eq!(
+            found.message,
+            "CloudProvider aws is ready, Secret gh holds GitHub App credentials and a webhook secret, and its 2 \
+             secretRefs Secrets exist; whether GitHub accepts the credentials is not checked"
+        );
+        let token = Observed { github_keys: Some(vec!["token", "webhookSecret"]), ..app };
+        assert_eq!(
+            readiness(&project(&[]), &token).message,
+            "CloudProvider aws is ready, Secret gh holds a token and a webhook secret; whether GitHub accepts the \
+             credentials is not checked"
+        );
+    }
+
+    #[test]
+    fn the_secrets_store_keeps_key_names_only() {
+        let mut secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "gh", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"token\":\"s3cret\"}"}},
+            "data": {"token": "czNjcmV0", "empty": ""},
+        }))
+        .unwrap();
+        key_names_only(&mut secret);
+        assert_eq!(
+            serde_json::to_string(&secret).unwrap(),
+            r#"{"apiVersion":"v1","kind":"Secret","data":{"token":""},"metadata":{"name":"gh"}}"#
+        );
+    }
+
+    #[test]
+    fn lists_read_as_prose() {
+        let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(join(&s(&["a"])), "a");
+        assert_eq!(join(&s(&["a", "b"])), "a and b");
+        assert_eq!(join(&s(&["a", "b", "c"])), "a, b and c");
+    }
+}
