@@ -6,3 +6,4 @@ pub mod cloudprovider;
 pub mod conditions;
 pub mod environment;
 pub mod project;
+pub mod vm;
