@@ -456,6 +456,22 @@ impl Gateway {
         self.inner.agents().remove(scope);
     }
 
+    /// The last `lines` lines of `job_id`'s stored log (masked), oldest first; empty without
+    /// Redis or when the log cannot be read.
+    pub async fn log_tail(&self, job_id: &str, lines: usize) -> Vec<String> {
+        let Some(logs) = &self.inner.logs else { return Vec::new() };
+        match logs.read(job_id).await {
+            Ok(stored) => {
+                let skip = stored.len().saturating_sub(lines);
+                stored.into_iter().skip(skip).map(|line| line.data).collect()
+            }
+            Err(err) => {
+                tracing::warn!(job_id, error = %err, "failed to read a job's log tail");
+                Vec::new()
+            }
+        }
+    }
+
     /// The gateway's HTTP routes: the agent WebSocket and the log endpoint.
     pub fn router(&self) -> Router {
         Router::new()
