@@ -1,1 +1,0 @@
-//! The BuildJob controller.
