@@ -1,1 +1,386 @@
-//! The Environment controller.
+//! The Environment controller: the heart of the pipeline. Each reconcile reads as dereference
+//! (Project, CloudProvider, stagely.yaml at the head commit, the owned BuildJobs) → plan (the
+//! pure decision in [`plan`]) → apply (the calls in [`apply`]) → status (one write, only when
+//! something changed).
+//!
+//! Fan-in is watch-driven: the controller owns the BuildJobs, so a BuildJob's status change wakes
+//! its Environment; nothing polls. A stagely.yaml that cannot be used is reported on
+//! `ConfigValid` and waits for a new commit; an unreachable repository is retried with backoff.
+
+pub mod apply;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use stagely_api::keys;
+use stagely_api::v1alpha1::{BuildJob, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project};
+
+use self::plan::{ConfigState, Observed};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::routes::Routes;
+use crate::source::{ConfigLoader, Repo};
+
+/// The controller's name, as events report it.
+pub const CONTROLLER: &str = "stagely-environment-controller";
+
+/// How soon a transient problem (an unreachable repository, Redis down, a registry error) is
+/// looked at again.
+const RETRY: Duration = Duration::from_secs(15);
+/// How often an Environment is looked at without news, as a safety net behind the watches.
+const RESYNC: Duration = Duration::from_secs(600);
+/// How often deletion checks whether its BuildJobs are gone.
+const CLEANUP_POLL: Duration = Duration::from_secs(2);
+
+/// What the reconciler needs.
+pub struct Context {
+    /// The cluster.
+    pub client: Client,
+    recorder: Recorder,
+    loader: Arc<ConfigLoader>,
+    registry: Option<Registry>,
+    routes: Option<Arc<Routes>>,
+    metrics: Metrics,
+    jobs: Option<Store<BuildJob>>,
+}
+
+impl Context {
+    /// A context reading stagely.yaml through `loader`, pushing images to `registry` and writing
+    /// routes to `routes` (each optional: without a registry nothing is built, without Redis no
+    /// route is written).
+    pub fn new(
+        client: Client,
+        loader: Arc<ConfigLoader>,
+        registry: Option<Registry>,
+        routes: Option<Arc<Routes>>,
+        metrics: Metrics,
+    ) -> Self {
+        let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            loader,
+            registry,
+            routes,
+            metrics,
+            jobs: None,
+        }
+    }
+}
+
+/// Why a reconcile failed (and will be retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An apiserver call failed.
+    #[error("failed to {action} for Environment {namespace}/{name}: {source}")]
+    Kube {
+        /// What was attempted.
+        action: &'static str,
+        /// The Environment's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The cause.
+        source: kube::Error,
+    },
+    /// Deletion is waiting for something to go.
+    #[error("Environment {namespace}/{name} is waiting for {what}")]
+    Waiting {
+        /// The Environment's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// What is still there.
+        what: String,
+    },
+    /// The finalizer machinery failed.
+    #[error("failed to run the finalizer of an Environment: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "ApiError",
+            Error::Waiting { .. } => "Waiting",
+            Error::Finalizer(_) => "FinalizerError",
+        }
+    }
+}
+
+/// A fresh subdomain hash: 12 lowercase alphanumeric characters (a NanoID over that alphabet).
+pub fn new_subdomain_hash() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut hash = String::with_capacity(12);
+    while hash.len() < 12 {
+        let mut bytes = [0u8; 16];
+        // The OS random source does not fail on Linux once booted.
+        getrandom::fill(&mut bytes).expect("the OS random source works");
+        // 252 = 7 × 36: bytes above it would bias the alphabet.
+        hash.extend(bytes.iter().filter(|b| **b < 252).map(|b| ALPHABET[usize::from(*b) % 36] as char));
+    }
+    hash.truncate(12);
+    hash
+}
+
+/// Reconciles one Environment.
+pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = env.namespace().unwrap_or_default();
+    let api: Api<Environment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, keys::ENVIRONMENT_FINALIZER, env, |event| async {
+        match event {
+            Finalizer::Apply(env) => run_pipeline(&env, &ctx).await,
+            Finalizer::Cleanup(env) => cleanup(&env, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        kube::runtime::finalizer::Error::ApplyFailed(err) | kube::runtime::finalizer::Error::CleanupFailed(err) => err,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.metrics.reconciled("environment", result.as_ref().map_or_else(Error::reason, |_| "ok"));
+    result
+}
+
+/// The owned BuildJobs of `env`, from the reflector.
+fn owned_jobs(env: &Environment, ctx: &Context) -> Vec<BuildJob> {
+    let uid = env.uid().unwrap_or_default();
+    let namespace = env.namespace();
+    let Some(store) = &ctx.jobs else { return Vec::new() };
+    let mut jobs: Vec<BuildJob> = store
+        .state()
+        .into_iter()
+        .filter(|job| job.namespace() == namespace && job.owner_references().iter().any(|owner| owner.uid == uid))
+        .map(|job| (*job).clone())
+        .collect();
+    jobs.sort_by_key(ResourceExt::name_any);
+    jobs
+}
+
+async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error> {
+    let namespace = env.namespace().unwrap_or_default();
+    let name = env.name_any();
+    let kube_error = |action: &'static str| {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        move |source| Error::Kube { action, namespace, name, source }
+    };
+    if let Some(store) = &ctx.jobs {
+        // The first reconciles must not mistake an unsynced cache for "no BuildJobs yet".
+        let _ = store.wait_until_ready().await;
+    }
+
+    // Dereference.
+    let project = Api::<Project>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&env.spec.project_ref.name)
+        .await
+        .map_err(kube_error("read the Project"))?;
+    let provider = match &project {
+        Some(project) => Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&project.spec.cloud_provider_ref.name)
+            .await
+            .map_err(kube_error("read the CloudProvider"))?,
+        None => None,
+    };
+    let sha = env.spec.pull_request.head_sha.clone();
+    let loaded = match &project {
+        Some(project) => {
+            let repo = Repo { clone_url: project.spec.clone_url(), token: None };
+            Some(ctx.loader.load(&repo, &sha).await)
+        }
+        None => None,
+    };
+    let problem_message = match &loaded {
+        Some(Err(problem)) => problem.to_string(),
+        _ => String::new(),
+    };
+    let config = loaded.as_ref().map(|result| match result {
+        Ok(config) => ConfigState::Loaded(config),
+        Err(problem) => ConfigState::Problem {
+            reason: problem.reason(),
+            message: &problem_message,
+            permanent: problem.is_permanent(),
+        },
+    });
+    let jobs = owned_jobs(env, ctx);
+
+    // Plan.
+    let hash = new_subdomain_hash();
+    let decided = plan::plan(&Observed {
+        environment: env,
+        project: project.as_ref(),
+        provider: provider.as_ref(),
+        config,
+        jobs: &jobs,
+        registry: ctx.registry.as_ref().map(Registry::host),
+        new_hash: &hash,
+        now: Timestamp::now(),
+    });
+
+    // Apply.
+    let mut status = decided.status;
+    let outcome = apply::apply(env, &decided.actions, &mut status, ctx).await?;
+
+    // Status.
+    let previous = env.status.clone().unwrap_or_default();
+    if previous != status {
+        Api::<Environment>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &name,
+                &PatchParams::apply(keys::MANAGER_OPERATOR),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .map_err(kube_error("write the status"))?;
+    }
+    record_transitions(env, &previous, &status, ctx).await;
+
+    let retry = decided.retry || outcome.retry;
+    Ok(match status.phase {
+        _ if retry => Action::requeue(RETRY),
+        // A run that cannot go on waits for a change; it is not retried in a loop.
+        Some(EnvironmentPhase::Failed) => Action::await_change(),
+        _ => Action::requeue(RESYNC),
+    })
+}
+
+/// Events when the phase or a condition's status changes.
+async fn record_transitions(
+    env: &Environment,
+    previous: &EnvironmentStatus,
+    status: &EnvironmentStatus,
+    ctx: &Context,
+) {
+    let mut events = Vec::new();
+    for condition in &status.conditions {
+        let before = previous.conditions.iter().find(|c| c.type_ == condition.type_);
+        if before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason) {
+            let warning = condition.status == "False"
+                && !matches!(condition.reason.as_str(), "Building" | "ConfigNotValid" | "NotServing");
+            events.push((warning, condition.reason.clone(), format!("{}: {}", condition.type_, condition.message)));
+        }
+    }
+    if previous.phase != status.phase
+        && let Some(phase) = status.phase
+    {
+        let note = format!("phase {phase:?}{}", status.url.as_ref().map(|u| format!(" ({u})")).unwrap_or_default());
+        events.push((phase == EnvironmentPhase::Failed, format!("{phase:?}"), note));
+    }
+    for (warning, reason, note) in events {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason,
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &env.object_ref(&())).await {
+            tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "cannot record event");
+        }
+    }
+}
+
+/// Tears an Environment down: its BuildJobs (whose finalizers stop their VMs) and its route.
+async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
+    let namespace = env.namespace().unwrap_or_default();
+    let name = env.name_any();
+    let kube_error = |action: &'static str| {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        move |source| Error::Kube { action, namespace, name, source }
+    };
+    let api: Api<Environment> = Api::namespaced(ctx.client.clone(), &namespace);
+    if env.status.as_ref().and_then(|s| s.phase) != Some(EnvironmentPhase::Terminating) {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(keys::MANAGER_OPERATOR),
+            &Patch::Merge(json!({ "status": { "phase": EnvironmentPhase::Terminating } })),
+        )
+        .await
+        .map_err(kube_error("mark as Terminating"))?;
+    }
+    if let (Some(routes), Some(hash)) = (&ctx.routes, env.status.as_ref().and_then(|s| s.subdomain_hash.as_deref())) {
+        // Users stop reaching a dying app first; the proxy answers 404 from now on.
+        if let Err(err) = routes.delete(hash).await {
+            tracing::warn!(%namespace, %name, error = %err, "cannot delete the route yet");
+            return Err(Error::Waiting { namespace, name, what: format!("its route to be deleted ({err})") });
+        }
+    }
+    let jobs_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    let jobs = owned_jobs(env, ctx);
+    for job in &jobs {
+        if job.metadata.deletion_timestamp.is_none() {
+            apply::delete_job(&jobs_api, &job.name_any()).await.map_err(kube_error("delete a BuildJob"))?;
+        }
+    }
+    if !jobs.is_empty() {
+        let names: Vec<_> = jobs.iter().map(ResourceExt::name_any).collect();
+        return Err(Error::Waiting {
+            namespace,
+            name,
+            what: format!("BuildJobs {} to stop their VMs", names.join(", ")),
+        });
+    }
+    tracing::info!(%namespace, %name, "environment torn down");
+    Ok(Action::await_change())
+}
+
+fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Action {
+    match err {
+        Error::Waiting { .. } => {
+            tracing::debug!(name = %env.name_any(), error = %err, "waiting");
+            Action::requeue(CLEANUP_POLL)
+        }
+        _ => {
+            tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves: every Environment, woken by its BuildJobs and
+/// by changes to its Project's spec.
+pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (jobs, jobs_writer) = reflector::store::<BuildJob>();
+    ctx.jobs = Some(jobs);
+    let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(jobs_writer)
+        .touched_objects();
+    let project_events = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::new(Api::<Environment>::all(client), watcher::Config::default());
+    let environments = controller.store();
+    controller
+        .owns_stream(job_events)
+        .watches_stream(project_events, move |project: Project| {
+            let namespace = project.namespace();
+            let name = project.name_any();
+            environments
+                .state()
+                .into_iter()
+                .filter(|env| env.namespace() == namespace && env.spec.project_ref.name == name)
+                .map(|env| ObjectRef::from_obj(&*env))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, Arc::new(ctx))
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "environment reconcile");
+            }
+        })
+        .await;
+}
