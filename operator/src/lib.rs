@@ -42,6 +42,47 @@ pub struct Config {
     /// Where the clouds are, and how local agents run.
     #[command(flatten)]
     pub clouds: CloudsConfig,
+
+    /// The image registry.
+    #[command(flatten)]
+    pub registry: registry::RegistryConfig,
+
+    /// How the pipeline reaches code and VMs.
+    #[command(flatten)]
+    pub pipeline: PipelineConfig,
+}
+
+/// How the pipeline reads code and starts agents.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineConfig {
+    /// The WebSocket URL new VMs' agents connect to, e.g. `wss://agents.stagely.example.com/v1/agent/connect`
+    /// (default: the gateway address on loopback, right only for the `local` provider).
+    #[arg(long, env = "STAGELY_AGENT_GATEWAY_URL")]
+    pub agent_gateway_url: Option<String>,
+
+    /// Where cloud VMs download the agent binary (`local` VMs run `--local-agent-bin`).
+    #[arg(long, env = "STAGELY_AGENT_DOWNLOAD_URL", default_value = "")]
+    pub agent_download_url: String,
+
+    /// The agent binary's SHA-256 (hex), checked on the VM before it runs.
+    #[arg(long, env = "STAGELY_AGENT_SHA256", default_value = "")]
+    pub agent_sha256: String,
+
+    /// Seconds a new VM's agent has to connect before its job fails.
+    #[arg(long, env = "STAGELY_AGENT_CONNECT_TIMEOUT_SECS", default_value_t = 600)]
+    pub agent_connect_timeout_secs: u64,
+
+    /// Seconds between checks that a running builder VM is still there.
+    #[arg(long, env = "STAGELY_VM_CHECK_INTERVAL_SECS", default_value_t = 30)]
+    pub vm_check_interval_secs: u64,
+
+    /// Where the git source keeps its partial clones (one per repository; a cache).
+    #[arg(long, env = "STAGELY_SOURCE_CACHE_DIR", default_value = "/var/cache/stagely/source")]
+    pub source_cache_dir: std::path::PathBuf,
+
+    /// Seconds reading stagely.yaml from a repository may take.
+    #[arg(long, env = "STAGELY_SOURCE_TIMEOUT_SECS", default_value_t = 60)]
+    pub source_timeout_secs: u64,
 }
 
 /// Cloud endpoints and the `local` provider's settings.
@@ -94,6 +135,12 @@ pub enum RunError {
     /// The agent gateway could not start or failed.
     #[error(transparent)]
     Gateway(#[from] gateway::ConfigError),
+    /// The registry configuration is unusable.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    /// Redis could not be reached for routes.
+    #[error(transparent)]
+    Routes(#[from] routes::RouteError),
     /// The agent gateway's address could not be bound.
     #[error("failed to listen on {addr} for the agent gateway: {source}")]
     GatewayListen {
@@ -104,27 +151,79 @@ pub enum RunError {
     },
 }
 
-/// This binary's metrics.
-pub fn metrics() -> ops::Metrics {
-    ops::Metrics::new("stagely_operator", env!("CARGO_PKG_VERSION"))
-}
-
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     // kube's rustls needs a process-wide provider; the AWS SDK compiles in a second one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default().await.map_err(RunError::Kube)?;
     let gateway = config.gateway.build(client.clone()).await?;
-    let cloud_providers = controllers::cloudprovider::Context::new(client, config.clouds.endpoints());
+    let registry = config.registry.build()?;
+    let routes = match &config.gateway.redis_url {
+        Some(url) => Some(Arc::new(routes::Routes::connect(url.expose()).await?)),
+        None => {
+            tracing::warn!("no Redis configured (--redis-url): routes are not written, previews are not served");
+            None
+        }
+    };
+    if registry.is_none() {
+        tracing::warn!("no image registry configured (--registry): Environments fail with NoRegistry");
+    }
+    let metrics = metrics::Metrics::default();
     let addr = config.gateway.gateway_addr;
+    let endpoints = config.clouds.endpoints();
+    let pipeline = &config.pipeline;
+    let agents = controllers::vm::AgentSettings {
+        gateway_url: pipeline
+            .agent_gateway_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://127.0.0.1:{}{}", addr.port(), stagely_api::protocol::CONNECT_PATH)),
+        agent_url: pipeline.agent_download_url.clone(),
+        agent_sha256: pipeline.agent_sha256.clone(),
+        enrollment_ttl: Duration::from_secs(pipeline.agent_connect_timeout_secs.max(60)),
+    };
+    let timings = controllers::buildjob::Timings {
+        agent_connect: Duration::from_secs(pipeline.agent_connect_timeout_secs),
+        vm_check: Duration::from_secs(pipeline.vm_check_interval_secs.max(1)),
+        ..Default::default()
+    };
+    let source =
+        source::git::GitSource::new(&pipeline.source_cache_dir, Duration::from_secs(pipeline.source_timeout_secs));
+    let loader = Arc::new(source::ConfigLoader::new(Arc::new(source)));
+
+    let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
+    let projects = controllers::project::Context::new(client.clone(), metrics.clone());
+    let environments =
+        controllers::environment::Context::new(client.clone(), loader, registry.clone(), routes, metrics.clone());
+    let build_jobs = controllers::buildjob::Context::new(
+        client,
+        gateway.clone(),
+        registry.clone(),
+        endpoints,
+        agents,
+        Arc::new(controllers::capacity::Capacity::new()),
+        metrics.clone(),
+        timings,
+    );
+    // Builders fetch registry tokens where they reach the operator already: the gateway.
+    let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default();
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
     tracing::info!(addr = %config.ops_addr, gateway_addr = %addr, version = env!("CARGO_PKG_VERSION"), "stagely-operator started");
-    let serve_gateway =
-        async { gateway.serve(listener, ops::shutdown_signal()).await.map_err(|err| RunError::Gateway(err.into())) };
-    let serve_ops = async { ops::serve_until_signal(config.ops_addr, metrics()).await.map_err(RunError::from) };
+    let serve_gateway = async {
+        gateway.serve_with(listener, extra, ops::shutdown_signal()).await.map_err(|err| RunError::Gateway(err.into()))
+    };
+    let ops_metrics = metrics.register(env!("CARGO_PKG_VERSION"));
+    let serve_ops = async { ops::serve_until_signal(config.ops_addr, ops_metrics).await.map_err(RunError::from) };
     let run_controllers = async {
-        controllers::cloudprovider::run(std::sync::Arc::new(cloud_providers), ops::shutdown_signal()).await;
+        tokio::join!(
+            controllers::cloudprovider::run(Arc::new(cloud_providers), ops::shutdown_signal()),
+            controllers::project::run(Arc::new(projects), ops::shutdown_signal()),
+            controllers::environment::run(environments, ops::shutdown_signal()),
+            controllers::buildjob::run(Arc::new(build_jobs), ops::shutdown_signal()),
+        );
         Ok(())
     };
     tokio::try_join!(serve_ops, serve_gateway, run_controllers)?;

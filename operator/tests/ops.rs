@@ -1,7 +1,8 @@
 //! The operator's configuration and metrics.
 
 use clap::Parser;
-use stagely_operator::{Config, metrics};
+use stagely_operator::Config;
+use stagely_operator::metrics::{BuildLabels, Metrics};
 
 #[test]
 fn config_has_defaults_and_rejects_a_bad_address_clearly() {
@@ -13,9 +14,20 @@ fn config_has_defaults_and_rejects_a_bad_address_clearly() {
 
 #[test]
 fn metrics_carry_the_binary_prefix() {
-    let text = metrics().encode();
+    let metrics = Metrics::default();
+    metrics
+        .build_duration
+        .get_or_create(&BuildLabels { platform: "linux/arm64".into(), result: "succeeded".into() })
+        .observe(42.0);
+    metrics.reconciled("environment", "ok");
+    let text = metrics.register(env!("CARGO_PKG_VERSION")).encode();
     assert!(
         text.contains(concat!("stagely_operator_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1")),
         "{text}"
     );
+    assert!(
+        text.contains(r#"stagely_operator_build_duration_seconds_count{platform="linux/arm64",result="succeeded"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"stagely_operator_reconciles_total{controller="environment",outcome="ok"} 1"#), "{text}");
 }

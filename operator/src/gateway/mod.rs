@@ -487,12 +487,23 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
+        self.serve_with(listener, Router::new(), shutdown).await
+    }
+
+    /// Like [`Gateway::serve`], with `extra` routes on the same listener (e.g. the registry's
+    /// token endpoint, which builders reach where they reach the gateway).
+    pub async fn serve_with(
+        &self,
+        listener: TcpListener,
+        extra: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
         let inner = Arc::clone(&self.inner);
         let signal = async move {
             shutdown.await;
             inner.shutdown.send_replace(true);
         };
-        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
+        axum::serve(listener, self.router().merge(extra).into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(signal)
             .await
             .map_err(GatewayError::Serve)?;
