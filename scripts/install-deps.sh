@@ -61,3 +61,23 @@ fi
 for tool in cargo rustfmt cargo-clippy; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool is required (rustup component add rustfmt clippy)" >&2; exit 1; }
 done
+
+# The multi-platform pipeline test builds a real arm64 image `FROM scratch` around Debian's
+# static arm64 busybox; no emulation is needed to build it, only the binary. It is unpacked
+# under the cache, never installed.
+arm64_dir=${STAGELY_CACHE:-$HOME/.cache/stagely}/busybox-arm64
+if [ ! -x "$arm64_dir/bin/busybox" ]; then
+  echo "install-deps: fetching Debian's busybox-static:arm64"
+  if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    dpkg --add-architecture arm64
+    apt-get update -qq
+  fi
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq busybox-static:arm64 2>/dev/null) || {
+    apt-get update -qq
+    (cd "$tmp" && apt-get download -qq busybox-static:arm64)
+  }
+  mkdir -p "$arm64_dir.tmp"
+  dpkg-deb -x "$tmp"/busybox-static_*_arm64.deb "$arm64_dir.tmp"
+  rm -rf "$arm64_dir" "$tmp" && mv "$arm64_dir.tmp" "$arm64_dir"
+fi
