@@ -210,10 +210,15 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Creates BuildJob `name` building `commit` of the Project's repository.
-    async fn create_job(&self, name: &str, commit: &str, cache: bool) -> BuildJob {
-        let repository = format!("{}/{}/shop/{name}", registry().addr(), self.namespace);
-        let cache = cache.then(|| format!("{repository}:cache-amd64"));
+    /// The repository BuildJob `name` pushes to.
+    fn repository(&self, name: &str) -> String {
+        format!("{}/{}/shop/{name}", registry().addr(), self.namespace)
+    }
+
+    /// Creates BuildJob `name` building `commit` of the Project's repository, with `cache` as
+    /// its layer cache.
+    async fn create_job(&self, name: &str, commit: &str, cache: Option<&str>) -> BuildJob {
+        let repository = self.repository(name);
         let spec: BuildJobSpec = serde_json::from_value(serde_json::json!({
             "service": name, "platform": "linux/amd64", "repository": "acme/shop", "commit": commit,
             "timeout": "20m", "image": repository, "cacheFrom": cache.iter().collect::<Vec<_>>(), "cacheTo": cache,
@@ -365,7 +370,7 @@ async fn a_build_succeeds_pushes_its_image_and_its_builder_goes() {
     let mut h = Harness::new("bj-success", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(QUICK);
-    let created = h.create_job("web", &commit, true).await;
+    let created = h.create_job("web", &commit, Some(&format!("{}:cache-amd64", h.repository("web")))).await;
     let (pid, token) = h.builder(&created).await;
 
     let job = h.wait_phase("web", BuildJobPhase::Succeeded, BUILD_TIMEOUT).await;
@@ -422,7 +427,7 @@ async fn a_failing_build_reports_its_exit_code_and_log_tail() {
     let mut h = Harness::new("bj-fail", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(r#"RUN ["/bin/busybox", "sh", "-c", "echo boom-marker-$((6*7)); exit 3"]"#);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
 
     let job = h.wait_phase("web", BuildJobPhase::Failed, BUILD_TIMEOUT).await;
@@ -445,7 +450,7 @@ async fn an_agent_that_never_connects_fails_the_build() {
     let timings = Timings { agent_connect: Duration::from_secs(5), ..quick_timings() };
     h.start_controller(timings, Some(format!("ws://{closed}/v1/agent/connect")));
     let commit = h.commit(QUICK);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
 
     let job = h.wait_phase("web", BuildJobPhase::Failed, STEP_TIMEOUT).await;
@@ -465,7 +470,7 @@ async fn a_builder_killed_mid_build_fails_the_build() {
     let mut h = Harness::new("bj-killed", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(ENDLESS);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
     h.wait_phase("web", BuildJobPhase::Building, STEP_TIMEOUT).await;
 
@@ -487,7 +492,7 @@ async fn the_cancel_annotation_stops_a_build() {
     let mut h = Harness::new("bj-cancel", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(ENDLESS);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
     h.wait_phase("web", BuildJobPhase::Building, STEP_TIMEOUT).await;
 
@@ -508,7 +513,7 @@ async fn a_build_deleted_mid_build_leaves_no_builder() {
     let mut h = Harness::new("bj-delete", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(ENDLESS);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
     h.wait_phase("web", BuildJobPhase::Building, STEP_TIMEOUT).await;
 
@@ -530,9 +535,9 @@ async fn builds_wait_for_a_free_instance_first_come_first_served() {
     let mut h = Harness::new("bj-capacity", 1).await;
     h.start_controller(quick_timings(), None);
     let slow = h.commit(r#"RUN ["/bin/busybox", "sleep", "10"]"#);
-    let first = h.create_job("first", &slow, false).await;
+    let first = h.create_job("first", &slow, None).await;
     h.builder(&first).await;
-    let second = h.create_job("second", &slow, false).await;
+    let second = h.create_job("second", &slow, None).await;
 
     let jobs = h.jobs();
     eventually("the second build to wait for an instance", STEP_TIMEOUT, || {
@@ -566,7 +571,7 @@ async fn a_restarted_operator_finishes_the_build_on_the_same_builder() {
     let mut h = Harness::new("bj-restart", 2).await;
     h.start_controller(quick_timings(), None);
     let commit = h.commit(r#"RUN ["/bin/busybox", "sleep", "15"]"#);
-    let created = h.create_job("web", &commit, false).await;
+    let created = h.create_job("web", &commit, None).await;
     let (pid, _) = h.builder(&created).await;
     h.wait_phase("web", BuildJobPhase::Building, STEP_TIMEOUT).await;
 
@@ -595,5 +600,25 @@ async fn a_restarted_operator_finishes_the_build_on_the_same_builder() {
     let started = logs::text().lines().filter(|l| l.contains("started local agent") && l.contains(&name)).count();
     assert_eq!(started, 1, "exactly one builder VM was ever started for the job");
     h.wait_no_builder(&[pid]).await;
+    h.stop_controller().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_cache_that_cannot_be_pushed_does_not_fail_the_build() {
+    let mut h = Harness::new("bj-cache", 2).await;
+    h.start_controller(quick_timings(), None);
+    let commit = h.commit(QUICK);
+    // Nothing listens there: every cache push fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let created = h.create_job("web", &commit, Some(&format!("{closed}/nowhere/cache:amd64"))).await;
+
+    let job = h.wait_phase("web", BuildJobPhase::Succeeded, BUILD_TIMEOUT).await;
+    let digest = job.status.as_ref().unwrap().image_digest.clone().unwrap();
+    assert_eq!(registry().get_status(&format!("/v2/bj-cache/shop/web/manifests/{digest}")), Some(200));
+    // The agent tried the cache, saw its push fail, and built without it.
+    let log = h.gateway().log_tail(&buildjob::job_id(created.metadata.uid.as_deref().unwrap()), 10_000).await;
+    assert!(log.iter().any(|l| l.contains("--cache-to")), "the first attempt pushed a cache: {log:#?}");
+    assert!(log.iter().any(|l| l.contains("building again without pushing the layer cache")), "{log:#?}");
+    h.wait_no_builder(&[]).await;
     h.stop_controller().await;
 }
