@@ -421,3 +421,9 @@ pub fn process_running(pid: u32) -> bool {
         .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
         .unwrap_or(false)
 }
+
+/// Starts `command` so that it dies with this process (SIGKILL when the test process exits,
+/// however it exits): for the operator and other servers a test runs as child processes.
+pub fn spawn_tied(command: Command) -> std::io::Result<Child> {
+    spawn::spawn(command, false)
+}

@@ -1,0 +1,393 @@
+//! Stagely's whole stack for end-to-end tests, every part real and on loopback: testenv's
+//! control plane, redis-server, the distribution registry with token auth (its realm on the
+//! operator's gateway), and the `stagely-operator` binary itself, whose `local` CloudProviders
+//! start real agent processes that build with podman.
+//!
+//! Tests work in namespaces of their own: [`Stack::namespace`] creates one with a local
+//! CloudProvider, a GitHub credentials Secret and a Project reading a git repository on disk.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use stagely_api::v1alpha1::{
+    BuildJob, CloudProvider, Environment, EnvironmentSpec, LocalObjectRef, Project, PullRequest,
+};
+use stagely_testenv::registry::{Registry, TokenAuth, TokenKey};
+use stagely_testenv::server::Server;
+use stagely_testenv::{ControlPlane, Options};
+
+use crate::agent_support::{Podman, agent_bin, free_port, git};
+
+/// Generous bounds: builds share two cores with everything else.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Anything that is not a build.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The registry's token service and issuer, as the operator is told too.
+const SERVICE: &str = "stagely-registry";
+const ISSUER: &str = "stagely";
+
+/// Everything but the operator, which tests start (and may kill) through [`Stack::operator`].
+pub struct Stack {
+    pub plane: &'static ControlPlane,
+    pub redis: Server,
+    pub registry: Registry,
+    pub podman: Podman,
+    pub dir: tempfile::TempDir,
+    pub gateway_port: u16,
+    key_file: PathBuf,
+    cert_file: PathBuf,
+    signing_key_file: PathBuf,
+}
+
+impl Stack {
+    /// The stack every test of this test binary shares, started on first use. Its processes die
+    /// with the test process.
+    pub fn shared() -> &'static Stack {
+        static SHARED: std::sync::OnceLock<Stack> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Stack::start)
+    }
+
+    /// Starts the control plane, Redis and the registry; the operator's ports are chosen now,
+    /// since the registry's token realm names the gateway.
+    fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("stagely-e2e-").tempdir().unwrap();
+        let plane = stagely_testenv::shared(|| Options { crds: stagely_api::crds(), ..Options::default() });
+        let redis = Server::redis().expect("redis-server is installed (make deps)");
+        let gateway_port = free_port();
+        let key = TokenKey::generate().unwrap();
+        let key_file = dir.path().join("registry-token.key");
+        let cert_file = dir.path().join("registry-token.crt");
+        std::fs::write(&key_file, &key.key_pem).unwrap();
+        std::fs::write(&cert_file, &key.cert_pem).unwrap();
+        let registry = Registry::start_with_token_auth(&TokenAuth {
+            realm: format!("http://127.0.0.1:{gateway_port}/v1/registry/token"),
+            service: SERVICE.into(),
+            issuer: ISSUER.into(),
+            root_cert_pem: key.cert_pem.clone(),
+        })
+        .expect("the registry starts (testenv/build.sh builds it)");
+        let signing_key_file = dir.path().join("gateway.key");
+        std::fs::write(&signing_key_file, b"a test gateway signing key of at least 32 bytes").unwrap();
+        let podman = Podman::new(dir.path());
+        Self { plane, redis, registry, podman, dir, gateway_port, key_file, cert_file, signing_key_file }
+    }
+
+    /// A client of the control plane.
+    pub async fn client(&self) -> Client {
+        self.plane.client().await.unwrap()
+    }
+
+    /// Where `local` CloudProviders of `namespace` keep their instances.
+    pub fn local_dir(&self, namespace: &str) -> PathBuf {
+        self.dir.path().join("local").join(namespace)
+    }
+
+    /// The operator's log.
+    pub fn operator_log(&self) -> PathBuf {
+        self.dir.path().join("operator.log")
+    }
+
+    /// Starts the operator binary against this stack; it dies with the test process.
+    pub fn operator(&self) -> Operator {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
+        command
+            .env("KUBECONFIG", self.plane.kubeconfig())
+            .env("RUST_LOG", "info,stagely_operator=debug")
+            .envs(self.podman.env.iter().map(|(k, v)| (k, v)))
+            .arg("--ops-addr")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--gateway-addr")
+            .arg(format!("127.0.0.1:{}", self.gateway_port))
+            .arg("--gateway-signing-key-file")
+            .arg(&self.signing_key_file)
+            .arg("--redis-url")
+            .arg(self.redis.url())
+            .arg("--registry")
+            .arg(self.registry.addr())
+            .arg("--registry-token-key-file")
+            .arg(&self.key_file)
+            .arg("--registry-token-cert-file")
+            .arg(&self.cert_file)
+            .arg("--registry-token-issuer")
+            .arg(ISSUER)
+            .arg("--registry-token-service")
+            .arg(SERVICE)
+            .arg("--local-agent-bin")
+            .arg(agent_bin())
+            .arg("--local-state-dir")
+            .arg(self.dir.path().join("local"))
+            .arg("--source-cache-dir")
+            .arg(self.dir.path().join("source"))
+            .arg("--vm-check-interval-secs")
+            .arg("2")
+            .arg("--agent-connect-timeout-secs")
+            .arg("180")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
+        let port = self.gateway_port;
+        crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Operator(child)
+    }
+
+    /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
+    /// credentials Secret and a Project `shop` reading the repository at `repo`.
+    pub async fn namespace(&self, namespace: &str, repo: &Path, max_instances: i32) {
+        let client = self.client().await;
+        let pp = PostParams::default();
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone()).create(&pp, &ns).await.unwrap();
+        let provider: CloudProvider = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stagely.dev/v1alpha1", "kind": "CloudProvider",
+            "metadata": {"name": "local", "namespace": namespace},
+            "spec": {"type": "local", "local": {"engine": "podman"}, "maxInstances": max_instances},
+        }))
+        .unwrap();
+        Api::<CloudProvider>::namespaced(client.clone(), namespace).create(&pp, &provider).await.unwrap();
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some("github".into()), ..Default::default() },
+            string_data: Some(BTreeMap::from([
+                ("token".to_owned(), "ghp_not_used_by_the_git_source".to_owned()),
+                ("webhookSecret".to_owned(), "whsec_test".to_owned()),
+            ])),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), namespace).create(&pp, &secret).await.unwrap();
+        let project: Project = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stagely.dev/v1alpha1", "kind": "Project",
+            "metadata": {"name": "shop", "namespace": namespace},
+            "spec": {
+                "repository": "acme/shop",
+                "cloneUrl": format!("file://{}", repo.display()),
+                "cloudProviderRef": {"name": "local"},
+                "previewDomain": "preview.example.com",
+                "github": {"credentialsSecretRef": {"name": "github"}},
+            },
+        }))
+        .unwrap();
+        Api::<Project>::namespaced(client, namespace).create(&pp, &project).await.unwrap();
+    }
+}
+
+/// The operator process; SIGKILLed when dropped or [`Operator::kill`]ed.
+pub struct Operator(Child);
+
+impl Operator {
+    /// SIGKILL, as a crashed node or an OOM kill would.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An Environment `name` for pull request `pr` of Project `shop` at `sha`.
+pub fn environment(name: &str, pr: i64, sha: &str) -> Environment {
+    Environment::new(
+        name,
+        EnvironmentSpec {
+            project_ref: LocalObjectRef::new("shop"),
+            pull_request: PullRequest {
+                number: pr,
+                head_sha: sha.into(),
+                head_ref: format!("feature-{pr}"),
+                base_ref: "main".into(),
+                author: Some("octocat".into()),
+                url: None,
+            },
+            overrides: None,
+        },
+    )
+}
+
+/// Points the Environment `name` at `sha`, as the webhook receiver does on `synchronize`.
+pub async fn set_head(api: &Api<Environment>, name: &str, sha: &str) {
+    let patch = serde_json::json!({"spec": {"pullRequest": {"headSha": sha}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+/// The arm64 busybox `scripts/install-deps.sh` unpacks into the cache.
+pub fn arm64_busybox() -> PathBuf {
+    let cache = std::env::var_os("STAGELY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/stagely"));
+    let path = cache.join("busybox-arm64/bin/busybox");
+    assert!(path.exists(), "{} is missing: run scripts/install-deps.sh (make deps)", path.display());
+    path
+}
+
+/// A repository with a web app built for amd64 and arm64 (`FROM scratch` around the platform's
+/// busybox, chosen by `TARGETARCH`; no `RUN`, so arm64 needs no emulation) and an api built for
+/// amd64, plus `stagely.yaml`. Returns the commit.
+pub fn multi_arch_repo(dir: &Path) -> String {
+    std::fs::create_dir_all(dir.join("web/www")).unwrap();
+    std::fs::create_dir_all(dir.join("api")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("web/busybox-amd64")).unwrap();
+    std::fs::copy(arm64_busybox(), dir.join("web/busybox-arm64")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("api/busybox")).unwrap();
+    std::fs::write(dir.join("web/www/index.html"), "hello from stagely\n").unwrap();
+    std::fs::write(
+        dir.join("web/Dockerfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY busybox-${TARGETARCH} /bin/busybox\nCOPY www /www\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("api/Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"httpd\", \"-f\", \"-p\", \"9090\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("stagely.yaml"),
+        "version: 2\nbuilds:\n  web:\n    context: web\n    platforms: [linux/amd64, linux/arm64]\n  api:\n    context: api\n    platform: linux/amd64\n",
+    )
+    .unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    commit(dir, "app")
+}
+
+/// A repository with one amd64 build whose Dockerfile is `dockerfile` (the context holds
+/// busybox). Returns the commit.
+pub fn single_repo(dir: &Path, dockerfile: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+    std::fs::write(dir.join("stagely.yaml"), "version: 2\nbuilds:\n  web:\n    platform: linux/amd64\n").unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    commit(dir, "app")
+}
+
+/// Commits everything in `dir`; returns the commit.
+pub fn commit(dir: &Path, message: &str) -> String {
+    git(dir, &["add", "-A"]);
+    git(dir, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "--allow-empty", "-m", message]);
+    git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// A Dockerfile that builds (slowly, so a test can act mid-build) a tiny amd64 image.
+pub fn slow_dockerfile(seconds: u32) -> String {
+    format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sleep\", \"{seconds}\"]\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"true\"]\n"
+    )
+}
+
+/// One builder "VM" of the local provider as seen on disk.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seen {
+    /// The instance (directory) name.
+    pub instance: String,
+    /// Its owner's UID tag.
+    pub owner: String,
+    /// The agent's process id.
+    pub pid: u32,
+}
+
+/// Watches a namespace's local instances from a background thread, recording every agent
+/// process ever started and the most running at once (observation only: nothing waits on it).
+pub struct InstanceWatch {
+    seen: Arc<Mutex<(BTreeSet<Seen>, usize)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl InstanceWatch {
+    /// Starts watching `dir` (a namespace's local state directory).
+    pub fn start(dir: PathBuf) -> Self {
+        let seen = Arc::new(Mutex::new((BTreeSet::new(), 0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = instances(&dir);
+                let running = now.iter().filter(|i| stagely_testenv::process_running(i.pid)).count();
+                let mut guard = s.lock().unwrap();
+                guard.0.extend(now);
+                guard.1 = guard.1.max(running);
+                drop(guard);
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        });
+        Self { seen, stop }
+    }
+
+    /// Every agent process seen.
+    pub fn seen(&self) -> BTreeSet<Seen> {
+        self.seen.lock().unwrap().0.clone()
+    }
+
+    /// The most agents seen running at once.
+    pub fn max_running(&self) -> usize {
+        self.seen.lock().unwrap().1
+    }
+}
+
+impl Drop for InstanceWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The local instances under `dir` (any CloudProvider), from their `instance.json`.
+pub fn instances(dir: &Path) -> Vec<Seen> {
+    let mut found = Vec::new();
+    let Ok(providers) = std::fs::read_dir(dir) else { return found };
+    for provider in providers.flatten() {
+        let Ok(entries) = std::fs::read_dir(provider.path()) else { continue };
+        for entry in entries.flatten() {
+            let Ok(bytes) = std::fs::read(entry.path().join("instance.json")) else { continue };
+            let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            found.push(Seen {
+                instance: entry.file_name().to_string_lossy().into_owned(),
+                owner: record["tags"][stagely_api::keys::cloud_tags::OWNER_UID].as_str().unwrap_or_default().to_owned(),
+                pid: record["pid"].as_u64().unwrap_or_default() as u32,
+            });
+        }
+    }
+    found
+}
+
+/// Fails unless no builder is left in `dir`: no instance directory, no agent process alive
+/// among `seen`.
+pub fn assert_no_builder_left(dir: &Path, seen: &BTreeSet<Seen>) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .map(|providers| {
+            providers
+                .flatten()
+                .flat_map(|p| {
+                    std::fs::read_dir(p.path())
+                        .map(|e| e.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "instance state left behind: {left:?}");
+    let alive: Vec<_> = seen.iter().filter(|s| stagely_testenv::process_running(s.pid)).collect();
+    assert!(alive.is_empty(), "agent processes left running: {alive:?}");
+}
+
+/// The BuildJobs of Environment `name`.
+pub async fn jobs_of(api: &Api<BuildJob>, name: &str) -> Vec<BuildJob> {
+    let params = kube::api::ListParams::default().labels(&format!("{}={name}", stagely_api::keys::ENVIRONMENT));
+    api.list(&params).await.unwrap().items
+}
