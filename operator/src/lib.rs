@@ -195,15 +195,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
     let projects = controllers::project::Context::new(client.clone(), metrics.clone());
+    let capacity = Arc::new(controllers::capacity::Capacity::new());
     let environments =
-        controllers::environment::Context::new(client.clone(), loader, registry.clone(), routes, metrics.clone());
+        controllers::environment::Context::new(client.clone(), loader, registry.clone(), routes, metrics.clone())
+            .with_previews(
+                gateway.clone(),
+                endpoints.clone(),
+                agents.clone(),
+                Arc::clone(&capacity),
+                Duration::from_secs(pipeline.agent_connect_timeout_secs),
+            );
     let build_jobs = controllers::buildjob::Context::new(
         client,
         gateway.clone(),
         registry.clone(),
         endpoints,
         agents,
-        Arc::new(controllers::capacity::Capacity::new()),
+        capacity,
         metrics.clone(),
         timings,
     );

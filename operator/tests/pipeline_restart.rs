@@ -57,7 +57,7 @@ async fn an_operator_killed_mid_run_finishes_it_with_one_builder_per_build_job()
     assert_eq!(find_condition(&status.conditions, "BuildsSucceeded").unwrap().status, "True", "{status:#?}");
 
     eventually("the builders to go", STEP_TIMEOUT, || async {
-        stack::instances(&stack.local_dir(ns)).is_empty().then_some(())
+        stack::builders(&stack.local_dir(ns)).is_empty().then_some(())
     })
     .await;
     let seen = watch.seen();
@@ -66,7 +66,7 @@ async fn an_operator_killed_mid_run_finishes_it_with_one_builder_per_build_job()
     assert_eq!(jobs.len(), 2);
     for job in jobs {
         let uid = job.uid().unwrap();
-        let builders: Vec<_> = seen.iter().filter(|s| s.owner == uid).collect();
+        let builders: Vec<_> = seen.iter().filter(|s| s.owner == uid && s.role == "builder").collect();
         assert_eq!(builders.len(), 1, "exactly one builder VM for {}: {seen:?}", job.name_any());
     }
 }

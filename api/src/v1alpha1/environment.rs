@@ -153,6 +153,40 @@ pub struct EnvironmentStatus {
     /// Estimated cloud cost so far, in US dollars, from the providers' hourly prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_cost_usd: Option<f64>,
+
+    /// The last deployment sent to the preview VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentStatus>,
+
+    /// Registry tags (`<repository>:<tag>`) this environment's runs pushed, deleted with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_tags: Vec<String>,
+}
+
+/// A deployment of the app onto the preview VM.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStatus {
+    /// The DEPLOY job: derived from the environment, the commit and the secrets' contents, so a
+    /// new commit or a changed Secret deploys again and nothing else does.
+    pub job_id: String,
+    /// The commit deployed.
+    pub commit: String,
+    /// A digest of the secret values deployed (never the values).
+    pub secrets_digest: String,
+    /// `running`, `succeeded` or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The service the URL serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The port on the preview VM the URL is proxied to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// When it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
 }
 
 /// One run of an environment: a commit, built and deployed.

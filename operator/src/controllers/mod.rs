@@ -5,5 +5,6 @@ pub mod capacity;
 pub mod cloudprovider;
 pub mod conditions;
 pub mod environment;
+pub mod follow;
 pub mod project;
 pub mod vm;

@@ -299,6 +299,8 @@ pub struct Seen {
     pub instance: String,
     /// Its owner's UID tag.
     pub owner: String,
+    /// `builder` or `preview`.
+    pub role: String,
     /// The agent's process id.
     pub pid: u32,
 }
@@ -359,6 +361,7 @@ pub fn instances(dir: &Path) -> Vec<Seen> {
             found.push(Seen {
                 instance: entry.file_name().to_string_lossy().into_owned(),
                 owner: record["tags"][stagely_api::keys::cloud_tags::OWNER_UID].as_str().unwrap_or_default().to_owned(),
+                role: record["tags"][stagely_api::keys::cloud_tags::ROLE].as_str().unwrap_or_default().to_owned(),
                 pid: record["pid"].as_u64().unwrap_or_default() as u32,
             });
         }
@@ -366,9 +369,24 @@ pub fn instances(dir: &Path) -> Vec<Seen> {
     found
 }
 
-/// Fails unless no builder is left in `dir`: no instance directory, no agent process alive
-/// among `seen`.
+/// The builder instances under `dir`.
+pub fn builders(dir: &Path) -> Vec<Seen> {
+    instances(dir).into_iter().filter(|i| i.role == "builder").collect()
+}
+
+/// Fails unless no builder is left in `dir`: no builder instance directory, no builder agent
+/// process alive among `seen`.
 pub fn assert_no_builder_left(dir: &Path, seen: &BTreeSet<Seen>) {
+    let left = builders(dir);
+    assert!(left.is_empty(), "builder state left behind: {left:?}");
+    let alive: Vec<_> =
+        seen.iter().filter(|s| s.role == "builder" && stagely_testenv::process_running(s.pid)).collect();
+    assert!(alive.is_empty(), "builder agents left running: {alive:?}");
+}
+
+/// Fails unless nothing is left in `dir`: no instance directory of any kind, no agent process
+/// alive among `seen`.
+pub fn assert_nothing_left(dir: &Path, seen: &BTreeSet<Seen>) {
     let left: Vec<_> = std::fs::read_dir(dir)
         .map(|providers| {
             providers

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod plan;
+pub mod preview;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ const RETRY: Duration = Duration::from_secs(15);
 const RESYNC: Duration = Duration::from_secs(600);
 /// How often deletion checks whether its BuildJobs are gone.
 const CLEANUP_POLL: Duration = Duration::from_secs(2);
+/// How long deletion keeps trying before it releases the Environment and reports what is left.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(600);
 
 /// What the reconciler needs.
 pub struct Context {
@@ -53,6 +56,9 @@ pub struct Context {
     routes: Option<Arc<Routes>>,
     metrics: Metrics,
     jobs: Option<Store<BuildJob>>,
+    preview: Option<preview::Preview>,
+    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
+    woken: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Environment>>>>,
 }
 
 impl Context {
@@ -67,6 +73,7 @@ impl Context {
         metrics: Metrics,
     ) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
+        let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -75,7 +82,39 @@ impl Context {
             routes,
             metrics,
             jobs: None,
+            preview: None,
+            wake,
+            woken: std::sync::Mutex::new(Some(woken)),
         }
+    }
+
+    /// Runs previews too: a preview VM per Environment started through `endpoints` (holding a
+    /// slot of `capacity`, shared with the BuildJob controller), DEPLOY through `gateway`.
+    pub fn with_previews(
+        mut self,
+        gateway: crate::gateway::Gateway,
+        endpoints: crate::providers::account::Endpoints,
+        agents: crate::controllers::vm::AgentSettings,
+        capacity: Arc<crate::controllers::capacity::Capacity>,
+        agent_connect: Duration,
+    ) -> Self {
+        self.preview =
+            Some(preview::Preview::new(gateway, endpoints, agents, capacity, agent_connect, self.wake.clone()));
+        self
+    }
+}
+
+/// Records an Event on `env` (failures to record are logged, never fatal).
+pub(crate) async fn event(ctx: &Context, env: &Environment, warning: bool, reason: &str, note: String) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &env.object_ref(&())).await {
+        tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "cannot record event");
     }
 }
 
@@ -104,6 +143,16 @@ pub enum Error {
         /// What is still there.
         what: String,
     },
+    /// A command could not be queued for the preview agent.
+    #[error("failed to send a command to the preview agent of Environment {namespace}/{name}: {message}")]
+    Gateway {
+        /// The Environment's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// What the gateway said.
+        message: String,
+    },
     /// The finalizer machinery failed.
     #[error("failed to run the finalizer of an Environment: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -114,6 +163,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "ApiError",
             Error::Waiting { .. } => "Waiting",
+            Error::Gateway { .. } => "GatewayError",
             Error::Finalizer(_) => "FinalizerError",
         }
     }
@@ -231,6 +281,20 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     let mut status = decided.status;
     let outcome = apply::apply(env, &decided.actions, &mut status, ctx).await?;
 
+    // Preview: once every image is known, the VM, DEPLOY and the route.
+    let mut requeue = None;
+    let images_known = status.run.as_ref().is_some_and(|run| {
+        let services: std::collections::BTreeSet<&str> = run.builds.iter().map(|b| b.service.as_str()).collect();
+        services.iter().all(|s| run.images.contains_key(*s))
+    });
+    if status.phase == Some(EnvironmentPhase::Deploying)
+        && images_known
+        && let (Some(project), Some(Ok(config))) = (&project, &loaded)
+    {
+        let inputs = preview::Inputs { project, provider: provider.as_ref(), config: config.as_ref() };
+        requeue = preview::advance(env, &mut status, &inputs, ctx).await?.requeue;
+    }
+
     // Status.
     let previous = env.status.clone().unwrap_or_default();
     if previous != status {
@@ -248,6 +312,7 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     let retry = decided.retry || outcome.retry;
     Ok(match status.phase {
         _ if retry => Action::requeue(RETRY),
+        _ if requeue.is_some() => Action::requeue(requeue.unwrap_or(RETRY)),
         // A run that cannot go on waits for a change; it is not retried in a loop.
         Some(EnvironmentPhase::Failed) => Action::await_change(),
         _ => Action::requeue(RESYNC),
@@ -277,16 +342,7 @@ async fn record_transitions(
         events.push((phase == EnvironmentPhase::Failed, format!("{phase:?}"), note));
     }
     for (warning, reason, note) in events {
-        let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason,
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &env.object_ref(&())).await {
-            tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "cannot record event");
-        }
+        event(ctx, env, warning, &reason, note).await;
     }
 }
 
@@ -315,6 +371,21 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::Waiting { namespace, name, what: format!("its route to be deleted ({err})") });
         }
     }
+    // The preview: TERMINATE to its agent, its VM, its registry tags.
+    let provider = match Api::<Project>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&env.spec.project_ref.name)
+        .await
+        .map_err(kube_error("read the Project"))?
+    {
+        Some(project) => Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&project.spec.cloud_provider_ref.name)
+            .await
+            .map_err(kube_error("read the CloudProvider"))?,
+        None => None,
+    };
+    let mut leftovers = preview::teardown(env, ctx, provider.as_ref()).await;
+
+    // The BuildJobs, whose finalizers stop their builder VMs.
     let jobs_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &namespace);
     let jobs = owned_jobs(env, ctx);
     for job in &jobs {
@@ -324,11 +395,19 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
     }
     if !jobs.is_empty() {
         let names: Vec<_> = jobs.iter().map(ResourceExt::name_any).collect();
-        return Err(Error::Waiting {
-            namespace,
-            name,
-            what: format!("BuildJobs {} to stop their VMs", names.join(", ")),
-        });
+        leftovers.push(format!("BuildJobs {} (stopping their VMs)", names.join(", ")));
+    }
+    if !leftovers.is_empty() {
+        let since = env.metadata.deletion_timestamp.as_ref().map_or(Timestamp::now(), |t| t.0);
+        let waited = Timestamp::now().duration_since(since).unsigned_abs();
+        if waited < CLEANUP_DEADLINE {
+            return Err(Error::Waiting { namespace, name, what: leftovers.join("; ") });
+        }
+        // Past the deadline the Environment goes; what is left is said, and the orphan sweep
+        // (which finds VMs by their owner tag) keeps trying.
+        let note = format!("gave up cleaning after {}s, left: {}", waited.as_secs(), leftovers.join("; "));
+        tracing::warn!(%namespace, %name, %note, "releasing the finalizer");
+        event(ctx, env, true, "CleanupAbandoned", note).await;
     }
     tracing::info!(%namespace, %name, "environment torn down");
     Ok(Action::await_change())
@@ -357,24 +436,78 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         .default_backoff()
         .reflect(jobs_writer)
         .touched_objects();
+    let (projects, projects_writer) = reflector::store::<Project>();
     let project_events = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .reflect(projects_writer)
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
+    // Secret changes redeploy the Environments of the Projects that reference them; only the
+    // metadata is watched, so no secret value is held here.
+    let secret_events = watcher(
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     let controller = Controller::new(Api::<Environment>::all(client), watcher::Config::default());
     let environments = controller.store();
-    controller
-        .owns_stream(job_events)
-        .watches_stream(project_events, move |project: Project| {
-            let namespace = project.namespace();
-            let name = project.name_any();
+    let of_project = {
+        let environments = environments.clone();
+        move |namespace: Option<String>, name: String| {
             environments
                 .state()
                 .into_iter()
                 .filter(|env| env.namespace() == namespace && env.spec.project_ref.name == name)
                 .map(|env| ObjectRef::from_obj(&*env))
                 .collect::<Vec<_>>()
-        })
+        }
+    };
+    let by_project = of_project.clone();
+    let by_secret = move |secret: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>| {
+        let namespace = secret.namespace();
+        let name = secret.name_any();
+        projects
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace() == namespace && p.spec.secret_refs.iter().any(|r| r.name == name))
+            .flat_map(|p| of_project(namespace.clone(), p.name_any()))
+            .collect::<Vec<_>>()
+    };
+    // DEPLOY's STATUS updates, and capacity slots freed for a waiting preview VM.
+    let woken = ctx.woken.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    let deploys = futures_util::stream::unfold(woken, |woken| async move {
+        let mut woken = woken?;
+        let next = woken.recv().await?;
+        Some((next, Some(woken)))
+    });
+    let slots = match &ctx.preview {
+        Some(preview) => {
+            let environments = environments.clone();
+            futures_util::stream::unfold(Some(preview.capacity.subscribe()), |wakes| async move {
+                let mut wakes = wakes?;
+                loop {
+                    match wakes.recv().await {
+                        Ok(uid) => return Some((uid, Some(wakes))),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            })
+            .filter_map(move |uid| {
+                let found = environments.state().into_iter().find(|env| env.uid().as_deref() == Some(uid.as_str()));
+                std::future::ready(found.map(|env| ObjectRef::from_obj(&*env)))
+            })
+            .boxed()
+        }
+        None => futures_util::stream::empty().boxed(),
+    };
+    controller
+        .owns_stream(job_events)
+        .watches_stream(project_events, move |project: Project| by_project(project.namespace(), project.name_any()))
+        .watches_stream(secret_events, by_secret)
+        .reconcile_on(deploys)
+        .reconcile_on(slots)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, Arc::new(ctx))
         .for_each(|result| async move {

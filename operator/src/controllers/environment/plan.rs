@@ -25,6 +25,10 @@ pub const CONFIG_VALID: &str = "ConfigValid";
 /// Condition: every build of the run succeeded.
 pub const BUILDS_SUCCEEDED: &str = "BuildsSucceeded";
 
+/// Registry tags remembered for teardown; the oldest beyond this are left to the registry's
+/// garbage collection.
+const MAX_REGISTRY_TAGS: usize = 200;
+
 /// Lines of a failed build's message carried into the Environment's condition.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -126,6 +130,17 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
     if status.run.as_ref().is_none_or(|run| run.sha != sha) {
         status.run = Some(RunStatus { sha: sha.to_owned(), started_at: Some(Time(now)), ..RunStatus::default() });
         status.conditions.retain(|c| c.type_ != BUILDS_SUCCEEDED && c.type_ != CONFIG_VALID);
+    }
+    // The reaper tears an environment down a TTL after its last activity: creation or a commit.
+    if let Some(project) = observed.project {
+        let ttl = env.spec.overrides.as_ref().and_then(|o| o.ttl.clone()).unwrap_or_else(|| project.spec.ttl.clone());
+        let started = status.run.as_ref().and_then(|run| run.started_at.clone()).map_or(now, |t| t.0);
+        if let Ok(ttl) = stagely_api::v1alpha1::parse_duration(&ttl)
+            && let Ok(span) = k8s_openapi::jiff::SignedDuration::try_from(ttl)
+            && let Ok(expires) = started.checked_add(span)
+        {
+            status.expires_at = Some(Time(expires));
+        }
     }
     for job in observed.jobs {
         if job.spec.commit != sha && job.metadata.deletion_timestamp.is_none() {
@@ -310,6 +325,7 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         per_service.entry(job.spec.service.as_str()).or_default().push(job);
     }
     let mut pending_index = false;
+    let mut tags = Vec::new();
     for (service, service_jobs) in per_service {
         if !config.builds.contains_key(service) || run.images.contains_key(service) {
             continue;
@@ -319,10 +335,14 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
             .filter_map(|job| Some((job.spec.platform, job.status.as_ref()?.image_digest.clone()?)))
             .collect();
         let image = service_jobs[0].spec.image.clone().unwrap_or_default();
+        let repository = image.strip_prefix(&format!("{registry}/")).unwrap_or(&image).to_owned();
+        for job in &service_jobs {
+            tags.push(format!("{repository}:{sha}-{}", job.spec.platform.arch()));
+        }
         if let [(_, digest)] = digests.as_slice() {
             run.images.insert(service.to_owned(), format!("{image}@{digest}"));
         } else {
-            let repository = image.strip_prefix(&format!("{registry}/")).unwrap_or(&image).to_owned();
+            tags.push(format!("{repository}:{sha}"));
             actions.push(Action::MergeIndex {
                 service: service.to_owned(),
                 repository,
@@ -333,6 +353,13 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         }
     }
     let images = run.images.len() + usize::from(pending_index);
+    for tag in tags {
+        if !status.registry_tags.contains(&tag) {
+            status.registry_tags.push(tag);
+        }
+    }
+    let excess = status.registry_tags.len().saturating_sub(MAX_REGISTRY_TAGS);
+    status.registry_tags.drain(..excess);
     set_condition(
         &mut status.conditions,
         BUILDS_SUCCEEDED,
@@ -348,8 +375,8 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         generation,
         now,
     );
+    // The preview step takes it from here (the VM, DEPLOY, and the route that follows them).
     status.phase = Some(EnvironmentPhase::Deploying);
-    actions.push(Action::WriteRoute(route(RouteStatus::Deploying)));
     Plan { actions, status, retry }
 }
 
@@ -787,7 +814,18 @@ mod tests {
         let images = &plan.status.run.as_ref().unwrap().images;
         assert_eq!(images.get("worker").map(String::as_str), Some("registry.test:5000/team-a/shop/worker@sha256:cc"));
         assert!(!images.contains_key("web"), "filled in once the index is pushed");
-        assert_eq!(route_status(&plan), Some(RouteStatus::Deploying));
+        assert_eq!(route_status(&plan), None, "the preview step writes the route from here");
+        assert_eq!(
+            plan.status.registry_tags,
+            [
+                format!("team-a/shop/web:{SHA}-amd64"),
+                format!("team-a/shop/web:{SHA}-arm64"),
+                format!("team-a/shop/web:{SHA}"),
+                format!("team-a/shop/worker:{SHA}-amd64"),
+            ]
+        );
+        let expires = plan.status.expires_at.as_ref().unwrap().0;
+        assert_eq!(expires.as_second() - 1_800_000_000, 24 * 3600, "the Project's TTL from the run's start");
     }
 
     #[test]
