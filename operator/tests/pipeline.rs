@@ -60,25 +60,8 @@ async fn route(stack: &Stack, hash: &str) -> Option<serde_json::Value> {
     value.map(|v| serde_json::from_str(&v).unwrap())
 }
 
-/// GET on the registry's API with a pull token for `repository`.
 async fn registry_get(stack: &Stack, repository: &str, path: &str, accept: &str) -> reqwest::Response {
-    use stagely_operator::registry::token::{Access, SigningKey, TokenIssuer};
-    let dir = stack.dir.path();
-    let key = SigningKey::from_pem(
-        &std::fs::read(dir.join("registry-token.key")).unwrap(),
-        &std::fs::read(dir.join("registry-token.crt")).unwrap(),
-    )
-    .unwrap();
-    let issuer = TokenIssuer::new(key, "stagely", "stagely-registry");
-    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 300;
-    let token = issuer.token("test", vec![Access::repository(repository, &["pull"])], expires).unwrap();
-    reqwest::Client::new()
-        .get(format!("http://{}/v2/{repository}/{path}", stack.registry.addr()))
-        .header("Accept", accept)
-        .bearer_auth(token.token.expose())
-        .send()
-        .await
-        .unwrap()
+    stack::registry_get(stack, repository, path, accept).await
 }
 
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -27,7 +27,7 @@ use stagely_testenv::{ControlPlane, Options};
 use crate::agent_support::{Podman, agent_bin, free_port, git};
 
 /// Generous bounds: builds share two cores with everything else.
-pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Anything that is not a build.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -408,4 +408,135 @@ pub fn assert_nothing_left(dir: &Path, seen: &BTreeSet<Seen>) {
 pub async fn jobs_of(api: &Api<BuildJob>, name: &str) -> Vec<BuildJob> {
     let params = kube::api::ListParams::default().labels(&format!("{}={name}", stagely_api::keys::ENVIRONMENT));
     api.list(&params).await.unwrap().items
+}
+
+/// The edge proxy on a loopback port for `domain`, reading routes from the stack's Redis; it
+/// dies with the test process.
+pub struct EdgeProxy {
+    child: Child,
+    /// Its plain-HTTP port.
+    pub port: u16,
+}
+
+impl Drop for EdgeProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Stack {
+    /// Starts the edge proxy for `domain`.
+    pub fn edge_proxy(&self, domain: &str) -> EdgeProxy {
+        let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-edge-proxy"]).status().unwrap();
+        assert!(status.success(), "building stagely-edge-proxy failed");
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("stagely-edge-proxy");
+        let port = free_port();
+        let log = std::fs::File::create(self.dir.path().join("edge-proxy.log")).unwrap();
+        let mut command = Command::new(bin);
+        command
+            .args(["--domain", domain, "--redis-url", &self.redis.url()])
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--ops-addr")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = stagely_testenv::spawn_tied(command).expect("the edge proxy starts");
+        crate::agent_support::wait_for("the edge proxy to listen", STEP_TIMEOUT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        EdgeProxy { child, port }
+    }
+}
+
+impl EdgeProxy {
+    /// `GET path` for `host` through the proxy: status, headers (lowercase names) and body.
+    pub fn get(&self, host: &str, path: &str) -> Option<(u16, String, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        Some((status, head.to_lowercase(), body.to_owned()))
+    }
+}
+
+/// A web app repository: a `FROM scratch` busybox httpd serving `version` at `/` and, through a
+/// CGI script, the `X-Stagely-*` headers it received and the `GREETING` environment variable at
+/// `/cgi-bin/env`; a compose file publishing container port 8080 on an ephemeral host port; a
+/// stagely.yaml. Returns the commit.
+pub fn web_app_repo(dir: &Path, version: &str) -> String {
+    std::fs::create_dir_all(dir.join("www/cgi-bin")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(dir.join("www/index.html"), format!("{version}\n")).unwrap();
+    let script = dir.join("www/cgi-bin/env");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"project=$HTTP_X_STAGELY_PROJECT pr=$HTTP_X_STAGELY_PR greeting=$GREETING\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCOPY www /www\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("docker-compose.yml"), "services:\n  web:\n    build: .\n    ports:\n      - \"8080\"\n")
+        .unwrap();
+    std::fs::write(dir.join("stagely.yaml"), "version: 2\nbuilds:\n  web:\n    platform: linux/amd64\n").unwrap();
+    if !dir.join(".git").exists() {
+        git(dir, &["init", "-q", "-b", "main"]);
+    }
+    commit(dir, version)
+}
+
+/// The notes of the Events with `reason` about object `name` in `namespace`.
+pub async fn events(client: &Client, namespace: &str, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let list = api.list(&Default::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+/// GET on the registry's API with a pull token for `repository`.
+pub async fn registry_get(stack: &Stack, repository: &str, path: &str, accept: &str) -> reqwest::Response {
+    use stagely_operator::registry::token::{Access, SigningKey, TokenIssuer};
+    let key = SigningKey::from_pem(&std::fs::read(&stack.key_file).unwrap(), &std::fs::read(&stack.cert_file).unwrap())
+        .unwrap();
+    let issuer = TokenIssuer::new(key, ISSUER, SERVICE);
+    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 300;
+    let token = issuer.token("test", vec![Access::repository(repository, &["pull"])], expires).unwrap();
+    reqwest::Client::new()
+        .get(format!("http://{}/v2/{repository}/{path}", stack.registry.addr()))
+        .header("Accept", accept)
+        .bearer_auth(token.token.expose())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The HTTP status of the manifest `tag` of `repository` in the registry.
+pub async fn registry_status(stack: &Stack, repository: &str, tag: &str) -> u16 {
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, \
+                  application/vnd.oci.image.index.v1+json";
+    registry_get(stack, repository, &format!("manifests/{tag}"), accept).await.status().as_u16()
+}
+
+/// The route record of `hash` in Redis, as JSON.
+pub async fn route(stack: &Stack, hash: &str) -> Option<serde_json::Value> {
+    let client = redis::Client::open(stack.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let value: Option<String> = redis::cmd("GET").arg(format!("route:{hash}")).query_async(&mut conn).await.unwrap();
+    value.map(|v| serde_json::from_str(&v).unwrap())
 }

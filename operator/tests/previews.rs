@@ -1,0 +1,178 @@
+//! Previews end to end, everything real: the operator binary, a preview VM that is a real agent
+//! process deploying with podman-compose, the Project's secrets from Kubernetes Secrets, routes in
+//! redis-server and the edge proxy serving `<hash>.<domain>`. Each test works in a namespace of
+//! its own.
+
+#[path = "../../agent/tests/support/mod.rs"]
+mod agent_support;
+#[path = "support/stack.rs"]
+mod stack;
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use stack::{BUILD_TIMEOUT, EdgeProxy, InstanceWatch, Operator, STEP_TIMEOUT, Stack, environment, jobs_of, set_head};
+use stagely_api::v1alpha1::{BuildJob, Environment, EnvironmentPhase, Project, find_condition};
+use stagely_testenv::server::eventually;
+
+const DOMAIN: &str = "preview.example.com";
+
+fn stack() -> (&'static Stack, &'static EdgeProxy) {
+    let stack = Stack::shared();
+    static OPERATOR: OnceLock<Operator> = OnceLock::new();
+    static PROXY: OnceLock<EdgeProxy> = OnceLock::new();
+    OPERATOR.get_or_init(|| stack.operator());
+    (stack, PROXY.get_or_init(|| stack.edge_proxy(DOMAIN)))
+}
+
+fn condition(env: &Environment, type_: &str) -> Option<(String, String, String)> {
+    let conditions = &env.status.as_ref()?.conditions;
+    find_condition(conditions, type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn phase(env: &Environment) -> Option<EnvironmentPhase> {
+    env.status.as_ref()?.phase
+}
+
+async fn wait_env(
+    api: &Api<Environment>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Environment) -> bool,
+) -> Environment {
+    eventually(what, timeout, || async {
+        let env = api.get(name).await.ok()?;
+        check(&env).then_some(env)
+    })
+    .await
+}
+
+/// Waits for the Environment to be Ready or Failed; fails on Failed with its status.
+async fn ready(api: &Api<Environment>, name: &str) -> Environment {
+    let env = wait_env(api, name, "Ready", BUILD_TIMEOUT, |e| {
+        matches!(phase(e), Some(EnvironmentPhase::Ready | EnvironmentPhase::Failed))
+    })
+    .await;
+    assert_eq!(phase(&env), Some(EnvironmentPhase::Ready), "{:#?}", env.status);
+    env
+}
+
+/// A namespace with the web app, its Project reading the `app` Secret into every service's
+/// environment.
+async fn setup(stack: &Stack, ns: &str, greeting: &str) -> (std::path::PathBuf, String) {
+    let repo = stack.dir.path().join("repos").join(ns);
+    let sha = stack::web_app_repo(&repo, "version one");
+    stack.namespace(ns, &repo, 10).await;
+    let client = stack.client().await;
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some("app".into()), ..Default::default() },
+        string_data: Some(BTreeMap::from([("GREETING".to_owned(), greeting.to_owned())])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
+    let patch = serde_json::json!({"spec": {"secretRefs": [{"name": "app", "type": "env"}]}});
+    Api::<Project>::namespaced(client, ns).patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    (repo, sha)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_and_goes_without_a_trace() {
+    let (stack, proxy) = stack();
+    let ns = "preview";
+    let (repo, sha) = setup(stack, ns, "hello from a secret").await;
+    let watch = InstanceWatch::start(stack.local_dir(ns));
+    let client = stack.client().await;
+    let envs: Api<Environment> = Api::namespaced(client.clone(), ns);
+    let jobs_api: Api<BuildJob> = Api::namespaced(client.clone(), ns);
+    envs.create(&PostParams::default(), &environment("shop-pr-1", 1, &sha)).await.unwrap();
+
+    // Before Ready, the URL shows the Building page.
+    let env = wait_env(&envs, "shop-pr-1", "a URL", STEP_TIMEOUT, |e| {
+        e.status.as_ref().is_some_and(|s| s.subdomain_hash.is_some())
+    })
+    .await;
+    let hash = env.status.unwrap().subdomain_hash.unwrap();
+    let host = format!("{hash}.{DOMAIN}");
+    let (code, _, page) = eventually("the Building page", STEP_TIMEOUT, || async {
+        proxy.get(&host, "/").filter(|(code, _, _)| *code == 503)
+    })
+    .await;
+    assert_eq!(code, 503);
+    assert!(page.contains("Building") || page.contains("building"), "{page}");
+
+    // Ready: the app answers through the proxy, with the X-Stagely headers and the secret.
+    let env = ready(&envs, "shop-pr-1").await;
+    let status = env.status.clone().unwrap();
+    assert_eq!(condition(&env, "Deployed").unwrap().0, "True");
+    assert_eq!(condition(&env, "Routed").unwrap().0, "True");
+    assert_eq!(condition(&env, "VMReady").unwrap().0, "True");
+    let vm = status.vm.clone().unwrap();
+    assert_eq!(vm.ip.as_deref(), Some("127.0.0.1"));
+    let (code, _, body) = proxy.get(&host, "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "version one\n"));
+    let (code, _, body) = proxy.get(&host, "/cgi-bin/env").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body.trim(), "project=shop pr=1 greeting=hello from a secret");
+    assert!(status.expires_at.is_some(), "expiresAt is kept for the reaper");
+
+    // A new commit is served from the same preview VM.
+    std::fs::write(repo.join("www/index.html"), "version two\n").unwrap();
+    let second = stack::commit(&repo, "version two");
+    set_head(&envs, "shop-pr-1", &second).await;
+    let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
+    loop {
+        let answer = proxy.get(&host, "/");
+        if answer.as_ref().is_some_and(|(code, _, body)| *code == 200 && body == "version two\n") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let env = envs.get("shop-pr-1").await.unwrap();
+            panic!(
+                "the new version was not served: {answer:?}\nroute: {:?}\nstatus: {:#?}",
+                stack::route(stack, &hash).await,
+                env.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let env = ready(&envs, "shop-pr-1").await;
+    assert_eq!(env.status.as_ref().unwrap().vm.as_ref().unwrap().provider_id, vm.provider_id, "the same preview VM");
+
+    // A changed Secret is deployed without a build.
+    let jobs_before: Vec<_> = jobs_of(&jobs_api, "shop-pr-1").await.iter().map(ResourceExt::name_any).collect();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for i in 0..5 {
+        let patch = serde_json::json!({"stringData": {"GREETING": format!("edit {i}")}});
+        secrets.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    eventually("the new secret value", BUILD_TIMEOUT, || async {
+        proxy.get(&host, "/cgi-bin/env").filter(|(_, _, body)| body.trim().ends_with("greeting=edit 4"))
+    })
+    .await;
+    let jobs_after: Vec<_> = jobs_of(&jobs_api, "shop-pr-1").await.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(jobs_after, jobs_before, "no BuildJob for a Secret change");
+    let deploys = stack::events(&client, ns, "shop-pr-1", "Deploying").await;
+    let redeploys = deploys.iter().filter(|note| note.contains("changed secrets")).count();
+    assert_eq!(redeploys, 1, "five quick edits make one redeploy: {deploys:?}");
+
+    // Deleted: 404 at once, and nothing left.
+    envs.delete("shop-pr-1", &DeleteParams::default()).await.unwrap();
+    eventually("the Environment to go", STEP_TIMEOUT, || async {
+        envs.get_opt("shop-pr-1").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let (code, _, _) = proxy.get(&host, "/").unwrap();
+    assert_eq!(code, 404);
+    assert!(jobs_of(&jobs_api, "shop-pr-1").await.is_empty(), "no BuildJob left");
+    stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
+    let containers = stack.podman.run(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert!(!containers.contains("shop-pr-1"), "containers left: {containers}");
+    for tag in [format!("{sha}-amd64"), format!("{second}-amd64")] {
+        assert_eq!(stack::registry_status(stack, &format!("{ns}/shop/web"), &tag).await, 404, "tag {tag} left");
+    }
+}
