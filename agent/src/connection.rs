@@ -200,6 +200,7 @@ impl Connection {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             system_info: system_info(),
             jobs: self.executor.summaries(),
+            capabilities: Vec::new(),
         });
         ws.send(frame(&hello)).await?;
         let ack = loop {

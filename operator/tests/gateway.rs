@@ -58,6 +58,7 @@ fn hello(agent_id: &str, token: &Sensitive, jobs: Vec<JobSummary>) -> Message {
         version: "test".into(),
         system_info: SystemInfo::default(),
         jobs,
+        capabilities: vec![],
     })
 }
 
