@@ -10,13 +10,16 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use stagely_api::protocol::{
-    CONNECT_PATH, ErrorCode, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, Message, Sensitive, SystemInfo,
+    CAPABILITY_TEST, CONNECT_PATH, ErrorCode, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, Message, Sensitive, SystemInfo,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite;
 
 use crate::config::AgentConfig;
 use crate::executor::{Executor, now_ms};
+
+/// The optional commands this agent runs, for its HELLO.
+pub const CAPABILITIES: [&str; 1] = [CAPABILITY_TEST];
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +203,7 @@ impl Connection {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             system_info: system_info(),
             jobs: self.executor.summaries(),
-            capabilities: Vec::new(),
+            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
         });
         ws.send(frame(&hello)).await?;
         let ack = loop {
@@ -293,7 +296,7 @@ impl Connection {
             Ok(Message::Error(error)) => {
                 tracing::warn!(code = ?error.code, job_id = error.job_id.as_deref().unwrap_or(""), "gateway error: {}", error.message)
             }
-            Ok(message @ (Message::Build(_) | Message::Deploy(_) | Message::Terminate(_))) => {
+            Ok(message @ (Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) | Message::Test(_))) => {
                 tracing::info!(kind = message.type_name(), job_id = message.job_id().unwrap_or(""), "command received");
                 self.executor.handle(message);
             }

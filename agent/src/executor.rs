@@ -423,7 +423,7 @@ impl Executor {
     /// status is sent instead. Returns the job's task, if one was started.
     pub fn handle(&self, message: Message) -> Option<tokio::task::JoinHandle<()>> {
         let job_id = message.job_id()?.to_owned();
-        if !matches!(message, Message::Build(_) | Message::Deploy(_) | Message::Terminate(_)) {
+        if !matches!(message, Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) | Message::Test(_)) {
             return None;
         }
         // Secrets are masked from the moment they arrive.
@@ -445,6 +445,11 @@ impl Executor {
                 }
                 for secret in &deploy.secrets {
                     self.ctx.masker.add(secret.value.expose());
+                }
+            }
+            Message::Test(test) => {
+                if let Some(auth) = &test.registry_auth {
+                    self.ctx.masker.add(auth.password.expose());
                 }
             }
             _ => {}
@@ -506,6 +511,8 @@ impl Executor {
             }
             Message::Deploy(deploy) => crate::compose::deploy(ctx, log, &deploy).await,
             Message::Terminate(terminate) => crate::compose::terminate(ctx, log, &terminate).await,
+            // TEST keeps its own deadline: it has containers to remove when time runs out.
+            Message::Test(test) => crate::testrun::test(ctx, log, &test).await,
             other => Err(JobError::Invalid(format!("{} is not a command", other.type_name()))),
         }
     }

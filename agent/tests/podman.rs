@@ -1,7 +1,8 @@
-//! BUILD, DEPLOY and TERMINATE through the executor, for real: a `FROM scratch` image built
+//! BUILD, DEPLOY, TERMINATE and TEST through the executor, for real: a `FROM scratch` image built
 //! with podman from a local git repository at a commit, pushed to the distribution registry,
 //! run with podman-compose, served over HTTP, and torn down; two previews of one compose file on
-//! one host with ephemeral host ports; and deployments that fail, named by their service.
+//! one host with ephemeral host ports, tested by commands in a busybox image; and deployments
+//! that fail, named by their service.
 
 mod support;
 
@@ -13,11 +14,12 @@ use std::time::Duration;
 use stagely_agent::config::AgentConfig;
 use stagely_agent::executor::{Context, Executor};
 use stagely_api::protocol::{
-    Build, Deploy, GLOBAL_SCOPE, Hook, JobState, Lifecycle, Message, SecretKind, SecretValue, Status, Terminate,
+    Build, Deploy, GLOBAL_SCOPE, Hook, JobState, Lifecycle, Message, RegistryAuth, SecretKind, SecretValue, Status,
+    Terminate, TestRun,
 };
 use stagely_api::v1alpha1::Platform;
 use stagely_testenv::registry::Registry;
-use support::{Podman, app_repo, build_and_push, commit_file, free_port, http_get, wait_for};
+use support::{Podman, app_repo, build_and_push, busybox_context, commit_file, free_port, http_get, wait_for};
 use tokio::sync::mpsc;
 
 const GIT_TOKEN: &str = "ghs_git-token-value-1234";
@@ -270,8 +272,19 @@ fn deploy_of(job_id: &str, project: &str, repo: &std::path::Path, commit: &str, 
     }
 }
 
+fn test_run(job_id: &str, image: &str, commands: &[&str], preview_url: &str, timeout_seconds: u64) -> TestRun {
+    TestRun {
+        job_id: job_id.into(),
+        image: image.into(),
+        commands: commands.iter().map(|c| (*c).to_owned()).collect(),
+        preview_url: preview_url.into(),
+        timeout_seconds,
+        registry_auth: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports() {
+async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_are_tested() {
     let dir = tempfile::tempdir().unwrap();
     let podman = Podman::new(dir.path());
     let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
@@ -283,7 +296,9 @@ async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports() {
     let commit = app_repo(&repo, fixed_port);
     let app = format!("{}/shop/web:1", registry.addr());
     build_and_push(&podman, &repo, &app);
-    podman.run(&["rmi", "-f", &app]);
+    let e2e = format!("{}/shop/e2e:1", registry.addr());
+    build_and_push(&podman, &busybox_context(&dir.path().join("e2e")), &e2e);
+    podman.run(&["rmi", "-f", &app, &e2e]);
 
     // Two agents on one host, as the local provider runs them, deploying at the same time.
     let ephemeral = [("STAGELY_EPHEMERAL_PORTS", "1")];
@@ -307,6 +322,72 @@ async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports() {
         let (code, body) = wait_for("a preview to answer", Duration::from_secs(30), || http_get(port, "/"));
         assert_eq!((code, body.as_str()), (200, "hello from stagely\n"), "port {port}");
     }
+    drop(fixed);
+
+    // TEST against the first preview: every command passes; the registry login's password
+    // never shows.
+    let url = format!("http://127.0.0.1:{port_1}");
+    let mut passing = test_run(
+        "test-1",
+        &e2e,
+        &["wget -q -O- $STAGELY_PREVIEW_URL", "wget -q -O- $STAGELY_PREVIEW_URL/index.html | grep -q stagely"],
+        &url,
+        120,
+    );
+    let password = "e2e-pull-password-4821";
+    passing.registry_auth =
+        Some(RegistryAuth { server: registry.addr(), username: "pull".into(), password: password.into() });
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(passing)).await;
+    let log = logs(&messages, "test-1");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{log}");
+    assert_eq!(status.message.as_deref(), Some("2 test commands passed"));
+    assert!(log.contains("hello from stagely"), "the command's output is streamed:\n{log}");
+    assert!(log.contains("--network host") && log.contains(&format!("STAGELY_PREVIEW_URL={url}")), "{log}");
+    assert!(!log.contains(password), "{log}");
+
+    // The second command fails: the job fails, naming it, with its output's last lines; the
+    // third never runs.
+    let failing = test_run(
+        "test-2",
+        &e2e,
+        &[
+            "echo checking $STAGELY_PREVIEW_URL",
+            "echo fetching; wget -q -O- $STAGELY_PREVIEW_URL/missing.html",
+            "touch /never",
+        ],
+        &url,
+        120,
+    );
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(failing)).await;
+    let message = status.message.clone().unwrap_or_default();
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "test-2"));
+    assert_eq!(status.exit_code, Some(1));
+    let (headline, tail) = message.split_once('\n').unwrap_or_default();
+    assert_eq!(
+        headline,
+        "test command 2 `echo fetching; wget -q -O- $STAGELY_PREVIEW_URL/missing.html` failed with exit code 1; \
+         the last 2 lines of its output:"
+    );
+    // Standard output and error are read apart, so their lines may come in either order.
+    let mut tail: Vec<&str> = tail.lines().collect();
+    tail.sort_unstable();
+    assert_eq!(tail, ["fetching", "wget: server returned error: HTTP/1.1 404 Not Found"], "{message}");
+    assert!(!logs(&messages, "test-2").contains("touch /never\n"), "the third command must not run");
+
+    // Out of time: the running command's container is killed and removed.
+    let slow = test_run("test-3", &e2e, &["echo started; sleep 300"], &url, 5);
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(slow)).await;
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "test-3"));
+    assert_eq!(
+        status.message.as_deref(),
+        Some("timed out after 5 seconds while test command 1 `echo started; sleep 300` ran; it was killed")
+    );
+    let left = podman.run(&["ps", "-a", "-q", "--filter", "name=stagely-test-test-3"]);
+    assert_eq!(left.trim(), "", "the killed test's container is left");
+
+    // The same TEST again is answered with its status, not run again.
+    let again = test_run("test-3", &e2e, &["true"], &url, 5);
+    assert!(first.handle(Message::Test(again)).is_none(), "a known job id must not run again");
 }
 
 #[tokio::test(flavor = "multi_thread")]
