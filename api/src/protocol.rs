@@ -61,6 +61,11 @@ pub enum Message {
     Error(ErrorMessage),
 }
 
+/// The wire name of every message type, as [`Message::type_name`] gives them: a frame whose
+/// `type` is not among them comes from a newer peer.
+pub const MESSAGE_TYPES: [&str; 10] =
+    ["HELLO", "HELLO_ACK", "BUILD", "DEPLOY", "TERMINATE", "TEST", "LOG", "STATUS", "HEARTBEAT", "ERROR"];
+
 impl Message {
     /// The wire name of the message type, e.g. `HELLO_ACK` (for logs and metrics).
     pub fn type_name(&self) -> &'static str {
@@ -648,6 +653,7 @@ mod tests {
             names,
             ["HELLO", "HELLO_ACK", "BUILD", "DEPLOY", "TERMINATE", "TEST", "LOG", "STATUS", "HEARTBEAT", "ERROR"]
         );
+        assert_eq!(names, MESSAGE_TYPES);
         let value = round_trip(Message::Error(ErrorMessage {
             code: ErrorCode::WrongScope,
             message: "x".into(),
