@@ -2,6 +2,18 @@
 //! `docker-compose.stagely.yml`, an override that sets the built images and mounts the secrets.
 //! Secret values never enter the override: environment secrets go to a 0600 env file per
 //! service, file secrets to files with their modes, both under the project's `secrets/`.
+//!
+//! With ephemeral host ports (the agent's `ephemeral_ports`), every port the compose file
+//! publishes is published on 127.0.0.1 and a port the engine picks instead, so that previews
+//! sharing a host never clash; STATUS reports the ports picked. Docker compose v2 takes the new
+//! list from the override (`ports: !override`, compose 2.24.4 and later); podman-compose merges
+//! lists across files and knows no `!override`, so for podman the agent writes a copy of the
+//! compose file with its ports replaced, `docker-compose.stagely.base.yml`, beside the original
+//! (relative paths in it mean the same) and runs that instead.
+//!
+//! After `up`, DEPLOY waits until every service runs (and is healthy, where it has a health
+//! check) and stays so for a moment; a service that exited, never started or turned unhealthy
+//! fails the deployment with a message naming it, its exit code and its log's last lines.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -10,19 +22,36 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_yaml::value::{Tag, TaggedValue};
+use serde_yaml::{Mapping, Value};
 use stagely_api::protocol::{Deploy, GLOBAL_SCOPE, PortMapping, SecretKind, SecretValue, ServiceStatus, Terminate};
 
 use crate::config::Engine;
-use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, run};
+use crate::executor::{
+    Context, JobError, JobLog, Outcome, TAIL_LINES, check_name, execute, registry_of, relative, run, with_tail,
+};
 
 /// The override's file name, next to the repository's compose file.
 pub const OVERRIDE_FILE: &str = "docker-compose.stagely.yml";
+
+/// With ephemeral ports on podman: the compose file with its ports replaced, next to it.
+pub const BASE_FILE: &str = "docker-compose.stagely.base.yml";
+
+/// Where ephemeral ports are published: the preview's host reaches them, nothing else.
+pub const EPHEMERAL_HOST_IP: &str = "127.0.0.1";
 
 /// Where file secrets go in the container when the secret names no directory.
 pub const DEFAULT_SECRET_DIR: &str = "/run/secrets";
 
 /// How long services may take to start and become healthy.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How long every service must stay up before the deployment counts as up: a service that
+/// crashes right after it starts is caught instead of reported as running.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Between looks at the services' state.
+const POLL: Duration = Duration::from_millis(500);
 
 /// What TERMINATE needs to find a deployment: written next to it.
 #[derive(Serialize, Deserialize, Debug)]
@@ -31,15 +60,143 @@ struct Deployment {
     files: Vec<PathBuf>,
 }
 
+/// A compose file as a YAML value, its `<<` merge keys applied.
+pub fn parse_compose(compose_yaml: &str) -> Result<Value, JobError> {
+    let mut value: Value = serde_yaml::from_str(compose_yaml)
+        .map_err(|err| JobError::Invalid(format!("the compose file is not valid YAML: {err}")))?;
+    value.apply_merge().map_err(|err| JobError::Invalid(format!("the compose file's `<<` merge keys: {err}")))?;
+    Ok(value)
+}
+
+fn services_mapping(compose: &Value) -> Result<&Mapping, JobError> {
+    compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .ok_or_else(|| JobError::Invalid("the compose file has no `services`".into()))
+}
+
 /// The service names of a compose file.
 pub fn services_of(compose_yaml: &str) -> Result<Vec<String>, JobError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(compose_yaml)
-        .map_err(|err| JobError::Invalid(format!("the compose file is not valid YAML: {err}")))?;
-    let services = value
-        .get("services")
-        .and_then(|s| s.as_mapping())
-        .ok_or_else(|| JobError::Invalid("the compose file has no `services`".into()))?;
-    Ok(services.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+    services_in(&parse_compose(compose_yaml)?)
+}
+
+/// The service names of a parsed compose file.
+pub fn services_in(compose: &Value) -> Result<Vec<String>, JobError> {
+    Ok(services_mapping(compose)?.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+}
+
+/// The services `up` starts a container for: not those behind a profile, nor those scaled to 0.
+pub fn started_services(compose: &Value) -> Result<Vec<String>, JobError> {
+    let zero = |v: Option<&Value>| v.is_some_and(|v| v.as_u64() == Some(0) || v.as_str() == Some("0"));
+    Ok(services_mapping(compose)?
+        .iter()
+        .filter(|(_, service)| {
+            let profiled = service.get("profiles").and_then(Value::as_sequence).is_some_and(|p| !p.is_empty());
+            let replicas = service.get("deploy").and_then(|d| d.get("replicas"));
+            !profiled && !zero(replicas) && !zero(service.get("scale"))
+        })
+        .filter_map(|(name, _)| name.as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Each service's published ports moved to [`EPHEMERAL_HOST_IP`] and a port the engine picks,
+/// in compose's short syntax (`127.0.0.1::8080/udp`), for the services that publish any.
+pub fn ephemeral_ports(compose: &Value) -> Result<BTreeMap<String, Vec<String>>, JobError> {
+    let mut moved = BTreeMap::new();
+    for (name, service) in services_mapping(compose)? {
+        let Some(name) = name.as_str() else { continue };
+        let entries = match service.get("ports") {
+            None | Some(Value::Null) => continue,
+            Some(Value::Sequence(entries)) => entries.clone(),
+            // podman-compose takes a lone string as a list of one.
+            Some(one @ Value::String(_)) => vec![one.clone()],
+            Some(_) => return Err(JobError::Invalid(format!("service `{name}`: `ports` must be a list"))),
+        };
+        let ports = entries
+            .iter()
+            .map(|entry| ephemeral_port(entry).map_err(|why| JobError::Invalid(format!("service `{name}`: {why}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !ports.is_empty() {
+            moved.insert(name.to_owned(), ports);
+        }
+    }
+    Ok(moved)
+}
+
+/// One `ports` entry (short or long syntax) as `127.0.0.1::<container port>[/<protocol>]`.
+fn ephemeral_port(entry: &Value) -> Result<String, String> {
+    let (target, protocol) = match entry {
+        Value::Number(port) => (port.to_string(), None),
+        Value::String(spec) => {
+            let (rest, protocol) = match spec.rsplit_once('/') {
+                Some((rest, protocol)) if !protocol.is_empty() && protocol.chars().all(|c| c.is_ascii_alphabetic()) => {
+                    (rest, Some(protocol.to_owned()))
+                }
+                _ => (spec.as_str(), None),
+            };
+            // `[::1]:8080:80`: the address's colons are not separators.
+            let rest = match rest.strip_prefix('[') {
+                Some(bracketed) => bracketed.split_once("]:").map_or(rest, |(_, after)| after),
+                None => rest,
+            };
+            let target = split_outside_variables(rest).pop().unwrap_or_default();
+            (target.to_owned(), protocol)
+        }
+        Value::Mapping(long) => {
+            let target = match long.get("target") {
+                Some(Value::Number(port)) => port.to_string(),
+                Some(Value::String(port)) => port.clone(),
+                _ => return Err(format!("the port {} has no `target`", describe(entry))),
+            };
+            let protocol = long.get("protocol").and_then(Value::as_str).map(str::to_owned);
+            (target, protocol)
+        }
+        _ => return Err(format!("cannot read the port {}", describe(entry))),
+    };
+    if target.trim().is_empty() {
+        return Err(format!("the port {} names no container port", describe(entry)));
+    }
+    let protocol = protocol.filter(|p| p != "tcp").map(|p| format!("/{p}")).unwrap_or_default();
+    Ok(format!("{EPHEMERAL_HOST_IP}::{target}{protocol}"))
+}
+
+/// `text` split at `:`, except inside `${…}` (where `${PORT:-80}` has one of its own).
+fn split_outside_variables(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0usize, 0);
+    let bytes = text.as_bytes();
+    for (i, byte) in bytes.iter().enumerate() {
+        match byte {
+            b'{' if i > 0 && bytes[i - 1] == b'$' => depth += 1,
+            b'}' if depth > 0 => depth -= 1,
+            b':' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+fn describe(value: &Value) -> String {
+    serde_yaml::to_string(value).map_or_else(|_| "?".into(), |text| format!("`{}`", text.trim().replace('\n', ", ")))
+}
+
+/// `compose` with each service in `ports` publishing those ports and no others (the base file
+/// podman-compose runs with ephemeral ports).
+pub fn with_ports(compose: &Value, ports: &BTreeMap<String, Vec<String>>) -> Value {
+    let mut compose = compose.clone();
+    if let Some(services) = compose.get_mut("services").and_then(Value::as_mapping_mut) {
+        for (name, list) in ports {
+            if let Some(service) = services.get_mut(name.as_str()).and_then(Value::as_mapping_mut) {
+                let list = list.iter().map(|p| Value::String(p.clone())).collect();
+                service.insert("ports".into(), Value::Sequence(list));
+            }
+        }
+    }
+    compose
 }
 
 /// What the override sets for one service.
@@ -51,11 +208,12 @@ pub struct ServiceOverride {
     pub env_file: Option<PathBuf>,
     /// File secrets: host file → path in the container.
     pub files: Vec<(PathBuf, String)>,
+    /// The ports to publish instead of the compose file's (docker compose's `!override`).
+    pub ports: Option<Vec<String>>,
 }
 
-/// The override's YAML. It holds paths and image references, never a secret value.
+/// The override's YAML. It holds paths, image references and ports, never a secret value.
 pub fn override_yaml(overrides: &BTreeMap<String, ServiceOverride>) -> String {
-    use serde_yaml::{Mapping, Value};
     let mut services = Mapping::new();
     for (name, o) in overrides {
         let mut service = Mapping::new();
@@ -69,6 +227,12 @@ pub fn override_yaml(overrides: &BTreeMap<String, ServiceOverride>) -> String {
             let volumes =
                 o.files.iter().map(|(host, target)| format!("{}:{target}:ro", host.display()).into()).collect();
             service.insert("volumes".into(), Value::Sequence(volumes));
+        }
+        if let Some(ports) = &o.ports {
+            // Without the tag compose would add these to the file's ports, not replace them.
+            let ports = ports.iter().map(|p| Value::String(p.clone())).collect();
+            let tagged = TaggedValue { tag: Tag::new("override"), value: Value::Sequence(ports) };
+            service.insert("ports".into(), Value::Tagged(Box::new(tagged)));
         }
         if !service.is_empty() {
             services.insert(name.clone().into(), Value::Mapping(service));
@@ -113,8 +277,19 @@ pub fn env_file(engine: Engine, secrets: &[&SecretValue]) -> Result<String, JobE
     Ok(out)
 }
 
-/// The services of a project from `podman ps -a --format json`.
-pub fn parse_podman_ps(json: &str) -> Result<Vec<ServiceStatus>, JobError> {
+/// One container of a deployment, as the engine reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Container {
+    /// The container's id.
+    pub id: String,
+    /// Its service, state, health and published ports, as STATUS reports them.
+    pub service: ServiceStatus,
+    /// How it exited, once it has.
+    pub exit_code: Option<i32>,
+}
+
+/// The containers of a project from `podman ps -a --format json`.
+pub fn parse_podman_ps(json: &str) -> Result<Vec<Container>, JobError> {
     #[derive(Deserialize)]
     struct Port {
         container_port: u16,
@@ -125,18 +300,24 @@ pub fn parse_podman_ps(json: &str) -> Result<Vec<ServiceStatus>, JobError> {
     }
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
-    struct Container {
+    struct Entry {
+        #[serde(default)]
+        id: String,
         #[serde(default)]
         labels: Option<BTreeMap<String, String>>,
         state: String,
         #[serde(default)]
         status: String,
         #[serde(default)]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        exited: bool,
+        #[serde(default)]
         ports: Option<Vec<Port>>,
     }
-    let containers: Vec<Container> = serde_json::from_str(json.trim())
+    let entries: Vec<Entry> = serde_json::from_str(json.trim())
         .map_err(|err| JobError::Invalid(format!("failed to parse `podman ps` output: {err}")))?;
-    let mut services: Vec<ServiceStatus> = containers
+    let mut containers: Vec<Container> = entries
         .into_iter()
         .filter_map(|c| {
             let name = c.labels?.get("com.docker.compose.service")?.clone();
@@ -154,16 +335,20 @@ pub fn parse_podman_ps(json: &str) -> Result<Vec<ServiceStatus>, JobError> {
                     });
                 }
             }
-            Some(ServiceStatus { name, state: c.state.to_lowercase(), health, ports })
+            let state = c.state.to_lowercase();
+            // podman reports 0 for a container that has not exited.
+            let exit_code =
+                (c.exited || matches!(state.as_str(), "exited" | "stopped")).then_some(c.exit_code).flatten();
+            Some(Container { id: c.id, service: ServiceStatus { name, state, health, ports }, exit_code })
         })
         .collect();
-    services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(services)
+    containers.sort_by(|a, b| a.service.name.cmp(&b.service.name));
+    Ok(containers)
 }
 
-/// The services from `docker compose ps --format json`: one JSON object per line (compose
+/// The containers from `docker compose ps --format json`: one JSON object per line (compose
 /// v2.21 and later) or one array (earlier).
-pub fn parse_compose_ps(text: &str) -> Result<Vec<ServiceStatus>, JobError> {
+pub fn parse_compose_ps(text: &str) -> Result<Vec<Container>, JobError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Publisher {
@@ -177,10 +362,14 @@ pub fn parse_compose_ps(text: &str) -> Result<Vec<ServiceStatus>, JobError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry {
+        #[serde(default, rename = "ID")]
+        id: String,
         service: String,
         state: String,
         #[serde(default)]
         health: String,
+        #[serde(default)]
+        exit_code: Option<i32>,
         #[serde(default)]
         publishers: Option<Vec<Publisher>>,
     }
@@ -194,7 +383,7 @@ pub fn parse_compose_ps(text: &str) -> Result<Vec<ServiceStatus>, JobError> {
             .map(|l| serde_json::from_str(l).map_err(bad))
             .collect::<Result<_, _>>()?
     };
-    let mut services: Vec<ServiceStatus> = entries
+    let mut containers: Vec<Container> = entries
         .into_iter()
         .map(|e| {
             let mut ports: Vec<PortMapping> = e
@@ -210,22 +399,93 @@ pub fn parse_compose_ps(text: &str) -> Result<Vec<ServiceStatus>, JobError> {
                 .collect();
             // Docker lists a port once per address family.
             ports.dedup();
-            ServiceStatus {
-                name: e.service,
-                state: e.state.to_lowercase(),
-                health: (!e.health.is_empty()).then_some(e.health),
-                ports,
+            let state = e.state.to_lowercase();
+            let exit_code = matches!(state.as_str(), "exited" | "dead").then_some(e.exit_code).flatten();
+            Container {
+                id: e.id,
+                service: ServiceStatus {
+                    name: e.service,
+                    state,
+                    health: (!e.health.is_empty()).then_some(e.health),
+                    ports,
+                },
+                exit_code,
             }
         })
         .collect();
-    services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(services)
+    containers.sort_by(|a, b| a.service.name.cmp(&b.service.name));
+    Ok(containers)
 }
 
-/// Whether every service has settled: running (and healthy, where it has a health check).
-fn ready(services: &[ServiceStatus]) -> bool {
-    !services.is_empty()
-        && services.iter().all(|s| s.state == "running" && s.health.as_deref().is_none_or(|h| h == "healthy"))
+/// Whether every container runs (and is healthy, where it has a health check).
+fn ready(containers: &[Container]) -> bool {
+    !containers.is_empty()
+        && containers
+            .iter()
+            .all(|c| c.service.state == "running" && c.service.health.as_deref().is_none_or(|h| h == "healthy"))
+}
+
+/// What is wrong with a deployment right after `up`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Problem {
+    /// The container stopped (`exited`, or `dead`).
+    Stopped {
+        /// The service.
+        service: String,
+        /// The container.
+        id: String,
+        /// The state it is in.
+        state: String,
+        /// Its exit code, if the engine knows it.
+        code: Option<i32>,
+    },
+    /// The container was created and never started (podman-compose goes on past a failed
+    /// start, e.g. a host port in use).
+    NotStarted {
+        /// The service.
+        service: String,
+    },
+    /// Its health check fails.
+    Unhealthy {
+        /// The service.
+        service: String,
+        /// The container.
+        id: String,
+    },
+    /// `up` created no container for it.
+    Missing {
+        /// The service.
+        service: String,
+    },
+}
+
+/// The problems of `containers`, which should include one for each of `expected`.
+pub fn problems(containers: &[Container], expected: &[String]) -> Vec<Problem> {
+    let mut problems: Vec<Problem> = containers
+        .iter()
+        .filter_map(|c| {
+            let service = c.service.name.clone();
+            match c.service.state.as_str() {
+                "exited" | "dead" | "stopped" => Some(Problem::Stopped {
+                    service,
+                    id: c.id.clone(),
+                    state: c.service.state.clone(),
+                    code: c.exit_code,
+                }),
+                "created" | "configured" => Some(Problem::NotStarted { service }),
+                _ if c.service.health.as_deref() == Some("unhealthy") => {
+                    Some(Problem::Unhealthy { service, id: c.id.clone() })
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    for service in expected {
+        if !containers.iter().any(|c| &c.service.name == service) {
+            problems.push(Problem::Missing { service: service.clone() });
+        }
+    }
+    problems
 }
 
 /// Runs `command` without logging its output (status polls), returning its standard output.
@@ -256,8 +516,8 @@ fn project_args(project: &str, files: &[PathBuf]) -> Vec<String> {
     args
 }
 
-/// The state of each service of `project`.
-pub async fn service_statuses(ctx: &Context, project: &str, files: &[PathBuf]) -> Result<Vec<ServiceStatus>, JobError> {
+/// The containers of `project`.
+pub async fn containers(ctx: &Context, project: &str, files: &[PathBuf]) -> Result<Vec<Container>, JobError> {
     match ctx.engine {
         Engine::Podman => {
             let mut command = ctx.engine_command();
@@ -351,7 +611,8 @@ pub fn write_secrets(
     Ok(overrides)
 }
 
-/// Deploys: clone, write secrets and the override, pull, up, hooks, and report the services.
+/// Deploys: clone, write secrets and the override, pull, up, wait for the services, hooks, and
+/// report the services.
 pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<Outcome, JobError> {
     check_name("project", &deploy.project)?;
     if deploy.project.chars().any(|c| c.is_ascii_uppercase() || c == '.') {
@@ -370,7 +631,8 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
     crate::git::checkout(ctx, log, &deploy.clone_url, deploy.git_token.as_ref(), &deploy.commit, &src).await?;
     let compose_path = src.join(&compose_file);
     let yaml = std::fs::read_to_string(&compose_path).map_err(JobError::io("read the compose file", &compose_path))?;
-    let services = services_of(&yaml)?;
+    let document = parse_compose(&yaml)?;
+    let services = services_in(&document)?;
     for hook in &deploy.lifecycle.on_start {
         if !services.contains(&hook.service) {
             return Err(JobError::Invalid(format!(
@@ -379,10 +641,35 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
             )));
         }
     }
-    let overrides = write_secrets(ctx.engine, deploy, &services, &dir.join("secrets"))?;
-    let override_path = compose_path.parent().unwrap_or(&src).join(OVERRIDE_FILE);
+    let compose_dir = compose_path.parent().unwrap_or(&src).to_owned();
+    let mut overrides = write_secrets(ctx.engine, deploy, &services, &dir.join("secrets"))?;
+    let mut base = compose_path.clone();
+    if ctx.config.ephemeral_ports {
+        let ports = ephemeral_ports(&document)?;
+        for (service, list) in &ports {
+            log.system(&format!("service {service} publishes {} on ephemeral host ports", list.join(" ")));
+        }
+        match ctx.engine {
+            Engine::Docker => {
+                for (service, list) in ports {
+                    overrides.entry(service).or_default().ports = Some(list);
+                }
+            }
+            Engine::Podman if !ports.is_empty() => {
+                base = compose_dir.join(BASE_FILE);
+                let text = format!(
+                    "# Written by the Stagely agent: {} with each published port on an ephemeral host port.\n{}",
+                    compose_file.display(),
+                    serde_yaml::to_string(&with_ports(&document, &ports)).expect("YAML serializes")
+                );
+                std::fs::write(&base, text).map_err(JobError::io("write", &base))?;
+            }
+            Engine::Podman => {}
+        }
+    }
+    let override_path = compose_dir.join(OVERRIDE_FILE);
     std::fs::write(&override_path, override_yaml(&overrides)).map_err(JobError::io("write", &override_path))?;
-    let files = vec![compose_path, override_path];
+    let files = vec![base, override_path];
     let record = serde_json::to_string(&Deployment { project: deploy.project.clone(), files: files.clone() })
         .expect("deployment serializes");
     let record_path = dir.join("deployment.json");
@@ -397,16 +684,34 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
     run(log, "pull the images", pull, None).await?;
     let mut up = ctx.compose(&base);
     up.args(["up", "-d", "--no-build"]);
-    if ctx.engine == Engine::Docker {
-        up.arg("--remove-orphans");
+    match ctx.engine {
+        Engine::Docker => {
+            up.arg("--remove-orphans");
+        }
+        // podman-compose cannot tell a changed service from an unchanged one, and would keep
+        // running the old container of a redeployed service: recreate them all.
+        Engine::Podman => {
+            up.arg("--force-recreate");
+        }
     }
-    run(log, "start the services", up, None).await?;
-    let services = wait_ready(ctx, &deploy.project, &files).await?;
+    let program = up.as_std().get_program().to_string_lossy().into_owned();
+    let started = execute(log, up, None).await?;
+    if !started.status.success() {
+        return Err(JobError::Step {
+            message: with_tail(
+                &format!("failed to start the services: `{program}` exited with {}", started.code()),
+                "its output",
+                &started.tail,
+            ),
+            code: Some(started.code()),
+        });
+    }
+    let expected = started_services(&document)?;
+    let containers = wait_ready(ctx, log, &deploy.project, &files, &expected, &started.tail).await?;
     for hook in &deploy.lifecycle.on_start {
-        let mut exec = ctx.compose(&base);
-        exec.args(["exec", "-T", &hook.service, "sh", "-c", &hook.command]);
-        run(log, &format!("run the on_start hook in {}", hook.service), exec, None).await?;
+        run_hook(ctx, log, &containers, &hook.service, &hook.command).await?;
     }
+    let services: Vec<ServiceStatus> = containers.into_iter().map(|c| c.service).collect();
     for service in &services {
         let ports: Vec<String> = service
             .ports
@@ -424,33 +729,150 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
     Ok(Outcome { message: Some(format!("{} services running", services.len())), image_digest: None, services })
 }
 
-async fn wait_ready(ctx: &Context, project: &str, files: &[PathBuf]) -> Result<Vec<ServiceStatus>, JobError> {
+/// Runs an on_start hook in its service's container; a failure names the service and the
+/// command and carries the command's output's last lines.
+async fn run_hook(
+    ctx: &Context,
+    log: &JobLog,
+    containers: &[Container],
+    service: &str,
+    command: &str,
+) -> Result<(), JobError> {
+    let container = containers.iter().find(|c| c.service.name == service).ok_or_else(|| JobError::Step {
+        message: format!("on_start hook `{command}` in service `{service}`: the service has no container"),
+        code: None,
+    })?;
+    log.system(&format!("on_start hook in service {service}: {command}"));
+    let mut exec = ctx.engine_command();
+    // The engine's own exec: podman-compose's ends with 0 whatever the command did.
+    exec.arg("exec").arg(&container.id).args(["sh", "-c", command]);
+    let finished = execute(log, exec, None).await?;
+    if finished.status.success() {
+        return Ok(());
+    }
+    let headline =
+        format!("on_start hook `{command}` in service `{service}` failed with exit code {}", finished.code());
+    Err(JobError::Step { message: with_tail(&headline, "its output", &finished.tail), code: Some(finished.code()) })
+}
+
+/// Waits until every container runs (and is healthy, where it has a health check) and has
+/// stayed so for [`SETTLE`]. Fails at once when a service stopped, never started, turned
+/// unhealthy or has no container, naming each with its log's last lines (or, for one that never
+/// ran, `up`'s output, `up_tail`).
+async fn wait_ready(
+    ctx: &Context,
+    log: &JobLog,
+    project: &str,
+    files: &[PathBuf],
+    expected: &[String],
+    up_tail: &[String],
+) -> Result<Vec<Container>, JobError> {
     let deadline = Instant::now() + READY_TIMEOUT;
+    let mut up_since: Option<Instant> = None;
     loop {
-        let services = service_statuses(ctx, project, files).await?;
-        if ready(&services) {
-            return Ok(services);
+        let containers = containers(ctx, project, files).await?;
+        let problems = problems(&containers, expected);
+        if !problems.is_empty() {
+            return Err(describe_problems(ctx, log, &problems, up_tail).await);
         }
-        if services
-            .iter()
-            .any(|s| s.health.as_deref() == Some("unhealthy") || matches!(s.state.as_str(), "exited" | "dead"))
-            || Instant::now() > deadline
-        {
-            let summary: Vec<String> = services
+        if ready(&containers) {
+            let since = *up_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= SETTLE {
+                return Ok(containers);
+            }
+        } else {
+            up_since = None;
+        }
+        if Instant::now() > deadline {
+            let waiting: Vec<String> = containers
                 .iter()
-                .map(|s| {
-                    format!(
-                        "{} is {}{}",
-                        s.name,
-                        s.state,
-                        s.health.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
-                    )
+                .filter(|c| c.service.state != "running" || c.service.health.as_deref().is_some_and(|h| h != "healthy"))
+                .map(|c| {
+                    let health = c.service.health.as_deref().map(|h| format!(" ({h})")).unwrap_or_default();
+                    format!("{} is {}{health}", c.service.name, c.service.state)
                 })
                 .collect();
-            return Err(JobError::Unhealthy(format!("the services did not become healthy: {}", summary.join(", "))));
+            return Err(JobError::Unhealthy(format!(
+                "the services were not ready within {} seconds: {}",
+                READY_TIMEOUT.as_secs(),
+                waiting.join(", ")
+            )));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// The failure for `problems`: one paragraph per service, naming it, with its log's last
+/// lines, which also go to the job's log.
+async fn describe_problems(ctx: &Context, log: &JobLog, problems: &[Problem], up_tail: &[String]) -> JobError {
+    let mut paragraphs = Vec::new();
+    let mut code = None;
+    for problem in problems {
+        let paragraph = match problem {
+            Problem::Stopped { service, id, state, code: exit_code } => {
+                code = code.or(*exit_code);
+                let headline = match (state.as_str(), exit_code) {
+                    ("exited", Some(exit_code)) => format!("service `{service}` exited with code {exit_code}"),
+                    (_, Some(exit_code)) => format!("service `{service}` is {state} (exit code {exit_code})"),
+                    (_, None) => format!("service `{service}` is {state}"),
+                };
+                let tail = container_log_tail(ctx, log, service, id).await;
+                with_tail(&headline, "its log", &tail)
+            }
+            Problem::Unhealthy { service, id } => {
+                let tail = container_log_tail(ctx, log, service, id).await;
+                with_tail(&format!("service `{service}` is unhealthy"), "its log", &tail)
+            }
+            Problem::NotStarted { service } => {
+                with_tail(&format!("service `{service}` was created but did not start"), "`up`'s output", up_tail)
+            }
+            Problem::Missing { service } => {
+                with_tail(&format!("service `{service}` has no container"), "`up`'s output", up_tail)
+            }
+        };
+        paragraphs.push(paragraph);
+    }
+    JobError::Step { message: paragraphs.join("\n\n"), code }
+}
+
+/// The last [`TAIL_LINES`] lines of a container's log (standard output and error in the order
+/// written), masked, also sent to the job's log; empty when the engine cannot say.
+async fn container_log_tail(ctx: &Context, log: &JobLog, service: &str, id: &str) -> Vec<String> {
+    let lines = match read_container_log(ctx, id).await {
+        Ok(text) => text.lines().map(|line| ctx.masker.mask(line)).collect::<Vec<_>>(),
+        Err(err) => {
+            log.system(&format!("failed to read the log of service {service}: {err}"));
+            return Vec::new();
+        }
+    };
+    let tail: Vec<String> = lines[lines.len().saturating_sub(TAIL_LINES)..].to_vec();
+    log.system(&format!("the last lines of service {service}'s log:"));
+    for line in &tail {
+        log.line(stagely_api::protocol::LogStream::Stdout, line);
+    }
+    tail
+}
+
+/// `<engine> logs --tail N <id>`, its two outputs through one pipe so their lines keep their
+/// order.
+async fn read_container_log(ctx: &Context, id: &str) -> std::io::Result<String> {
+    let (mut reader, writer) = std::io::pipe()?;
+    let mut command = ctx.engine_command();
+    command.args(["logs", "--tail", &TAIL_LINES.to_string(), id]);
+    command.stdout(writer.try_clone()?).stderr(writer);
+    let mut child = command.spawn()?;
+    // The command holds the pipe's write ends until dropped; the read ends at the child's exit.
+    drop(command);
+    let read = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut text).map(|_| text)
+    });
+    let text = match tokio::time::timeout(Duration::from_secs(30), read).await {
+        Ok(joined) => joined.map_err(std::io::Error::other)??,
+        Err(_) => return Err(std::io::Error::other("the engine did not answer within 30 seconds")),
+    };
+    child.wait().await?;
+    Ok(text)
 }
 
 /// Stops every deployment on this VM and deletes its secrets and files.
@@ -566,35 +988,200 @@ mod tests {
 
     #[test]
     fn podman_ps_json() {
-        let json = r#"[{"Labels":{"com.docker.compose.service":"web","com.docker.compose.project":"p"},
-            "State":"running","Status":"Up 3 seconds ago (healthy)",
-            "Ports":[{"host_ip":"","container_port":8080,"host_port":18080,"range":1,"protocol":"tcp"}]},
-            {"Labels":{"com.docker.compose.service":"db"},"State":"exited","Status":"Exited (1)","Ports":null}]"#;
-        let services = parse_podman_ps(json).unwrap();
-        assert_eq!(services[0].name, "db");
-        assert_eq!(services[0].state, "exited");
-        assert_eq!(services[1].health.as_deref(), Some("healthy"));
+        let json = r#"[{"Id":"c1","Labels":{"com.docker.compose.service":"web","com.docker.compose.project":"p"},
+            "State":"running","Status":"Up 3 seconds ago (healthy)","ExitCode":0,"Exited":false,
+            "Ports":[{"host_ip":"127.0.0.1","container_port":8080,"host_port":41234,"range":1,"protocol":"tcp"}]},
+            {"Id":"c2","Labels":{"com.docker.compose.service":"db"},"State":"exited","Status":"Exited (3)",
+             "ExitCode":3,"Exited":true,"Ports":null}]"#;
+        let containers = parse_podman_ps(json).unwrap();
+        assert_eq!((containers[0].service.name.as_str(), containers[0].id.as_str()), ("db", "c2"));
+        assert_eq!((containers[0].service.state.as_str(), containers[0].exit_code), ("exited", Some(3)));
+        assert_eq!(containers[1].service.health.as_deref(), Some("healthy"));
+        assert_eq!(containers[1].exit_code, None, "a running container has no exit code");
         assert_eq!(
-            services[1].ports,
-            [PortMapping { container_port: 8080, published_port: 18080, protocol: "tcp".into() }]
+            containers[1].service.ports,
+            [PortMapping { container_port: 8080, published_port: 41234, protocol: "tcp".into() }]
         );
-        assert!(!ready(&services));
-        assert!(ready(&services[1..]));
+        assert!(!ready(&containers));
+        assert!(ready(&containers[1..]));
     }
 
     #[test]
     fn docker_compose_ps_json_both_formats() {
-        let line = r#"{"Service":"web","State":"running","Health":"","Publishers":[{"URL":"0.0.0.0","TargetPort":80,"PublishedPort":8080,"Protocol":"tcp"},{"URL":"::","TargetPort":80,"PublishedPort":8080,"Protocol":"tcp"},{"URL":"","TargetPort":9000,"PublishedPort":0,"Protocol":"tcp"}]}"#;
-        let ndjson =
-            format!("{line}\n{}\n", r#"{"Service":"db","State":"running","Health":"starting","Publishers":null}"#);
-        let services = parse_compose_ps(&ndjson).unwrap();
+        let line = r#"{"ID":"abc","Service":"web","State":"running","Health":"","ExitCode":0,"Publishers":[{"URL":"0.0.0.0","TargetPort":80,"PublishedPort":8080,"Protocol":"tcp"},{"URL":"::","TargetPort":80,"PublishedPort":8080,"Protocol":"tcp"},{"URL":"","TargetPort":9000,"PublishedPort":0,"Protocol":"tcp"}]}"#;
+        let ndjson = format!(
+            "{line}\n{}\n{}\n",
+            r#"{"ID":"def","Service":"db","State":"running","Health":"starting","Publishers":null}"#,
+            r#"{"ID":"ghi","Service":"migrate","State":"exited","ExitCode":2,"Publishers":[]}"#
+        );
+        let containers = parse_compose_ps(&ndjson).unwrap();
+        let web = &containers[2];
+        assert_eq!(web.id, "abc");
         assert_eq!(
-            services[1].ports,
+            web.service.ports,
             [PortMapping { container_port: 80, published_port: 8080, protocol: "tcp".into() }]
         );
-        assert_eq!(services[0].health.as_deref(), Some("starting"));
-        assert!(!ready(&services));
+        assert_eq!(containers[0].service.health.as_deref(), Some("starting"));
+        assert_eq!((containers[1].service.name.as_str(), containers[1].exit_code), ("migrate", Some(2)));
+        assert!(!ready(&containers));
         assert_eq!(parse_compose_ps(&format!("[{line}]")).unwrap().len(), 1);
         assert!(parse_compose_ps("not json").is_err());
+    }
+
+    /// A compose file publishing ports in each syntax compose reads.
+    const PUBLISHING: &str = r#"
+x-ports: &published
+  ports: ["9000:9000"]
+services:
+  web:
+    image: web
+    ports:
+      - "8080:80"
+      - "127.0.0.1:8443:443/tcp"
+      - "[::1]:5353:53/udp"
+      - "${WEB_PORT:-3000}:3000"
+      - 9090
+      - target: 6000
+        published: "6000"
+        host_ip: 0.0.0.0
+        protocol: udp
+  worker:
+    image: worker
+  admin:
+    <<: *published
+    image: admin
+  db:
+    image: postgres
+    ports: []
+"#;
+
+    #[test]
+    fn published_ports_move_to_loopback_and_an_engine_picked_port() {
+        let compose = parse_compose(PUBLISHING).unwrap();
+        let ports = ephemeral_ports(&compose).unwrap();
+        assert_eq!(
+            ports,
+            BTreeMap::from([
+                ("admin".to_owned(), vec!["127.0.0.1::9000".to_owned()]),
+                (
+                    "web".to_owned(),
+                    [
+                        "127.0.0.1::80",
+                        "127.0.0.1::443",
+                        "127.0.0.1::53/udp",
+                        "127.0.0.1::3000",
+                        "127.0.0.1::9090",
+                        "127.0.0.1::6000/udp",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
+                ),
+            ])
+        );
+
+        let bad = parse_compose("services:\n  web:\n    ports:\n      - published: 80\n").unwrap();
+        let err = ephemeral_ports(&bad).unwrap_err().to_string();
+        assert!(err.contains("service `web`") && err.contains("no `target`"), "{err}");
+        let bad = parse_compose("services:\n  web:\n    ports: {a: 1}\n").unwrap();
+        assert!(ephemeral_ports(&bad).unwrap_err().to_string().contains("must be a list"));
+    }
+
+    #[test]
+    fn docker_compose_gets_the_ports_through_an_override_tag() {
+        let compose = parse_compose(PUBLISHING).unwrap();
+        let mut overrides: BTreeMap<String, ServiceOverride> = BTreeMap::new();
+        overrides.insert(
+            "worker".into(),
+            ServiceOverride { image: Some("r/worker@sha256:00".into()), ..Default::default() },
+        );
+        for (service, ports) in ephemeral_ports(&compose).unwrap() {
+            overrides.entry(service).or_default().ports = Some(ports);
+        }
+        let yaml = override_yaml(&overrides);
+        assert_eq!(
+            yaml,
+            "# Written by the Stagely agent: images and secret mounts for this preview.
+services:
+  admin:
+    ports: !override
+    - 127.0.0.1::9000
+  web:
+    ports: !override
+    - 127.0.0.1::80
+    - 127.0.0.1::443
+    - 127.0.0.1::53/udp
+    - 127.0.0.1::3000
+    - 127.0.0.1::9090
+    - 127.0.0.1::6000/udp
+  worker:
+    image: r/worker@sha256:00
+"
+        );
+        // The tag survives a reading: compose sees `!override`, not a plain list.
+        let back: Value = serde_yaml::from_str(&yaml).unwrap();
+        let Value::Tagged(tagged) = &back["services"]["web"]["ports"] else { panic!("tagged: {back:?}") };
+        assert_eq!(tagged.tag, Tag::new("override"));
+    }
+
+    #[test]
+    fn podman_gets_a_copy_of_the_compose_file_with_its_ports_replaced() {
+        let compose = parse_compose(PUBLISHING).unwrap();
+        let rewritten = with_ports(&compose, &ephemeral_ports(&compose).unwrap());
+        let text = serde_yaml::to_string(&rewritten).unwrap();
+        let again = parse_compose(&text).unwrap();
+        assert_eq!(again["services"]["web"]["ports"][0], "127.0.0.1::80");
+        assert_eq!(again["services"]["web"]["ports"].as_sequence().unwrap().len(), 6);
+        // The merge key was applied, so the merged-in port is replaced too.
+        assert_eq!(again["services"]["admin"]["ports"], Value::Sequence(vec!["127.0.0.1::9000".into()]));
+        assert_eq!(again["services"]["admin"]["image"], "admin");
+        // Everything else is as written.
+        assert_eq!(again["services"]["worker"], compose["services"]["worker"]);
+        assert_eq!(again["services"]["db"]["ports"], Value::Sequence(vec![]));
+        assert!(!text.contains("8080") && !text.contains("8443"), "{text}");
+    }
+
+    #[test]
+    fn started_services_leave_out_profiles_and_zero_replicas() {
+        let compose = parse_compose(
+            "services:\n  web: {}\n  debug:\n    profiles: [debug]\n  off:\n    deploy:\n      replicas: 0\n  \
+             one:\n    deploy:\n      replicas: 1\n",
+        )
+        .unwrap();
+        assert_eq!(started_services(&compose).unwrap(), ["web", "one"]);
+    }
+
+    fn container(service: &str, state: &str, health: Option<&str>, exit_code: Option<i32>) -> Container {
+        Container {
+            id: format!("id-{service}"),
+            service: ServiceStatus {
+                name: service.into(),
+                state: state.into(),
+                health: health.map(str::to_owned),
+                ports: vec![],
+            },
+            exit_code,
+        }
+    }
+
+    #[test]
+    fn problems_name_each_failed_service() {
+        let containers = [
+            container("web", "running", None, None),
+            container("api", "exited", None, Some(3)),
+            container("db", "running", Some("unhealthy"), None),
+            container("cache", "created", None, None),
+            container("queue", "running", Some("starting"), None),
+        ];
+        let expected = ["web", "api", "db", "cache", "queue", "mail"].map(str::to_owned);
+        assert_eq!(
+            problems(&containers, &expected),
+            [
+                Problem::Stopped { service: "api".into(), id: "id-api".into(), state: "exited".into(), code: Some(3) },
+                Problem::Unhealthy { service: "db".into(), id: "id-db".into() },
+                Problem::NotStarted { service: "cache".into() },
+                Problem::Missing { service: "mail".into() },
+            ]
+        );
+        assert!(problems(&containers[..1], &expected[..1]).is_empty());
     }
 }

@@ -91,6 +91,7 @@ struct FileConfig {
     reconnect_max_ms: Option<u64>,
     ca_file: Option<PathBuf>,
     ops_addr: Option<SocketAddr>,
+    ephemeral_ports: Option<bool>,
 }
 
 /// The agent's settings.
@@ -126,11 +127,15 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// Address of `/healthz` and `/metrics`.
     pub ops_addr: SocketAddr,
+    /// Publish every port a compose file publishes on 127.0.0.1 and a port the engine picks,
+    /// instead of the written host port: where several previews share one host (the `local`
+    /// provider), written host ports would clash. STATUS reports the ports picked.
+    pub ephemeral_ports: bool,
 }
 
 /// The environment variables that override the file, by field (`STAGELY_OPS_ADDR` and
 /// `STAGELY_AGENT_CONFIG` are read with the command line).
-pub const ENV_VARS: [(&str, &str); 13] = [
+pub const ENV_VARS: [(&str, &str); 14] = [
     ("STAGELY_GATEWAY_URL", "gateway_url"),
     ("STAGELY_AGENT_ID", "agent_id"),
     ("STAGELY_AGENT_TOKEN", "token"),
@@ -144,6 +149,7 @@ pub const ENV_VARS: [(&str, &str); 13] = [
     ("STAGELY_RECONNECT_INITIAL_MS", "reconnect_initial_ms"),
     ("STAGELY_RECONNECT_MAX_MS", "reconnect_max_ms"),
     ("STAGELY_CA_FILE", "ca_file"),
+    ("STAGELY_EPHEMERAL_PORTS", "ephemeral_ports"),
 ];
 
 impl AgentConfig {
@@ -219,6 +225,17 @@ impl AgentConfig {
         if let Some(v) = get("STAGELY_CA_FILE") {
             file.ca_file = Some(v.into());
         }
+        if let Some(v) = get("STAGELY_EPHEMERAL_PORTS") {
+            file.ephemeral_ports = Some(match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "STAGELY_EPHEMERAL_PORTS must be 1 or 0 (true or false), not `{other}`"
+                    )));
+                }
+            });
+        }
         Self::from_file(file)
     }
 
@@ -262,6 +279,7 @@ impl AgentConfig {
             reconnect_max,
             ca_file: file.ca_file,
             ops_addr: file.ops_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9101))),
+            ephemeral_ports: file.ephemeral_ports.unwrap_or(false),
         })
     }
 
@@ -302,6 +320,21 @@ mod tests {
         assert_eq!(config.disconnect_shutdown, Duration::from_secs(15 * 60));
         assert_eq!(config.shutdown_command, "shutdown -h now");
         assert!(!format!("{config:?}").contains("eyJ.x.y"));
+        assert!(!config.ephemeral_ports, "host ports are the written ones unless asked");
+    }
+
+    #[test]
+    fn ephemeral_ports_are_switched_on_by_the_file_or_the_environment() {
+        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t","ephemeral_ports":true}"#);
+        assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap().ephemeral_ports);
+        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t"}"#);
+        for (value, expected) in [("1", true), ("true", true), ("0", false), ("false", false)] {
+            let env = BTreeMap::from([("STAGELY_EPHEMERAL_PORTS".to_owned(), value.to_owned())]);
+            assert_eq!(AgentConfig::load_with(Some(file.path()), &env).unwrap().ephemeral_ports, expected, "{value}");
+        }
+        let env = BTreeMap::from([("STAGELY_EPHEMERAL_PORTS".to_owned(), "maybe".to_owned())]);
+        let err = AgentConfig::load_with(Some(file.path()), &env).unwrap_err().to_string();
+        assert!(err.contains("STAGELY_EPHEMERAL_PORTS") && err.contains("maybe"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The one WebSocket to the gateway: HELLO with the enrollment token (then the session token
 //! from HELLO_ACK), heartbeats, commands in, logs and statuses out, and reconnection with
-//! exponential backoff and jitter. Also the watchdog that shuts the VM down when the gateway
-//! has been gone too long.
+//! exponential backoff and jitter. A frame the agent does not understand (a newer gateway's
+//! command, a malformed payload) is answered with an ERROR naming its job when it has one, so the
+//! gateway fails that job instead of waiting for it. Also the watchdog that shuts the VM down
+//! when the gateway has been gone too long.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
@@ -10,13 +12,18 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use stagely_api::protocol::{
-    CONNECT_PATH, ErrorCode, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, Message, Sensitive, SystemInfo,
+    CAPABILITY_TEST, CONNECT_PATH, ErrorCode, ErrorMessage, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, MESSAGE_TYPES,
+    Message, Sensitive, SystemInfo,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite;
 
 use crate::config::AgentConfig;
 use crate::executor::{Executor, now_ms};
+use crate::mask::Masker;
+
+/// The optional commands this agent runs, for its HELLO.
+pub const CAPABILITIES: [&str; 1] = [CAPABILITY_TEST];
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +207,7 @@ impl Connection {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             system_info: system_info(),
             jobs: self.executor.summaries(),
+            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
         });
         ws.send(frame(&hello)).await?;
         let ack = loop {
@@ -278,6 +286,13 @@ impl Connection {
                         None => return Ok(()),
                         Some(Err(err)) => return Err(err.into()),
                         Some(Ok(tungstenite::Message::Text(text))) => self.receive(&text),
+                        Some(Ok(tungstenite::Message::Binary(_))) => {
+                            self.refuse(ErrorMessage {
+                                code: ErrorCode::BadMessage,
+                                message: "frames are JSON text, not binary".into(),
+                                job_id: None,
+                            });
+                        }
                         Some(Ok(tungstenite::Message::Close(_))) => return Ok(()),
                         Some(Ok(_)) => {}
                     }
@@ -292,14 +307,56 @@ impl Connection {
             Ok(Message::Error(error)) => {
                 tracing::warn!(code = ?error.code, job_id = error.job_id.as_deref().unwrap_or(""), "gateway error: {}", error.message)
             }
-            Ok(message @ (Message::Build(_) | Message::Deploy(_) | Message::Terminate(_))) => {
+            Ok(message @ (Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) | Message::Test(_))) => {
                 tracing::info!(kind = message.type_name(), job_id = message.job_id().unwrap_or(""), "command received");
                 self.executor.handle(message);
             }
-            Ok(other) => tracing::warn!(kind = other.type_name(), "ignoring an unexpected message"),
-            Err(err) => tracing::warn!(%err, "ignoring a frame that is not a protocol message"),
+            // A second HELLO_ACK changes nothing.
+            Ok(Message::HelloAck(_)) => tracing::debug!("ignoring a repeated HELLO_ACK"),
+            Ok(other) => self.refuse(ErrorMessage {
+                code: ErrorCode::BadMessage,
+                message: format!("an agent does not take {} messages", other.type_name()),
+                job_id: other.job_id().map(str::to_owned),
+            }),
+            Err(err) => self.refuse(not_understood(text, &err, &self.executor.context().masker)),
         }
     }
+
+    /// Answers a frame the agent cannot act on with `error`.
+    fn refuse(&self, error: ErrorMessage) {
+        tracing::warn!(job_id = error.job_id.as_deref().unwrap_or(""), "refusing a frame: {}", error.message);
+        let _ = self.executor.context().outbox.send(Message::Error(error));
+    }
+}
+
+/// The ERROR answering `text`, which did not parse as a message (`err`): its job id, when the
+/// frame has one, and why. Secret values the payload carries are masked first, since serde's
+/// message may quote a value.
+pub fn not_understood(text: &str, err: &serde_json::Error, masker: &Masker) -> ErrorMessage {
+    let frame: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    let kind = frame.as_ref().and_then(|f| f.get("type")).and_then(|t| t.as_str());
+    let payload = frame.as_ref().and_then(|f| f.get("payload"));
+    let job_id = payload.and_then(|p| p.get("job_id")).and_then(|j| j.as_str()).map(str::to_owned);
+    if let Some(payload) = payload {
+        let mut secrets: Vec<&serde_json::Value> = vec![&payload["git_token"], &payload["token"]];
+        secrets.push(&payload["registry_auth"]["password"]);
+        if let Some(list) = payload["secrets"].as_array() {
+            secrets.extend(list.iter().map(|secret| &secret["value"]));
+        }
+        for secret in secrets.into_iter().filter_map(|s| s.as_str()) {
+            masker.add(secret);
+        }
+    }
+    let message = match kind {
+        Some(kind) if !MESSAGE_TYPES.contains(&kind) => format!(
+            "unknown message type `{kind}`: agent {} takes {}",
+            env!("CARGO_PKG_VERSION"),
+            "BUILD, DEPLOY, TERMINATE and TEST"
+        ),
+        Some(kind) => format!("invalid {kind} message: {}", masker.mask(&err.to_string())),
+        None => format!("not a protocol message: {err}"),
+    };
+    ErrorMessage { code: ErrorCode::BadMessage, message, job_id }
 }
 
 fn frame(message: &Message) -> tungstenite::Message {
@@ -354,6 +411,45 @@ mod tests {
         assert_eq!(connect_url("ws://127.0.0.1:9"), "ws://127.0.0.1:9/v1/agent/connect");
         assert_eq!(connect_url("wss://gw.example.com/"), "wss://gw.example.com/v1/agent/connect");
         assert_eq!(connect_url("wss://gw.example.com/v1/agent/connect"), "wss://gw.example.com/v1/agent/connect");
+    }
+
+    #[test]
+    fn frames_not_understood_are_answered_with_their_job_id() {
+        let refuse = |text: &str| {
+            let err = serde_json::from_str::<Message>(text).unwrap_err();
+            not_understood(text, &err, &Masker::new())
+        };
+        let error = refuse(r#"{"type":"REBOOT","payload":{"job_id":"r-1","when":"now"}}"#);
+        assert_eq!(error.code, ErrorCode::BadMessage);
+        assert_eq!(error.job_id.as_deref(), Some("r-1"));
+        assert!(error.message.starts_with("unknown message type `REBOOT`: agent "), "{}", error.message);
+
+        let error = refuse(r#"{"type":"TEST","payload":{"job_id":"t-1","image":"x"}}"#);
+        assert_eq!(error.job_id.as_deref(), Some("t-1"));
+        assert!(error.message.starts_with("invalid TEST message: missing field"), "{}", error.message);
+
+        let error = refuse("{not json");
+        assert_eq!(error.job_id, None);
+        assert!(error.message.starts_with("not a protocol message"), "{}", error.message);
+        assert_eq!(refuse(r#"{"payload":{"job_id":7}}"#).job_id, None);
+    }
+
+    #[test]
+    fn a_refused_frames_secrets_stay_out_of_the_error() {
+        // serde quotes a string it did not expect; here that string is a secret's value.
+        let text = r#"{"type":"DEPLOY","payload":{"job_id":"d-1","git_token":"ghs_secret-token-1",
+            "secrets":[{"key":"K","value":"v-secret-2","scope":"global"}],"lifecycle":"v-secret-2"}}"#;
+        let err = serde_json::from_str::<Message>(text).unwrap_err();
+        assert!(err.to_string().contains("v-secret-2"), "the case this guards against: {err}");
+        let masker = Masker::new();
+        let error = not_understood(text, &err, &masker);
+        assert_eq!(error.job_id.as_deref(), Some("d-1"));
+        assert!(
+            error.message.starts_with("invalid DEPLOY message: invalid type: string \"****\""),
+            "{}",
+            error.message
+        );
+        assert_eq!(masker.mask("ghs_secret-token-1"), "****", "the payload's secrets are masked from now on");
     }
 
     #[test]

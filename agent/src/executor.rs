@@ -1,9 +1,9 @@
 //! Runs the gateway's commands: one job per job id, never twice, one at a time, with every
 //! command's output streamed back as masked LOG lines and the job's progress as STATUS.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -60,6 +60,15 @@ pub enum JobError {
     /// The services did not become healthy.
     #[error("{0}")]
     Unhealthy(String),
+    /// A step failed: the message names it (the service, hook or test command) and ends with
+    /// the last lines of its output.
+    #[error("{message}")]
+    Step {
+        /// What failed, and its output's last lines.
+        message: String,
+        /// The exit code, where there is one.
+        code: Option<i32>,
+    },
 }
 
 impl JobError {
@@ -67,6 +76,7 @@ impl JobError {
     pub fn exit_code(&self) -> Option<i32> {
         match self {
             JobError::Failed { code, .. } => Some(*code),
+            JobError::Step { code, .. } => *code,
             _ => None,
         }
     }
@@ -223,7 +233,10 @@ impl JobLog {
 
     /// Sends one line, masked.
     pub fn line(&self, stream: LogStream, data: &str) {
-        let data = self.masker.mask(data);
+        self.send_masked(stream, self.masker.mask(data));
+    }
+
+    fn send_masked(&self, stream: LogStream, data: String) {
         tracing::debug!(job_id = %self.job_id, ?stream, "{data}");
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let _ = self.outbox.send(Message::Log(Log {
@@ -241,9 +254,34 @@ impl JobLog {
     }
 }
 
-/// Runs `command`, streaming its output to `log`; `stdin` is written to its standard input.
-/// Returns its standard output; fails when it exits unsuccessfully.
-pub async fn run(log: &JobLog, what: &str, mut command: Command, stdin: Option<&str>) -> Result<String, JobError> {
+/// Lines of output a failure message carries.
+pub const TAIL_LINES: usize = 20;
+
+/// Longest line a failure message carries; longer ones are cut.
+const TAIL_LINE_MAX: usize = 500;
+
+/// A command that ran to its end.
+#[derive(Debug)]
+pub struct Finished {
+    /// How it exited.
+    pub status: ExitStatus,
+    /// Its standard output (not masked: callers parse it).
+    pub stdout: String,
+    /// The last [`TAIL_LINES`] lines of its standard output and error together, in the order
+    /// they arrived, masked.
+    pub tail: Vec<String>,
+}
+
+impl Finished {
+    /// The exit code (-1 when killed by a signal).
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// Runs `command` to its end, streaming its output to `log`; `stdin` is written to its standard
+/// input. Fails only when it cannot be run at all.
+pub async fn execute(log: &JobLog, mut command: Command, stdin: Option<&str>) -> Result<Finished, JobError> {
     let std = command.as_std();
     let program = std.get_program().to_string_lossy().into_owned();
     let argv: Vec<String> =
@@ -260,27 +298,74 @@ pub async fn run(log: &JobLog, what: &str, mut command: Command, stdin: Option<&
     }
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let (out, _) =
-        tokio::join!(forward(stdout, log, LogStream::Stdout, true), forward(stderr, log, LogStream::Stderr, false));
-    let status = child.wait().await.map_err(|source| JobError::Spawn { program: program.clone(), source })?;
-    if status.success() {
-        Ok(out)
+    let tail = Mutex::new(VecDeque::with_capacity(TAIL_LINES));
+    let (stdout, _) = tokio::join!(
+        forward(stdout, log, LogStream::Stdout, &tail, true),
+        forward(stderr, log, LogStream::Stderr, &tail, false)
+    );
+    let status = child.wait().await.map_err(|source| JobError::Spawn { program, source })?;
+    let tail = tail.into_inner().expect("tail lock").into();
+    Ok(Finished { status, stdout, tail })
+}
+
+/// Runs `command`, streaming its output to `log`; `stdin` is written to its standard input.
+/// Returns its standard output; fails when it exits unsuccessfully.
+pub async fn run(log: &JobLog, what: &str, command: Command, stdin: Option<&str>) -> Result<String, JobError> {
+    let program = command.as_std().get_program().to_string_lossy().into_owned();
+    let finished = execute(log, command, stdin).await?;
+    if finished.status.success() {
+        Ok(finished.stdout)
     } else {
-        Err(JobError::Failed { what: what.to_owned(), program, code: status.code().unwrap_or(-1) })
+        Err(JobError::Failed { what: what.to_owned(), program, code: finished.code() })
     }
 }
 
-async fn forward(reader: impl AsyncRead + Unpin, log: &JobLog, stream: LogStream, keep: bool) -> String {
+async fn forward(
+    reader: impl AsyncRead + Unpin,
+    log: &JobLog,
+    stream: LogStream,
+    tail: &Mutex<VecDeque<String>>,
+    keep: bool,
+) -> String {
     let mut lines = BufReader::new(reader).lines();
     let mut kept = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
-        log.line(stream, &line);
+        let masked = log.masker.mask(&line);
+        {
+            let mut tail = tail.lock().expect("tail lock");
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(shorten(&masked));
+        }
+        log.send_masked(stream, masked);
         if keep {
             kept.push_str(&line);
             kept.push('\n');
         }
     }
     kept
+}
+
+/// `line` cut to [`TAIL_LINE_MAX`] bytes (at a character boundary).
+fn shorten(line: &str) -> String {
+    if line.len() <= TAIL_LINE_MAX {
+        return line.to_owned();
+    }
+    let mut end = TAIL_LINE_MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
+/// A failure message: `headline`, then `tail` (the last lines of `source`) when there are any.
+pub fn with_tail(headline: &str, source: &str, tail: &[String]) -> String {
+    match tail.len() {
+        0 => headline.to_owned(),
+        1 => format!("{headline}; the last line of {source}:\n{}", tail[0]),
+        n => format!("{headline}; the last {n} lines of {source}:\n{}", tail.join("\n")),
+    }
 }
 
 /// What a job ended with.
@@ -338,7 +423,7 @@ impl Executor {
     /// status is sent instead. Returns the job's task, if one was started.
     pub fn handle(&self, message: Message) -> Option<tokio::task::JoinHandle<()>> {
         let job_id = message.job_id()?.to_owned();
-        if !matches!(message, Message::Build(_) | Message::Deploy(_) | Message::Terminate(_)) {
+        if !matches!(message, Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) | Message::Test(_)) {
             return None;
         }
         // Secrets are masked from the moment they arrive.
@@ -360,6 +445,11 @@ impl Executor {
                 }
                 for secret in &deploy.secrets {
                     self.ctx.masker.add(secret.value.expose());
+                }
+            }
+            Message::Test(test) => {
+                if let Some(auth) = &test.registry_auth {
+                    self.ctx.masker.add(auth.password.expose());
                 }
             }
             _ => {}
@@ -421,6 +511,8 @@ impl Executor {
             }
             Message::Deploy(deploy) => crate::compose::deploy(ctx, log, &deploy).await,
             Message::Terminate(terminate) => crate::compose::terminate(ctx, log, &terminate).await,
+            // TEST keeps its own deadline: it has containers to remove when time runs out.
+            Message::Test(test) => crate::testrun::test(ctx, log, &test).await,
             other => Err(JobError::Invalid(format!("{} is not a command", other.type_name()))),
         }
     }
@@ -487,6 +579,20 @@ mod tests {
         assert!(relative("context", "").is_ok());
         assert!(relative("context", "../etc").is_err());
         assert!(relative("dockerfile", "/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn failure_messages_end_with_the_output_tail() {
+        assert_eq!(with_tail("it failed", "its output", &[]), "it failed");
+        assert_eq!(with_tail("it failed", "its log", &["boom".into()]), "it failed; the last line of its log:\nboom");
+        assert_eq!(
+            with_tail("it failed", "its output", &["a".into(), "b".into()]),
+            "it failed; the last 2 lines of its output:\na\nb"
+        );
+        assert_eq!(shorten("short"), "short");
+        let long = "é".repeat(TAIL_LINE_MAX);
+        let cut = shorten(&long);
+        assert!(cut.len() <= TAIL_LINE_MAX + "…".len() && cut.ends_with('…'), "{}", cut.len());
     }
 
     #[test]

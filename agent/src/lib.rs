@@ -3,7 +3,7 @@
 //!
 //! [`config`] reads `/etc/stagely/agent.json`; [`connection`] speaks the protocol and
 //! reconnects; [`executor`] runs each job once, streaming masked output ([`mask`]); [`build`],
-//! [`compose`] and [`git`] are the jobs themselves.
+//! [`compose`], [`testrun`] and [`git`] are the jobs themselves.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ pub mod connection;
 pub mod executor;
 pub mod git;
 pub mod mask;
+pub mod testrun;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;

@@ -1,6 +1,8 @@
-//! BUILD, DEPLOY and TERMINATE through the executor, for real: a `FROM scratch` image built
+//! BUILD, DEPLOY, TERMINATE and TEST through the executor, for real: a `FROM scratch` image built
 //! with podman from a local git repository at a commit, pushed to the distribution registry,
-//! run with podman-compose, served over HTTP, and torn down.
+//! run with podman-compose, served over HTTP, and torn down; two previews of one compose file on
+//! one host with ephemeral host ports, tested by commands in a busybox image; and deployments
+//! that fail, named by their service.
 
 mod support;
 
@@ -12,11 +14,12 @@ use std::time::Duration;
 use stagely_agent::config::AgentConfig;
 use stagely_agent::executor::{Context, Executor};
 use stagely_api::protocol::{
-    Build, Deploy, GLOBAL_SCOPE, Hook, JobState, Lifecycle, Message, SecretKind, SecretValue, Status, Terminate,
+    Build, Deploy, GLOBAL_SCOPE, Hook, JobState, Lifecycle, Message, RegistryAuth, SecretKind, SecretValue, Status,
+    Terminate, TestRun,
 };
 use stagely_api::v1alpha1::Platform;
 use stagely_testenv::registry::Registry;
-use support::{Podman, app_repo, free_port, http_get, wait_for};
+use support::{Podman, app_repo, build_and_push, busybox_context, commit_file, free_port, http_get, wait_for};
 use tokio::sync::mpsc;
 
 const GIT_TOKEN: &str = "ghs_git-token-value-1234";
@@ -25,13 +28,23 @@ const WEB_SECRET: &str = "web-only-secret-value-9012";
 const FILE_SECRET: &str = "-----BEGIN KEY-----\nfile-secret-line-3456\n-----END KEY-----\n";
 
 fn executor(work: &std::path::Path, podman: &Podman) -> (Executor, mpsc::UnboundedReceiver<Message>) {
-    let env = BTreeMap::from([
+    executor_with(work, podman, &[])
+}
+
+/// An executor as an agent configured with `extra` environment variables would have.
+fn executor_with(
+    work: &std::path::Path,
+    podman: &Podman,
+    extra: &[(&str, &str)],
+) -> (Executor, mpsc::UnboundedReceiver<Message>) {
+    let mut env = BTreeMap::from([
         ("STAGELY_GATEWAY_URL".to_owned(), "ws://127.0.0.1:9/v1/agent/connect".to_owned()),
         ("STAGELY_AGENT_ID".to_owned(), "agent-test".to_owned()),
         ("STAGELY_AGENT_TOKEN".to_owned(), "enrollment".to_owned()),
         ("STAGELY_ENGINE".to_owned(), "podman".to_owned()),
         ("STAGELY_WORK_DIR".to_owned(), work.to_string_lossy().into_owned()),
     ]);
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let config = Arc::new(AgentConfig::load_with(None, &env).unwrap());
     let (outbox, messages) = mpsc::unbounded_channel();
     let mut ctx = Context::new(config, outbox);
@@ -229,4 +242,207 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
     }
     assert!(all_logs.contains("hook sees ****"), "{all_logs}");
     assert!(all_logs.contains("podman build --platform linux/amd64"), "commands are logged:\n{all_logs}");
+}
+
+/// Runs `message` on `executor` to its end and returns the messages it sent.
+async fn run_job(
+    executor: &Executor,
+    outbox: &mut mpsc::UnboundedReceiver<Message>,
+    message: Message,
+) -> (Status, Vec<Message>) {
+    let job_id = message.job_id().unwrap().to_owned();
+    executor.handle(message).expect("a new job starts").await.unwrap();
+    let mut messages = Vec::new();
+    drain(outbox, &mut messages);
+    (final_status(&messages, &job_id), messages)
+}
+
+fn deploy_of(job_id: &str, project: &str, repo: &std::path::Path, commit: &str, image: &str) -> Deploy {
+    Deploy {
+        job_id: job_id.into(),
+        project: project.into(),
+        clone_url: format!("file://{}", repo.display()),
+        git_token: None,
+        commit: commit.into(),
+        compose_file: "docker-compose.yml".into(),
+        images: BTreeMap::from([("web".into(), image.into()), ("worker".into(), image.into())]),
+        secrets: Vec::new(),
+        lifecycle: Lifecycle::default(),
+        registry_auth: None,
+    }
+}
+
+fn test_run(job_id: &str, image: &str, commands: &[&str], preview_url: &str, timeout_seconds: u64) -> TestRun {
+    TestRun {
+        job_id: job_id.into(),
+        image: image.into(),
+        commands: commands.iter().map(|c| (*c).to_owned()).collect(),
+        preview_url: preview_url.into(),
+        timeout_seconds,
+        registry_auth: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_are_tested() {
+    let dir = tempfile::tempdir().unwrap();
+    let podman = Podman::new(dir.path());
+    let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
+    // The compose file publishes web on this fixed port, which something else holds: only an
+    // ephemeral port lets either preview start.
+    let fixed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fixed_port = fixed.local_addr().unwrap().port();
+    let repo = dir.path().join("repo");
+    let commit = app_repo(&repo, fixed_port);
+    let app = format!("{}/shop/web:1", registry.addr());
+    build_and_push(&podman, &repo, &app);
+    let e2e = format!("{}/shop/e2e:1", registry.addr());
+    build_and_push(&podman, &busybox_context(&dir.path().join("e2e")), &e2e);
+    podman.run(&["rmi", "-f", &app, &e2e]);
+
+    // Two agents on one host, as the local provider runs them, deploying at the same time.
+    let ephemeral = [("STAGELY_EPHEMERAL_PORTS", "1")];
+    let (first, mut first_outbox) = executor_with(&dir.path().join("work-1"), &podman, &ephemeral);
+    let (second, mut second_outbox) = executor_with(&dir.path().join("work-2"), &podman, &ephemeral);
+    let ((one, one_messages), (two, two_messages)) = tokio::join!(
+        run_job(&first, &mut first_outbox, Message::Deploy(deploy_of("deploy-1", "preview-a", &repo, &commit, &app))),
+        run_job(&second, &mut second_outbox, Message::Deploy(deploy_of("deploy-2", "preview-b", &repo, &commit, &app))),
+    );
+    assert_eq!(one.state, JobState::Succeeded, "{one:?}\n{}", logs(&one_messages, "deploy-1"));
+    assert_eq!(two.state, JobState::Succeeded, "{two:?}\n{}", logs(&two_messages, "deploy-2"));
+    let web_port = |status: &Status| {
+        let web = status.services.iter().find(|s| s.name == "web").expect("web is reported");
+        assert_eq!(web.ports.len(), 1, "{web:?}");
+        assert_eq!(web.ports[0].container_port, 8080, "{web:?}");
+        web.ports[0].published_port
+    };
+    let (port_1, port_2) = (web_port(&one), web_port(&two));
+    assert!(port_1 != fixed_port && port_2 != fixed_port && port_1 != port_2, "{port_1} {port_2} {fixed_port}");
+    for port in [port_1, port_2] {
+        let (code, body) = wait_for("a preview to answer", Duration::from_secs(30), || http_get(port, "/"));
+        assert_eq!((code, body.as_str()), (200, "hello from stagely\n"), "port {port}");
+    }
+    drop(fixed);
+
+    // TEST against the first preview: every command passes; the registry login's password
+    // never shows.
+    let url = format!("http://127.0.0.1:{port_1}");
+    let mut passing = test_run(
+        "test-1",
+        &e2e,
+        &["wget -q -O- $STAGELY_PREVIEW_URL", "wget -q -O- $STAGELY_PREVIEW_URL/index.html | grep -q stagely"],
+        &url,
+        120,
+    );
+    let password = "e2e-pull-password-4821";
+    passing.registry_auth =
+        Some(RegistryAuth { server: registry.addr(), username: "pull".into(), password: password.into() });
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(passing)).await;
+    let log = logs(&messages, "test-1");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{log}");
+    assert_eq!(status.message.as_deref(), Some("2 test commands passed"));
+    assert!(log.contains("hello from stagely"), "the command's output is streamed:\n{log}");
+    assert!(log.contains("--network host") && log.contains(&format!("STAGELY_PREVIEW_URL={url}")), "{log}");
+    assert!(!log.contains(password), "{log}");
+
+    // The second command fails: the job fails, naming it, with its output's last lines; the
+    // third never runs.
+    let failing = test_run(
+        "test-2",
+        &e2e,
+        &[
+            "echo checking $STAGELY_PREVIEW_URL",
+            "echo fetching; wget -q -O- $STAGELY_PREVIEW_URL/missing.html",
+            "touch /never",
+        ],
+        &url,
+        120,
+    );
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(failing)).await;
+    let message = status.message.clone().unwrap_or_default();
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "test-2"));
+    assert_eq!(status.exit_code, Some(1));
+    let (headline, tail) = message.split_once('\n').unwrap_or_default();
+    assert_eq!(
+        headline,
+        "test command 2 `echo fetching; wget -q -O- $STAGELY_PREVIEW_URL/missing.html` failed with exit code 1; \
+         the last 2 lines of its output:"
+    );
+    // Standard output and error are read apart, so their lines may come in either order.
+    let mut tail: Vec<&str> = tail.lines().collect();
+    tail.sort_unstable();
+    assert_eq!(tail, ["fetching", "wget: server returned error: HTTP/1.1 404 Not Found"], "{message}");
+    assert!(!logs(&messages, "test-2").contains("touch /never\n"), "the third command must not run");
+
+    // Out of time: the running command's container is killed and removed.
+    let slow = test_run("test-3", &e2e, &["echo started; sleep 300"], &url, 5);
+    let (status, messages) = run_job(&first, &mut first_outbox, Message::Test(slow)).await;
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "test-3"));
+    assert_eq!(
+        status.message.as_deref(),
+        Some("timed out after 5 seconds while test command 1 `echo started; sleep 300` ran; it was killed")
+    );
+    let left = podman.run(&["ps", "-a", "-q", "--filter", "name=stagely-test-test-3"]);
+    assert_eq!(left.trim(), "", "the killed test's container is left");
+
+    // The same TEST again is answered with its status, not run again.
+    let again = test_run("test-3", &e2e, &["true"], &url, 5);
+    assert!(first.handle(Message::Test(again)).is_none(), "a known job id must not run again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_exits_and_a_failing_hook_fail_the_deploy_by_name_with_their_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let podman = Podman::new(dir.path());
+    let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
+    let repo = dir.path().join("repo");
+    app_repo(&repo, free_port());
+    let image = format!("{}/shop/web:1", registry.addr());
+    build_and_push(&podman, &repo, &image);
+    let work = dir.path().join("work");
+    let (executor, mut outbox) = executor_with(&work, &podman, &[("STAGELY_EPHEMERAL_PORTS", "1")]);
+
+    // `worker` exits at once; `web` is fine.
+    let crashing = commit_file(
+        &repo,
+        "docker-compose.yml",
+        "services:\n  web:\n    build: .\n    ports: [\"8080\"]\n  worker:\n    build: .\n    \
+         entrypoint: [\"/bin/busybox\", \"sh\", \"-c\"]\n    \
+         command: [\"echo reading /etc/worker.toml; echo 'worker.toml: no such file' >&2; exit 3\"]\n",
+    );
+    let deploy = deploy_of("deploy-crash", "crash", &repo, &crashing, &image);
+    let (status, messages) = run_job(&executor, &mut outbox, Message::Deploy(deploy)).await;
+    let message = status.message.clone().unwrap_or_default();
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "deploy-crash"));
+    assert_eq!(status.exit_code, Some(3));
+    let (headline, tail) = message.split_once('\n').unwrap_or_default();
+    assert_eq!(headline, "service `worker` exited with code 3; the last 2 lines of its log:", "{message}");
+    // The engine's log keeps the order it read the two outputs in, which may not be the order written.
+    let mut tail: Vec<&str> = tail.lines().collect();
+    tail.sort_unstable();
+    assert_eq!(tail, ["reading /etc/worker.toml", "worker.toml: no such file"], "{message}");
+    assert!(logs(&messages, "deploy-crash").contains("worker.toml: no such file"), "the tail is in the job's log");
+
+    // Everything starts, and the on_start hook fails.
+    let fine = commit_file(
+        &repo,
+        "docker-compose.yml",
+        "services:\n  web:\n    build: .\n    ports: [\"8080\"]\n  worker:\n    build: .\n",
+    );
+    let mut deploy = deploy_of("deploy-hook", "hook", &repo, &fine, &image);
+    let hook = "echo migrating; echo 'relation \"users\" does not exist' >&2; exit 4";
+    deploy.lifecycle.on_start = vec![Hook { service: "web".into(), command: hook.into() }];
+    let (status, messages) = run_job(&executor, &mut outbox, Message::Deploy(deploy)).await;
+    assert_eq!(status.state, JobState::Failed, "{status:?}\n{}", logs(&messages, "deploy-hook"));
+    assert_eq!(status.exit_code, Some(4));
+    let message = status.message.clone().unwrap_or_default();
+    let (headline, tail) = message.split_once('\n').unwrap_or_default();
+    assert_eq!(
+        headline,
+        "on_start hook `echo migrating; echo 'relation \"users\" does not exist' >&2; exit 4` in service `web` \
+         failed with exit code 4; the last 2 lines of its output:"
+    );
+    let mut tail: Vec<&str> = tail.lines().collect();
+    tail.sort_unstable();
+    assert_eq!(tail, ["migrating", "relation \"users\" does not exist"], "{message}");
 }

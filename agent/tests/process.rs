@@ -1,5 +1,6 @@
-//! The real `stagely-agent` process: the shutdown after losing the gateway, and reconnection
-//! with the session token against a gateway that appears late and drops the connection.
+//! The real `stagely-agent` process: the shutdown after losing the gateway, reconnection with
+//! the session token against a gateway that appears late and drops the connection, and the
+//! ERROR answering a frame it does not understand.
 
 mod support;
 
@@ -10,7 +11,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use stagely_api::protocol::{CONNECT_PATH, HelloAck, JobState, Message, Scope, ScopeKind, Terminate};
+use stagely_api::protocol::{
+    CONNECT_PATH, ErrorCode, ErrorMessage, HelloAck, JobState, Message, Scope, ScopeKind, Terminate,
+};
 use support::{agent_command, free_port, wait_for};
 use tokio_tungstenite::tungstenite;
 
@@ -150,4 +153,74 @@ async fn reconnects_with_backoff_and_its_session_token_and_runs_a_resent_job_onc
     }
     // One is the status resent on reconnect, one the answer to the resent command.
     assert_eq!(statuses, [JobState::Succeeded, JobState::Succeeded]);
+}
+
+/// The next ERROR the agent sends, skipping its heartbeats.
+async fn next_error(ws: &mut Ws) -> ErrorMessage {
+    loop {
+        match next_message(ws).await {
+            Message::Error(error) => return error,
+            Message::Heartbeat(_) => {}
+            other => panic!("expected an ERROR, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn frames_the_agent_does_not_understand_are_answered_with_an_error_and_it_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _agent = Agent::start(dir.path(), &format!("ws://127.0.0.1:{port}"), &[]);
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let Message::Hello(hello) = next_message(&mut ws).await else { panic!("HELLO first") };
+    assert_eq!(hello.capabilities, ["test"], "the agent says it runs TEST");
+    let scope = Scope { kind: ScopeKind::Environment, namespace: "t".into(), name: "e".into(), uid: "u".into() };
+    let ack = HelloAck { session_token: "session-1".into(), heartbeat_interval_seconds: 1, scope };
+    send(&mut ws, &Message::HelloAck(ack)).await;
+
+    // A command from a newer gateway: refused, naming its job, so that job can fail.
+    let text = |frame: &str| tungstenite::Message::Text(frame.to_owned().into());
+    ws.send(text(r#"{"type":"SNAPSHOT","payload":{"job_id":"snap-1","volume":"db"}}"#)).await.unwrap();
+    let error = next_error(&mut ws).await;
+    assert_eq!((error.code, error.job_id.as_deref()), (ErrorCode::BadMessage, Some("snap-1")));
+    assert!(error.message.starts_with("unknown message type `SNAPSHOT`"), "{}", error.message);
+
+    // A known command whose payload this agent cannot read.
+    ws.send(text(r#"{"type":"TEST","payload":{"job_id":"test-1","image":"busybox"}}"#)).await.unwrap();
+    let error = next_error(&mut ws).await;
+    assert_eq!(error.job_id.as_deref(), Some("test-1"));
+    assert!(error.message.starts_with("invalid TEST message: missing field"), "{}", error.message);
+
+    // Not JSON, binary, and a message only agents send: refused without a job id.
+    ws.send(text("reboot now")).await.unwrap();
+    let error = next_error(&mut ws).await;
+    assert_eq!(error.job_id, None);
+    assert!(error.message.starts_with("not a protocol message"), "{}", error.message);
+    ws.send(tungstenite::Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(next_error(&mut ws).await.message, "frames are JSON text, not binary");
+    // A heartbeat's echo is expected and answered with nothing; a STATUS is not.
+    send(&mut ws, &Message::Heartbeat(stagely_api::protocol::Heartbeat { seq: 1, sent_at_ms: 1 })).await;
+    let status = Message::Status(stagely_api::protocol::Status {
+        job_id: "s-1".into(),
+        state: JobState::Running,
+        exit_code: None,
+        duration_seconds: None,
+        message: None,
+        image_digest: None,
+        services: vec![],
+    });
+    send(&mut ws, &status).await;
+    let error = next_error(&mut ws).await;
+    assert_eq!(
+        (error.job_id.as_deref(), error.message.as_str()),
+        (Some("s-1"), "an agent does not take STATUS messages")
+    );
+
+    // Still connected, still working.
+    let terminate =
+        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "test".into(), grace_period_seconds: 1 });
+    send(&mut ws, &terminate).await;
+    while !next_status(&mut ws, "t-1").await.state.is_final() {}
 }

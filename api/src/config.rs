@@ -25,6 +25,9 @@ use crate::v1alpha1::{Platform, Size, parse_duration};
 /// The only `version` of stagely.yaml this crate reads.
 pub const SUPPORTED_VERSION: u32 = 2;
 
+/// The compose file a preview runs when `preview.compose_file` is not set.
+pub const DEFAULT_COMPOSE_FILE: &str = "docker-compose.yml";
+
 /// How long a build may run when its `timeout` is not set.
 pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -105,16 +108,42 @@ impl<'de> Deserialize<'de> for Build {
     }
 }
 
-/// How previews are sized and prepared.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-#[serde(deny_unknown_fields, expecting = "a mapping with size and lifecycle")]
+/// How previews are sized, run and prepared.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, expecting = "a mapping with size, compose_file, expose and lifecycle")]
 pub struct Preview {
     /// Size of the preview VM; the Project's or cloud provider's preview size when unset.
     #[serde(default, deserialize_with = "deserialize_optional_parsed", skip_serializing_if = "Option::is_none")]
     pub size: Option<Size>,
+    /// The compose file that runs the preview, relative to the repository root and without `..`
+    /// (default [`DEFAULT_COMPOSE_FILE`]).
+    #[serde(default = "default_compose_file")]
+    pub compose_file: String,
+    /// Which service and port the preview URL serves; unset, Stagely picks the service that
+    /// publishes a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose: Option<Expose>,
     /// Commands to run at points in the preview's life.
     #[serde(default, skip_serializing_if = "is_default")]
     pub lifecycle: Lifecycle,
+}
+
+impl Default for Preview {
+    /// A preview with every field at its stagely.yaml default.
+    fn default() -> Self {
+        Self { size: None, compose_file: default_compose_file(), expose: None, lifecycle: Lifecycle::default() }
+    }
+}
+
+/// The service and container port behind the preview URL.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, expecting = "a mapping with service and port")]
+pub struct Expose {
+    /// The compose service.
+    pub service: String,
+    /// The port the service listens on inside its container (not the published host port).
+    #[serde(deserialize_with = "deserialize_port")]
+    pub port: u16,
 }
 
 /// Commands to run at points in a preview's life.
@@ -320,6 +349,7 @@ impl RawConfig {
             builds.insert(name, build);
         }
 
+        check_preview(&self.preview, &mut errors);
         for (i, hook) in self.preview.lifecycle.on_start.iter().enumerate() {
             let at = format!("preview.lifecycle.on_start[{i}]");
             if hook.service.trim().is_empty() {
@@ -420,6 +450,34 @@ impl RawBuild {
             timeout,
         }
     }
+}
+
+fn check_preview(preview: &Preview, errors: &mut Vec<FieldError>) {
+    let compose_file = &preview.compose_file;
+    let problem = path_problem(compose_file).or_else(|| {
+        compose_file
+            .split('/')
+            .any(|part| part == "..")
+            .then(|| format!("{compose_file:?} must not contain '..'; paths are relative to the repository root"))
+    });
+    if let Some(reason) = problem {
+        errors.push(FieldError::new("preview.compose_file", reason));
+    }
+    if let Some(expose) = &preview.expose {
+        if expose.service.trim().is_empty() {
+            errors.push(FieldError::new("preview.expose.service", "must not be empty"));
+        } else if !is_service_name(&expose.service) {
+            errors.push(FieldError::new(
+                "preview.expose.service",
+                format!("{:?} is not a compose service name (letters, digits, '.', '_' or '-')", expose.service),
+            ));
+        }
+    }
+}
+
+/// Whether `name` can name a compose service (the compose specification's `[a-zA-Z0-9._-]+`).
+fn is_service_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_test(test: &TestSpec, errors: &mut Vec<FieldError>) {
@@ -543,6 +601,36 @@ where
     Ok(Option::<Parsed<T>>::deserialize(deserializer)?.map(|Parsed(value)| value))
 }
 
+/// Reads a port number, 1 to 65535, failing inside the visitor so the error carries the
+/// value's own line.
+fn deserialize_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    struct PortVisitor;
+
+    impl Visitor<'_> for PortVisitor {
+        type Value = u16;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a port number from 1 to 65535")
+        }
+
+        fn visit_u64<E: de::Error>(self, port: u64) -> Result<u16, E> {
+            match u16::try_from(port) {
+                Ok(port) if port > 0 => Ok(port),
+                _ => Err(E::custom(format!("invalid port {port} (expected a port number from 1 to 65535)"))),
+            }
+        }
+
+        fn visit_i64<E: de::Error>(self, port: i64) -> Result<u16, E> {
+            match u64::try_from(port) {
+                Ok(port) => self.visit_u64(port),
+                Err(_) => Err(E::custom(format!("invalid port {port} (expected a port number from 1 to 65535)"))),
+            }
+        }
+    }
+
+    deserializer.deserialize_any(PortVisitor)
+}
+
 /// Writes a duration in the form [`parse_duration`] reads, largest units first (`1h30m`).
 fn serialize_duration<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format_duration(*duration))
@@ -565,6 +653,10 @@ fn format_duration(duration: Duration) -> String {
 
 fn default_context() -> String {
     ".".to_owned()
+}
+
+fn default_compose_file() -> String {
+    DEFAULT_COMPOSE_FILE.to_owned()
 }
 
 fn default_dockerfile() -> String {
@@ -654,6 +746,7 @@ test:
                 lifecycle: Lifecycle {
                     on_start: vec![Hook { service: "backend".to_owned(), command: "npm run db:migrate".to_owned() }],
                 },
+                ..Preview::default()
             },
             test: Some(TestSpec {
                 enabled: true,
@@ -927,6 +1020,90 @@ test:
             only_error(&with_web_build("    cache_from: [registry.example.com/web:cache, \"\"]\n")),
             "builds.web.cache_from[1]: must not be empty"
         );
+    }
+
+    #[test]
+    fn the_preview_names_its_compose_file_and_exposed_port() {
+        let yaml = "version: 2\nbuilds:\n  web: {}\npreview:\n  compose_file: deploy/compose.preview.yml\n  \
+                    expose: {service: web, port: 8080}\n";
+        let preview = parse(yaml).unwrap().preview;
+        assert_eq!(preview.compose_file, "deploy/compose.preview.yml");
+        assert_eq!(preview.expose, Some(Expose { service: "web".to_owned(), port: 8080 }));
+
+        // Defaults: the usual compose file, nothing chosen to expose.
+        let preview = parse("version: 2\nbuilds:\n  web: {}\npreview:\n  size: small\n").unwrap().preview;
+        assert_eq!((preview.compose_file.as_str(), preview.expose), (DEFAULT_COMPOSE_FILE, None));
+        assert_eq!(Preview::default().compose_file, "docker-compose.yml");
+    }
+
+    #[test]
+    fn the_exposed_port_is_a_container_port_number() {
+        let preview = |expose: &str| format!("version: 2\nbuilds:\n  web: {{}}\npreview:\n  expose:\n{expose}");
+        for bad in ["0", "65536", "-1", "100000"] {
+            let error = &errors(&preview(&format!("    service: web\n    port: {bad}\n")))[0];
+            assert_eq!(
+                error.to_string(),
+                format!("preview.expose.port: invalid port {bad} (expected a port number from 1 to 65535)")
+            );
+            assert_eq!(error.line, Some(7), "{bad}");
+        }
+        assert_eq!(
+            only_error(&preview("    service: web\n    port: http\n")),
+            r#"preview.expose.port: invalid type: string "http", expected a port number from 1 to 65535"#
+        );
+        assert!(parse(&preview("    service: web\n    port: 65535\n")).is_ok());
+        assert_eq!(only_error(&preview("    service: web\n")), "preview.expose: missing field `port`");
+        assert_eq!(
+            only_error(&preview("    service: web\n    port: 80\n    host_port: 8080\n")),
+            "preview.expose.host_port: unknown field `host_port`, expected `service` or `port`"
+        );
+        assert_eq!(
+            only_error(&preview("    service: \"\"\n    port: 80\n")),
+            "preview.expose.service: must not be empty"
+        );
+        assert_eq!(
+            only_error(&preview("    service: web app\n    port: 80\n")),
+            r#"preview.expose.service: "web app" is not a compose service name (letters, digits, '.', '_' or '-')"#
+        );
+        assert_eq!(
+            only_error("version: 2\nbuilds:\n  web: {}\npreview:\n  exposes: {}\n"),
+            "preview.exposes: unknown field `exposes`, expected one of `size`, `compose_file`, `expose`, `lifecycle`"
+        );
+    }
+
+    #[test]
+    fn the_compose_file_stays_inside_the_repository_without_dot_dot() {
+        let with = |file: &str| format!("version: 2\nbuilds:\n  web: {{}}\npreview:\n  compose_file: {file}\n");
+        assert_eq!(only_error(&with("\"\"")), "preview.compose_file: must not be empty");
+        assert_eq!(
+            only_error(&with("/srv/compose.yml")),
+            r#"preview.compose_file: "/srv/compose.yml" is absolute; paths are relative to the repository root"#
+        );
+        for climbing in ["../compose.yml", "deploy/../compose.yml", "deploy/.."] {
+            assert_eq!(
+                only_error(&with(climbing)),
+                format!(
+                    "preview.compose_file: {climbing:?} must not contain '..'; paths are relative to the repository root"
+                )
+            );
+        }
+        assert_eq!(parse(&with("./deploy/compose.yml")).unwrap().preview.compose_file, "./deploy/compose.yml");
+    }
+
+    #[test]
+    fn the_preview_section_round_trips_with_its_defaults_written() {
+        let yaml = "version: 2\nbuilds:\n  web: {}\npreview:\n  expose: {service: web, port: 3000}\n";
+        let config = parse(yaml).unwrap();
+        let written = serde_yaml::to_string(&config).unwrap();
+        assert!(written.contains("compose_file: docker-compose.yml"), "{written}");
+        assert!(written.contains("port: 3000"), "{written}");
+        assert_eq!(parse(&written).unwrap(), config, "serialized as:\n{written}");
+
+        // An all-default preview is left out, and comes back as the default.
+        let minimal = parse("version: 2\nbuilds:\n  web: {}\npreview: {}\n").unwrap();
+        let written = serde_yaml::to_string(&minimal).unwrap();
+        assert!(!written.contains("preview"), "{written}");
+        assert_eq!(parse(&written).unwrap().preview, Preview::default());
     }
 
     #[test]

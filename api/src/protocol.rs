@@ -2,10 +2,13 @@
 //! the operator's agent gateway.
 //!
 //! Every frame is one [`Message`], `{"type": "BUILD", "payload": {…}}`. The agent opens with
-//! HELLO; the gateway answers HELLO_ACK or ERROR. Commands (BUILD, DEPLOY, TERMINATE) carry a
-//! `job_id`; an agent that already knows a job id answers with that job's current STATUS instead
-//! of running it again, so the gateway may resend commands after a reconnect. The agent sends a
-//! HEARTBEAT every [`HEARTBEAT_INTERVAL_SECS`] seconds and the gateway echoes it back as the ack.
+//! HELLO, listing the optional commands it understands in `capabilities` (e.g.
+//! [`CAPABILITY_TEST`]); the gateway answers HELLO_ACK or ERROR. Commands (BUILD, DEPLOY,
+//! TERMINATE, TEST) carry a `job_id`; an agent that already knows a job id answers with that
+//! job's current STATUS instead of running it again, so the gateway may resend commands after a
+//! reconnect. A frame the agent does not understand is answered with an ERROR (carrying the
+//! frame's job id when it has one). The agent sends a HEARTBEAT every
+//! [`HEARTBEAT_INTERVAL_SECS`] seconds and the gateway echoes it back as the ack.
 //!
 //! Secret values travel only inside [`Sensitive`], whose `Debug` never prints them.
 
@@ -24,6 +27,13 @@ pub const HEARTBEAT_INTERVAL_SECS: u32 = 30;
 /// Seconds without the gateway after which an agent shuts its VM down.
 pub const DISCONNECT_SHUTDOWN_SECS: u32 = 15 * 60;
 
+/// The HELLO capability of an agent that runs TEST commands. Agents older than TEST do not list
+/// it, and would drop a TEST without an answer.
+pub const CAPABILITY_TEST: &str = "test";
+
+/// The environment variable that carries the preview's URL into each TEST command.
+pub const PREVIEW_URL_ENV: &str = "STAGELY_PREVIEW_URL";
+
 /// One protocol frame.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", content = "payload", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -38,6 +48,9 @@ pub enum Message {
     Deploy(Deploy),
     /// Gateway → agent: stop the app and remove its secrets.
     Terminate(Terminate),
+    /// Gateway → agent: run end-to-end test commands against the preview (agents that list
+    /// [`CAPABILITY_TEST`]).
+    Test(TestRun),
     /// Agent → gateway: output of a job's commands (already masked).
     Log(Log),
     /// Agent → gateway: where a job is.
@@ -48,6 +61,11 @@ pub enum Message {
     Error(ErrorMessage),
 }
 
+/// The wire name of every message type, as [`Message::type_name`] gives them: a frame whose
+/// `type` is not among them comes from a newer peer.
+pub const MESSAGE_TYPES: [&str; 10] =
+    ["HELLO", "HELLO_ACK", "BUILD", "DEPLOY", "TERMINATE", "TEST", "LOG", "STATUS", "HEARTBEAT", "ERROR"];
+
 impl Message {
     /// The wire name of the message type, e.g. `HELLO_ACK` (for logs and metrics).
     pub fn type_name(&self) -> &'static str {
@@ -57,6 +75,7 @@ impl Message {
             Message::Build(_) => "BUILD",
             Message::Deploy(_) => "DEPLOY",
             Message::Terminate(_) => "TERMINATE",
+            Message::Test(_) => "TEST",
             Message::Log(_) => "LOG",
             Message::Status(_) => "STATUS",
             Message::Heartbeat(_) => "HEARTBEAT",
@@ -70,6 +89,7 @@ impl Message {
             Message::Build(m) => Some(&m.job_id),
             Message::Deploy(m) => Some(&m.job_id),
             Message::Terminate(m) => Some(&m.job_id),
+            Message::Test(m) => Some(&m.job_id),
             Message::Log(m) => Some(&m.job_id),
             Message::Status(m) => Some(&m.job_id),
             Message::Error(m) => m.job_id.as_deref(),
@@ -117,6 +137,10 @@ pub struct Hello {
     /// Jobs the agent knows, so the gateway resends only what is missing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobSummary>,
+    /// Optional commands this agent understands, e.g. [`CAPABILITY_TEST`]; absent from the HELLO
+    /// of agents that predate them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// What the VM is.
@@ -321,6 +345,26 @@ pub struct Terminate {
     pub grace_period_seconds: u32,
 }
 
+/// Gateway → agent: run end-to-end tests against a running preview. Each command runs in order
+/// in a fresh container of `image` on the host network, as `sh -c <command>` with
+/// [`PREVIEW_URL_ENV`] set to `preview_url`; the first that fails ends the job failed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TestRun {
+    /// The job (the Environment's UID and run).
+    pub job_id: String,
+    /// The image the commands run in.
+    pub image: String,
+    /// Shell commands, run in order.
+    pub commands: Vec<String>,
+    /// The URL the tests check, as the VM reaches the preview.
+    pub preview_url: String,
+    /// Seconds all the commands together may take; then the running one is killed.
+    pub timeout_seconds: u64,
+    /// Credentials for pulling the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+}
+
 /// Which output a log line came from.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -496,6 +540,7 @@ mod tests {
                     memory_mib: 4096,
                 },
                 jobs: vec![JobSummary { job_id: "build-1".into(), state: JobState::Running }],
+                capabilities: vec![CAPABILITY_TEST.into()],
             }),
             Message::HelloAck(HelloAck { session_token: "s3ss10n-cred".into(), heartbeat_interval_seconds: 30, scope }),
             Message::Build(Build {
@@ -549,6 +594,18 @@ mod tests {
                 reason: "pr_closed".into(),
                 grace_period_seconds: 30,
             }),
+            Message::Test(TestRun {
+                job_id: "test-1".into(),
+                image: "registry.stagely:5000/shop/e2e:pr-42".into(),
+                commands: vec!["npm ci".into(), "curl -f $STAGELY_PREVIEW_URL/health".into()],
+                preview_url: "https://k3x9.preview.example.com".into(),
+                timeout_seconds: 900,
+                registry_auth: Some(RegistryAuth {
+                    server: "registry.stagely:5000".into(),
+                    username: "pull".into(),
+                    password: "hunter2".into(),
+                }),
+            }),
             Message::Log(Log {
                 job_id: "build-1".into(),
                 stream: LogStream::Stderr,
@@ -594,8 +651,9 @@ mod tests {
         let names: Vec<_> = every_message().iter().map(Message::type_name).collect();
         assert_eq!(
             names,
-            ["HELLO", "HELLO_ACK", "BUILD", "DEPLOY", "TERMINATE", "LOG", "STATUS", "HEARTBEAT", "ERROR"]
+            ["HELLO", "HELLO_ACK", "BUILD", "DEPLOY", "TERMINATE", "TEST", "LOG", "STATUS", "HEARTBEAT", "ERROR"]
         );
+        assert_eq!(names, MESSAGE_TYPES);
         let value = round_trip(Message::Error(ErrorMessage {
             code: ErrorCode::WrongScope,
             message: "x".into(),
@@ -630,8 +688,43 @@ mod tests {
         let messages = every_message();
         assert_eq!(messages[2].job_id(), Some("build-1"));
         assert_eq!(messages[0].job_id(), None);
+        assert_eq!(messages[5].job_id(), Some("test-1"));
         let Message::Deploy(deploy) = &messages[3] else { unreachable!() };
         assert!(deploy.secrets[0].applies_to("web") && deploy.secrets[0].applies_to("api"));
         assert!(deploy.secrets[1].applies_to("api") && !deploy.secrets[1].applies_to("web"));
+    }
+
+    #[test]
+    fn a_test_command_has_its_wire_form() {
+        let frame = r#"{"type":"TEST","payload":{"job_id":"t-1","image":"busybox","commands":["wget -q -O- $STAGELY_PREVIEW_URL"],"preview_url":"http://127.0.0.1:8080","timeout_seconds":60}}"#;
+        let message: Message = serde_json::from_str(frame).unwrap();
+        assert_eq!(
+            message,
+            Message::Test(TestRun {
+                job_id: "t-1".into(),
+                image: "busybox".into(),
+                commands: vec!["wget -q -O- $STAGELY_PREVIEW_URL".into()],
+                preview_url: "http://127.0.0.1:8080".into(),
+                timeout_seconds: 60,
+                registry_auth: None,
+            })
+        );
+        // Written back the same way: no `registry_auth: null`.
+        assert_eq!(serde_json::to_value(&message).unwrap(), serde_json::from_str::<serde_json::Value>(frame).unwrap());
+    }
+
+    #[test]
+    fn an_older_agents_hello_without_capabilities_still_parses() {
+        let frame = r#"{"type":"HELLO","payload":{"agent_id":"a","token":"t","version":"0.1.0",
+            "system_info":{"os":"linux","arch":"amd64","hostname":"h","cpus":1,"memory_mib":512}}}"#;
+        let Message::Hello(hello) = serde_json::from_str(frame).unwrap() else { panic!("a HELLO") };
+        assert!(hello.capabilities.is_empty() && hello.jobs.is_empty());
+
+        // And none are written when there are none, so an older gateway sees the HELLO it knows.
+        let value = serde_json::to_value(Message::Hello(hello)).unwrap();
+        assert!(value["payload"].get("capabilities").is_none(), "{value}");
+        let Message::Hello(hello) = &every_message()[0] else { unreachable!() };
+        let value = serde_json::to_value(Message::Hello(hello.clone())).unwrap();
+        assert_eq!(value["payload"]["capabilities"], serde_json::json!(["test"]));
     }
 }

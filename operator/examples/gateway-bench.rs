@@ -105,6 +105,8 @@ async fn open_agent(addr: SocketAddr, source: IpAddr, token: String, index: usiz
         version: "bench".into(),
         system_info: SystemInfo::default(),
         jobs: vec![],
+        // As a current agent's HELLO, so the measured memory includes what it costs.
+        capabilities: vec![stagely_api::protocol::CAPABILITY_TEST.into()],
     });
     ws.send(WsMessage::text(serde_json::to_string(&hello)?)).await?;
     match ws.next().await {

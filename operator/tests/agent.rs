@@ -1,6 +1,6 @@
 //! The real agent process against the real gateway on loopback: enrollment with a minted token,
 //! heartbeats landing, reconnection with the session token after the gateway restarts, a
-//! resent command answered without running it twice, and BUILD → DEPLOY → HTTP 200 with
+//! resent command answered without running it twice, and BUILD → DEPLOY → HTTP 200 → TEST with
 //! podman and the distribution registry.
 
 #[path = "../../agent/tests/support/mod.rs"]
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use agent_support::{Podman, agent_bin, agent_command, app_repo, free_port, http_get, wait_for};
 use k8s_openapi::jiff::Timestamp;
-use stagely_api::protocol::{Build, Deploy, JobState, Message, Scope, ScopeKind, Terminate};
+use stagely_api::protocol::{Build, CAPABILITY_TEST, Deploy, JobState, Message, Scope, ScopeKind, Terminate, TestRun};
 use stagely_api::v1alpha1::Platform;
 use stagely_operator::gateway::objects::{BoxFuture, ObjectsError, ScopeObjects};
 use stagely_operator::gateway::token::SigningKey;
@@ -100,6 +100,8 @@ async fn the_agent_enrolls_heartbeats_survives_a_gateway_restart_and_runs_a_rese
     let _agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
 
     wait_connected(running.gateway(), &scope).await;
+    // The operator can tell this agent takes TEST.
+    assert_eq!(running.gateway().capabilities(&scope), Some(vec![CAPABILITY_TEST.to_owned()]));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !heartbeats.0.lock().unwrap().contains(&scope) {
         assert!(tokio::time::Instant::now() < deadline, "no heartbeat was recorded within 30 s");
@@ -174,7 +176,7 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
         git_token: None,
         commit,
         compose_file: "docker-compose.yml".into(),
-        images: BTreeMap::from([("web".into(), pinned.clone()), ("worker".into(), pinned)]),
+        images: BTreeMap::from([("web".into(), pinned.clone()), ("worker".into(), pinned.clone())]),
         secrets: Vec::new(),
         lifecycle: Default::default(),
         registry_auth: None,
@@ -188,6 +190,21 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
     assert_eq!(web.ports[0].published_port, port);
     let (code, body) = wait_for("the app to answer", Duration::from_secs(30), || http_get(port, "/"));
     assert_eq!((code, body.as_str()), (200, "hello from stagely\n"));
+
+    // TEST, in the app's own image (busybox is its entrypoint): the command reaches the preview.
+    let test = Message::Test(TestRun {
+        job_id: "test-1".into(),
+        image: pinned,
+        commands: vec!["wget -q -O- $STAGELY_PREVIEW_URL | grep -q 'hello from stagely'".into()],
+        preview_url: format!("http://127.0.0.1:{port}"),
+        timeout_seconds: 120,
+        registry_auth: None,
+    });
+    let tested = tokio::time::timeout(Duration::from_secs(180), running.gateway().command(&scope, test))
+        .await
+        .expect("TEST finishes")
+        .unwrap();
+    assert_eq!(tested.state, JobState::Succeeded, "{tested:?}");
 
     let terminate =
         Message::Terminate(Terminate { job_id: "t-1".into(), reason: "pr_closed".into(), grace_period_seconds: 1 });

@@ -58,6 +58,7 @@ fn hello(agent_id: &str, token: &Sensitive, jobs: Vec<JobSummary>) -> Message {
         version: "test".into(),
         system_info: SystemInfo::default(),
         jobs,
+        capabilities: vec![],
     })
 }
 
@@ -268,6 +269,95 @@ async fn a_command_is_resent_after_a_reconnect_and_its_status_resolves_the_calle
     let forgotten = gateway.gateway().send(&scope, build("job-2", None)).unwrap();
     gateway.gateway().forget(&scope);
     assert!(matches!(forgotten.finished().await, Err(GatewayError::Forgotten(_))));
+}
+
+#[tokio::test]
+async fn capabilities_are_those_of_the_connected_agents_hello() {
+    let gateway = start(builder()).await;
+    let (current, older) = (scope("capable"), scope("older-agent"));
+    assert_eq!(gateway.gateway().capabilities(&current), None, "no agent connected yet");
+
+    let mut ws = connect(&gateway).await;
+    let mut message = hello("agent-1", &mint(&gateway, &current, "agent-1"), vec![]);
+    if let Message::Hello(hello) = &mut message {
+        hello.capabilities = vec![CAPABILITY_TEST.into()];
+    }
+    send(&mut ws, &message).await;
+    assert!(matches!(recv(&mut ws).await, Message::HelloAck(_)));
+    assert_eq!(gateway.gateway().capabilities(&current), Some(vec!["test".to_owned()]));
+
+    // An agent that predates capabilities writes no such field: connected, capable of nothing
+    // more than the basic commands.
+    let mut old = connect(&gateway).await;
+    let token = mint(&gateway, &older, "agent-2");
+    let frame = serde_json::json!({"type": "HELLO", "payload": {
+        "agent_id": "agent-2", "token": token.expose(), "version": "0.1.0",
+        "system_info": {"os": "linux", "arch": "amd64", "hostname": "vm", "cpus": 1, "memory_mib": 512}}});
+    old.send(WsMessage::text(frame.to_string())).await.unwrap();
+    assert!(matches!(recv(&mut old).await, Message::HelloAck(_)));
+    assert_eq!(gateway.gateway().capabilities(&older), Some(vec![]));
+
+    // Gone again: unknown.
+    drop(ws);
+    eventually("the capable agent's disconnect", WAIT, || {
+        let capabilities = gateway.gateway().capabilities(&current);
+        async move { capabilities.is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(gateway.gateway().capabilities(&older), Some(vec![]));
+}
+
+#[tokio::test]
+async fn an_agent_error_about_a_pending_job_fails_it_with_the_message_masked() {
+    let gateway = start(builder()).await;
+    let scope = scope("agent-errors");
+    let (mut ws, _) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+    let password = "pull-pa55word-for-tests";
+    let test = Message::Test(TestRun {
+        job_id: "test-1".into(),
+        image: "registry.stagely:5000/shop/e2e:pr-1".into(),
+        commands: vec!["wget -q -O- $STAGELY_PREVIEW_URL".into()],
+        preview_url: "http://127.0.0.1:8080".into(),
+        timeout_seconds: 60,
+        registry_auth: Some(RegistryAuth {
+            server: "registry".into(),
+            username: "pull".into(),
+            password: password.into(),
+        }),
+    });
+    let job = gateway.gateway().send(&scope, test.clone()).unwrap();
+    assert_eq!(recv(&mut ws).await, test, "TEST is delivered as sent");
+
+    // An ERROR naming no job ends none (the heartbeat's echo shows the ERROR was handled).
+    let unrelated = ErrorMessage { code: ErrorCode::Internal, message: "disk full".into(), job_id: None };
+    send(&mut ws, &Message::Error(unrelated)).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 })).await;
+    assert!(matches!(recv(&mut ws).await, Message::Heartbeat(_)));
+    assert_eq!(job.latest(), None, "still waiting");
+
+    // An ERROR naming the job fails it with its message, secrets masked.
+    let error = ErrorMessage {
+        code: ErrorCode::BadMessage,
+        message: format!("failed to read the TEST command (login with {password})"),
+        job_id: Some("test-1".into()),
+    };
+    send(&mut ws, &Message::Error(error)).await;
+    let failed = tokio::time::timeout(WAIT, job.finished()).await.expect("resolved in time").unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.message.as_deref(), Some("failed to read the TEST command (login with ***)"));
+
+    // A job that has finished stays as it finished.
+    let mut first = gateway.gateway().send(&scope, build("build-1", None)).unwrap();
+    let second = gateway.gateway().send(&scope, build("build-1", None)).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("build-1"));
+    send(&mut ws, &status("build-1", JobState::Succeeded, Some("built"))).await;
+    assert_eq!(first.next_status().await.unwrap().state, JobState::Succeeded);
+    let late = ErrorMessage { code: ErrorCode::Internal, message: "late".into(), job_id: Some("build-1".into()) };
+    send(&mut ws, &Message::Error(late)).await;
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 2, sent_at_ms: 2 })).await;
+    assert!(matches!(recv(&mut ws).await, Message::Heartbeat(_)));
+    let done = second.finished().await.unwrap();
+    assert_eq!((done.state, done.message.as_deref()), (JobState::Succeeded, Some("built")));
 }
 
 #[tokio::test]

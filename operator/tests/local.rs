@@ -57,6 +57,9 @@ async fn instances_are_agent_processes_from_the_user_data() {
     assert_eq!(created.public_ip.unwrap().to_string(), "127.0.0.1");
     let pid = pid_of(state.path(), "env-1");
     assert!(std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().contains("stagely-agent"));
+    // Previews on one host must not fight over the compose files' host ports.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.split(|b| *b == 0).any(|var| var == b"STAGELY_EPHEMERAL_PORTS=1"), "ephemeral ports are on");
 
     // The agent got the configuration from the user data, privately.
     let config_path = state.path().join("env-1/agent.json");

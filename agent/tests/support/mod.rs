@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Podman confined to one test: `CONTAINERS_CONF` (cgroupfs, runc, ulimits this machine needs)
-/// and `CONTAINERS_STORAGE_CONF` (images and containers under the tempdir).
+/// Podman confined to one test: `CONTAINERS_CONF` (cgroupfs, runc, ulimits this machine needs;
+/// its own libpod tmp dir and network configurations) and `CONTAINERS_STORAGE_CONF` (images and
+/// containers under the tempdir). Without their own tmp dir, tests running side by side share
+/// libpod's `alive` file, and one test's `system reset` makes the next podman of another take
+/// the machine for rebooted and reset its running containers to `created`.
 pub struct Podman {
     /// Environment for every podman, podman-compose and agent process of the test.
     pub env: Vec<(String, String)>,
@@ -38,7 +41,13 @@ impl Podman {
         let conf = root.join("containers.conf");
         std::fs::write(
             &conf,
-            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\n[engine]\ncgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\n",
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\ntmp_dir = \"{}\"\n\n\
+                 [network]\nnetwork_config_dir = \"{}\"\n",
+                root.join("tmp").display(),
+                root.join("networks").display()
+            ),
         )
         .unwrap();
         let storage = root.join("storage.conf");
@@ -104,6 +113,34 @@ pub fn app_repo(dir: &Path, port: u16) -> String {
     git(dir, &["add", "."]);
     git(dir, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "app"]);
     git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// A later commit of the repository at `dir` with `path` written as `contents`; returns it.
+pub fn commit_file(dir: &Path, path: &str, contents: &str) -> String {
+    std::fs::write(dir.join(path), contents).unwrap();
+    git(dir, &["add", path]);
+    git(dir, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", path]);
+    git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// Builds the image in `context` with `podman` and pushes it as `image` to a plain-HTTP
+/// registry.
+pub fn build_and_push(podman: &Podman, context: &Path, image: &str) {
+    podman.run(&["build", "-q", "-t", image, &context.to_string_lossy()]);
+    podman.run(&["push", "-q", "--tls-verify=false", image]);
+}
+
+/// A build context for a `FROM scratch` image holding only a static busybox (as `sh`, `wget`
+/// and the rest), with no entrypoint: what end-to-end test commands run in.
+pub fn busybox_context(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    )
+    .unwrap();
+    dir.to_owned()
 }
 
 /// Runs git in `dir`; panics on failure.

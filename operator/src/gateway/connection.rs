@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, Message, Scope, Status};
+use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
 use tokio::sync::mpsc;
 
 use super::logs::Masker;
@@ -70,7 +70,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
     let (id, mut queue, resend, masker) = register(&inner, &scope, &hello);
     tracing::info!(
         %peer, agent_id = %hello.agent_id, kind = ?scope.kind, namespace = %scope.namespace, name = %scope.name,
-        version = %hello.version, resent = resend.len(), "agent connected"
+        version = %hello.version, capabilities = ?hello.capabilities, resent = resend.len(), "agent connected"
     );
     // Only the agent id is needed from here on; the rest of the HELLO (its token) goes.
     let agent_id = into_agent_id(hello);
@@ -183,7 +183,8 @@ fn register(inner: &Inner, scope: &Arc<Scope>, hello: &Hello) -> Registered {
     let mut agents = inner.agents();
     let slot = agents.entry(Arc::clone(scope)).or_default();
     // Dropping the old sender ends the old connection with a close frame.
-    slot.connection = Some(Connection { id, agent_id: hello.agent_id.clone(), queue });
+    slot.connection =
+        Some(Connection { id, agent_id: hello.agent_id.clone(), capabilities: hello.capabilities.clone(), queue });
     let resend = slot
         .pending
         .iter()
@@ -246,6 +247,11 @@ async fn handle(
                 namespace = %scope.namespace, name = %scope.name, code = ?error.code, job_id = ?error.job_id,
                 message = %text, "agent reported an error"
             );
+            // An error about a job ends it: the agent will send nothing more for it (it did not
+            // understand the command), and a caller waiting for its STATUS would wait forever.
+            if let Some(job_id) = error.job_id {
+                record_status(inner, scope, failed(job_id, text));
+            }
             true
         }
         other => {
@@ -255,6 +261,21 @@ async fn handle(
     }
 }
 
+/// A failed STATUS for `job_id` saying `message`.
+fn failed(job_id: String, message: String) -> Status {
+    Status {
+        job_id,
+        state: JobState::Failed,
+        exit_code: None,
+        duration_seconds: None,
+        message: Some(message),
+        image_digest: None,
+        services: Vec::new(),
+    }
+}
+
+/// Hands a STATUS to whoever waits for its job; a final one ends the job. A job already ended
+/// (or never sent) is left alone.
 fn record_status(inner: &Inner, scope: &Scope, status: Status) {
     let mut agents = inner.agents();
     let Some(slot) = agents.get_mut(scope) else { return };

@@ -89,6 +89,9 @@ pub fn secret_values(command: &Message) -> Vec<&str> {
             values.extend(deploy.registry_auth.as_ref().map(|a| a.password.expose()));
             values.extend(deploy.secrets.iter().map(|s| s.value.expose()));
         }
+        Message::Test(test) => {
+            values.extend(test.registry_auth.as_ref().map(|a| a.password.expose()));
+        }
         _ => {}
     }
     values

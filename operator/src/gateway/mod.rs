@@ -4,7 +4,9 @@
 //! [`Gateway::mint_enrollment_token`], single use) or, on reconnect, the session token a
 //! HELLO_ACK gave it. Controllers send commands with [`Gateway::send`] / [`Gateway::command`]:
 //! a command waits for its agent if it is not connected, is resent after a reconnect unless the
-//! agent's HELLO lists its job, and resolves on the job's final STATUS. Each agent has a bounded
+//! agent's HELLO lists its job, and resolves on the job's final STATUS, or as failed on an ERROR
+//! the agent sends about it. What a connected agent can do beyond the basic commands is in its
+//! HELLO's capabilities ([`Gateway::capabilities`]). Each agent has a bounded
 //! send queue; one that does not keep up is disconnected, never waited for. HEARTBEATs are
 //! echoed back as the ack and recorded on the object's `status.lastHeartbeat`, coalesced to one
 //! write per object per interval. LOG lines are masked for the secret values sent to that
@@ -44,8 +46,8 @@ pub const LOGS_PATH: &str = "/v1/jobs/{job_id}/logs";
 /// Why a gateway call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// Only BUILD, DEPLOY and TERMINATE can be sent.
-    #[error("failed to send a {0} message: only BUILD, DEPLOY and TERMINATE are commands")]
+    /// Only BUILD, DEPLOY, TERMINATE and TEST can be sent.
+    #[error("failed to send a {0} message: only BUILD, DEPLOY, TERMINATE and TEST are commands")]
     NotACommand(&'static str),
     /// The agent's send queue was full; it was disconnected and the command not queued.
     #[error("failed to send job {job_id} to the agent of {kind:?} {namespace}/{name}: its send queue is full")]
@@ -307,6 +309,8 @@ struct AgentSlot {
 struct Connection {
     id: u64,
     agent_id: String,
+    /// What the agent's HELLO said it can do beyond the basic commands.
+    capabilities: Vec<String>,
     queue: mpsc::Sender<Utf8Bytes>,
 }
 
@@ -395,12 +399,15 @@ impl Gateway {
         &self.inner.tokens
     }
 
-    /// Sends a command (BUILD, DEPLOY or TERMINATE) to `scope`'s agent: now if it is connected,
-    /// else when it connects. Sending a job id that is still pending does not send it twice.
-    /// The secret values it carries are masked from then on in that scope's logs.
+    /// Sends a command (BUILD, DEPLOY, TERMINATE or TEST) to `scope`'s agent: now if it is
+    /// connected, else when it connects. Sending a job id that is still pending does not send it
+    /// twice. The secret values it carries are masked from then on in that scope's logs.
+    ///
+    /// An agent that predates TEST drops it without an answer: check [`Gateway::capabilities`]
+    /// for [`CAPABILITY_TEST`](stagely_api::protocol::CAPABILITY_TEST) first.
     pub fn send(&self, scope: &Scope, command: Message) -> Result<Job, GatewayError> {
         let job_id = match &command {
-            Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) => {
+            Message::Build(_) | Message::Deploy(_) | Message::Terminate(_) | Message::Test(_) => {
                 command.job_id().unwrap_or_default().to_owned()
             }
             other => return Err(GatewayError::NotACommand(other.type_name())),
@@ -448,6 +455,13 @@ impl Gateway {
     /// Whether `scope`'s agent is connected now.
     pub fn is_connected(&self, scope: &Scope) -> bool {
         self.inner.agents().get(scope).is_some_and(|slot| slot.connection.is_some())
+    }
+
+    /// The capabilities `scope`'s connected agent listed in its HELLO (empty for an agent that
+    /// predates them); `None` while no agent is connected.
+    pub fn capabilities(&self, scope: &Scope) -> Option<Vec<String>> {
+        let agents = self.inner.agents();
+        agents.get(scope)?.connection.as_ref().map(|connection| connection.capabilities.clone())
     }
 
     /// Drops everything about `scope` (its object is gone): pending jobs fail with

@@ -6,6 +6,10 @@
 //! 0600, taken from the user data), `instance.json` (pid, tags, launch time) and `agent.log`.
 //! Everything the provider knows is on disk, so an operator restarted while agents run still
 //! finds, lists and stops them.
+//!
+//! Every agent shares the host, so each publishes its preview's ports on 127.0.0.1 and ports the
+//! engine picks (`STAGELY_EPHEMERAL_PORTS=1`), never the compose file's: two previews of one
+//! repository would otherwise clash. The agent's DEPLOY STATUS says which ports it got.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -126,6 +130,8 @@ impl Local {
             // The "VM" is the agent: after too long without the gateway it stops itself, never
             // the host.
             .env("STAGELY_SHUTDOWN_COMMAND", "kill -TERM $PPID")
+            // Previews share the host's ports: each gets its own, which STATUS reports.
+            .env("STAGELY_EPHEMERAL_PORTS", "1")
             .envs(&self.settings.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io)?)
