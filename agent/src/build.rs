@@ -15,10 +15,6 @@ use stagely_api::protocol::{Build, RegistryAuth};
 use crate::config::Engine;
 use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, run};
 
-/// podman's exit code for its own errors (a failing `RUN` exits with the step's code instead).
-/// Pushing a `--cache-to` layer that the registry refuses ends the build with it.
-const PODMAN_ERROR: i32 = 125;
-
 /// Builds and pushes `build.image`.
 pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Outcome, JobError> {
     check_name("job id", &build.job_id)?;
@@ -49,22 +45,8 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
     let context_dir = src.join(&context);
     let dockerfile = context_dir.join(&dockerfile);
     let mut command = ctx.engine_command();
-    command.args(build_args(ctx.engine, build, &dockerfile, &context_dir, true));
-    match run(log, "build the image", command, None).await {
-        Ok(_) => {}
-        // The cache could not be pushed (e.g. the registry credential does not cover its
-        // repository). The layers are in local storage now, so building again without
-        // `--cache-to` costs little.
-        Err(JobError::Failed { code: PODMAN_ERROR, .. })
-            if ctx.engine == Engine::Podman && build.cache_to.is_some() =>
-        {
-            log.system("the build failed with --cache-to; building again without pushing the layer cache");
-            let mut command = ctx.engine_command();
-            command.args(build_args(ctx.engine, build, &dockerfile, &context_dir, false));
-            run(log, "build the image", command, None).await?;
-        }
-        Err(err) => return Err(err),
-    }
+    command.args(build_args(ctx.engine, build, &dockerfile, &context_dir));
+    run(log, "build the image", command, None).await?;
 
     let digest_file = job_dir.join("digest");
     let mut command = ctx.engine_command();
@@ -90,14 +72,8 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
     Ok(Outcome { message: Some(format!("pushed {}", build.image)), image_digest: Some(digest), services: Vec::new() })
 }
 
-/// The engine's `build` arguments; `cache_to` says whether podman pushes the layer cache.
-pub fn build_args(
-    engine: Engine,
-    build: &Build,
-    dockerfile: &Path,
-    context_dir: &Path,
-    cache_to: bool,
-) -> Vec<OsString> {
+/// The engine's `build` arguments.
+pub fn build_args(engine: Engine, build: &Build, dockerfile: &Path, context_dir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["build".into(), "--platform".into(), build.platform.as_str().into()];
     args.extend(["-f".into(), dockerfile.as_os_str().to_owned(), "-t".into(), build.image.clone().into()]);
     for (key, value) in &build.build_args {
@@ -105,16 +81,11 @@ pub fn build_args(
     }
     match engine {
         Engine::Podman => {
-            let caching = !build.cache_from.is_empty() || build.cache_to.is_some();
-            if caching {
-                args.push("--layers".into());
-            }
-            for cache in &build.cache_from {
-                args.extend(["--cache-from".into(), repository_of(cache).into()]);
-            }
-            if let Some(cache) = build.cache_to.as_deref().filter(|_| cache_to) {
-                args.extend(["--cache-to".into(), repository_of(cache).into()]);
-            }
+            // Buildah's layer cache reuses a `COPY` layer whose files changed when the image
+            // starts `FROM scratch` (containers/buildah#6106): a new commit would ship the old
+            // files. A stale image is worse than a slow build, so podman builds without any
+            // layer cache, local or remote; `cache_from`/`cache_to` serve docker builders.
+            args.push("--layers=false".into());
         }
         Engine::Docker => {
             for cache in &build.cache_from {
@@ -143,16 +114,6 @@ async fn push_inline_cache(ctx: &Context, log: &JobLog, image: &str, cache_to: &
     }
     if let Err(err) = result {
         log.system(&format!("the layer cache was not pushed ({err}); the next build starts without it"));
-    }
-}
-
-/// An image reference without its tag or digest: `host:port/a/b:tag` → `host:port/a/b`.
-pub fn repository_of(reference: &str) -> &str {
-    let reference = reference.split_once('@').map_or(reference, |(name, _)| name);
-    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
-    match reference[last_slash..].rfind(':') {
-        Some(colon) => &reference[..last_slash + colon],
-        None => reference,
     }
 }
 
@@ -188,15 +149,6 @@ mod tests {
         assert_eq!(digest_from_push_output("nothing"), None);
     }
 
-    #[test]
-    fn repositories_lose_their_tag_or_digest_but_keep_the_port() {
-        assert_eq!(repository_of("127.0.0.1:5000/shop/web:cache"), "127.0.0.1:5000/shop/web");
-        assert_eq!(repository_of("127.0.0.1:5000/shop/web"), "127.0.0.1:5000/shop/web");
-        assert_eq!(repository_of("registry.example.com/a/b@sha256:00"), "registry.example.com/a/b");
-        assert_eq!(repository_of("registry.example.com/a/b:t@sha256:00"), "registry.example.com/a/b");
-        assert_eq!(repository_of("web:cache"), "web");
-    }
-
     fn job(cache_from: &[&str], cache_to: Option<&str>) -> Build {
         Build {
             job_id: "build-1".into(),
@@ -215,31 +167,28 @@ mod tests {
         }
     }
 
-    fn args(engine: Engine, build: &Build, cache_to: bool) -> Vec<String> {
-        build_args(engine, build, Path::new("/src/Dockerfile"), Path::new("/src"), cache_to)
+    fn args(engine: Engine, build: &Build) -> Vec<String> {
+        build_args(engine, build, Path::new("/src/Dockerfile"), Path::new("/src"))
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
     }
 
     #[test]
-    fn podman_caches_layers_in_repositories_without_tags() {
+    fn podman_never_uses_its_layer_cache() {
         let build = job(&["reg:5000/team/shop/web-cache:latest"], Some("reg:5000/team/shop/web-cache:latest"));
         assert_eq!(
-            args(Engine::Podman, &build, true).join(" "),
+            args(Engine::Podman, &build).join(" "),
             "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
-             --build-arg MODE=prod --layers --cache-from reg:5000/team/shop/web-cache \
-             --cache-to reg:5000/team/shop/web-cache /src"
+             --build-arg MODE=prod --layers=false /src"
         );
-        let retry = args(Engine::Podman, &build, false).join(" ");
-        assert!(!retry.contains("--cache-to") && retry.contains("--cache-from"), "{retry}");
     }
 
     #[test]
     fn docker_reads_cache_images_and_builds_an_inline_cache() {
         let build = job(&["reg:5000/team/shop/web-cache:latest"], Some("reg:5000/team/shop/web-cache:latest"));
         assert_eq!(
-            args(Engine::Docker, &build, true).join(" "),
+            args(Engine::Docker, &build).join(" "),
             "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
              --build-arg MODE=prod --cache-from reg:5000/team/shop/web-cache:latest \
              --build-arg BUILDKIT_INLINE_CACHE=1 /src"
@@ -249,13 +198,10 @@ mod tests {
     #[test]
     fn no_cache_no_cache_flags() {
         let build = job(&[], None);
-        for engine in [Engine::Podman, Engine::Docker] {
-            let args = args(engine, &build, true).join(" ");
-            assert_eq!(
-                args,
-                "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
-                 --build-arg MODE=prod /src"
-            );
-        }
+        assert_eq!(
+            args(Engine::Docker, &build).join(" "),
+            "build --platform linux/arm64 -f /src/Dockerfile -t reg:5000/team/shop/web:abc-arm64 \
+             --build-arg MODE=prod /src"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use agent_support::{Podman, agent_bin, git, http_get};
+use agent_support::{Podman, agent_bin, git};
 use k8s_openapi::api::core::v1::{Event, Namespace};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -56,12 +56,6 @@ fn registry() -> &'static stagely_testenv::registry::Registry {
     })
 }
 
-/// `GET path` on the registry: status and body.
-fn registry_get(path: &str) -> Option<(u16, String)> {
-    let port = registry().addr().rsplit_once(':').unwrap().1.parse().unwrap();
-    http_get(port, path)
-}
-
 /// A Dockerfile step that writes a file (tiny, fast).
 const QUICK: &str = r#"RUN ["/bin/busybox", "sh", "-c", "echo built > /built"]"#;
 /// A step that outlives every test that uses it.
@@ -81,7 +75,7 @@ struct Harness {
     endpoints: Endpoints,
     repo: PathBuf,
     // Dropped after the agents are gone and before the directory is.
-    _podman: Podman,
+    podman: Podman,
     _dir: tempfile::TempDir,
 }
 
@@ -152,7 +146,7 @@ impl Harness {
             metrics: Metrics::default(),
             endpoints,
             repo,
-            _podman: podman,
+            podman,
             _dir: dir,
         }
     }
@@ -392,13 +386,10 @@ async fn a_build_succeeds_pushes_its_image_and_its_builder_goes() {
     let image = format!("{}/bj-success/shop/web:{commit}-amd64", registry().addr());
     assert_eq!(status.message.as_deref(), Some(format!("built and pushed {image}@{digest}").as_str()));
 
-    // The registry holds the tag, the digest, and the layer cache beside them.
+    // The registry holds the tag and the digest.
     let repository = "/v2/bj-success/shop/web";
     assert_eq!(registry().get_status(&format!("{repository}/manifests/{commit}-amd64")), Some(200));
     assert_eq!(registry().get_status(&format!("{repository}/manifests/{digest}")), Some(200));
-    let (_, tags) = registry_get(&format!("{repository}/tags/list")).unwrap();
-    let tags: serde_json::Value = serde_json::from_str(&tags).unwrap();
-    assert!(tags["tags"].as_array().unwrap().len() > 1, "the build pushed its layer cache: {tags}");
 
     // The builder is gone at once: its agent process and its directory.
     h.wait_no_builder(&[pid]).await;
@@ -604,21 +595,28 @@ async fn a_restarted_operator_finishes_the_build_on_the_same_builder() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_layer_cache_that_cannot_be_pushed_does_not_fail_the_build() {
+async fn a_new_commit_never_ships_a_cached_layer_of_an_older_one() {
+    // Buildah reuses a `COPY` layer whose files changed when the image starts `FROM scratch`
+    // (containers/buildah#6106); podman builders therefore build without a layer cache.
     let mut h = Harness::new("bj-cache", 2).await;
     h.start_controller(quick_timings(), None);
-    let commit = h.commit(QUICK);
-    // Nothing listens there: every cache push fails.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let created = h.create_job("web", &commit, Some(&format!("{closed}/nowhere/cache:amd64"))).await;
-
-    let job = h.wait_phase("web", BuildJobPhase::Succeeded, BUILD_TIMEOUT).await;
-    let digest = job.status.as_ref().unwrap().image_digest.clone().unwrap();
-    assert_eq!(registry().get_status(&format!("/v2/bj-cache/shop/web/manifests/{digest}")), Some(200));
-    // The agent tried the cache, saw its push fail, and built without it.
-    let log = h.gateway().log_tail(&buildjob::job_id(created.metadata.uid.as_deref().unwrap()), 10_000).await;
-    assert!(log.iter().any(|l| l.contains("--cache-to")), "the first attempt pushed a cache: {log:#?}");
-    assert!(log.iter().any(|l| l.contains("building again without pushing the layer cache")), "{log:#?}");
+    let cache = format!("{}:cache-amd64", h.repository("web"));
+    let first = h.commit(r#"COPY Dockerfile /version"#);
+    h.create_job("one", &first, Some(&cache)).await;
+    let one = h.wait_phase("one", BuildJobPhase::Succeeded, BUILD_TIMEOUT).await;
+    let second = h.commit(
+        r#"COPY Dockerfile /version
+LABEL changed=yes"#,
+    );
+    h.create_job("two", &second, Some(&cache)).await;
+    let two = h.wait_phase("two", BuildJobPhase::Succeeded, BUILD_TIMEOUT).await;
+    // What the second image holds is the second commit's file.
+    let digest = two.status.unwrap().image_digest.unwrap();
+    let image = format!("{}@{digest}", h.repository("two"));
+    h.podman.run(&["pull", "-q", "--tls-verify=false", &image]);
+    let version = h.podman.run(&["run", "--rm", "--entrypoint", "/bin/busybox", &image, "cat", "/version"]);
+    assert!(version.contains("LABEL changed=yes"), "the second image ships the first commit's file: {version}");
+    let _ = one;
     h.wait_no_builder(&[]).await;
     h.stop_controller().await;
 }

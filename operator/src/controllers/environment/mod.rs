@@ -296,14 +296,22 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     }
 
     // Status.
+    // Server-side apply of the whole status: a field this controller no longer sets (the
+    // images of a superseded run) is removed, which a merge patch would leave behind. The
+    // gateway's `lastHeartbeat` is its own and never part of it.
     let previous = env.status.clone().unwrap_or_default();
-    if previous != status {
+    let mut applied = status.clone();
+    applied.last_heartbeat = None;
+    let mut before = previous.clone();
+    before.last_heartbeat = None;
+    if before != applied {
+        let patch = json!({
+            "apiVersion": "stagely.dev/v1alpha1",
+            "kind": "Environment",
+            "status": applied,
+        });
         Api::<Environment>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &name,
-                &PatchParams::apply(keys::MANAGER_OPERATOR),
-                &Patch::Merge(json!({ "status": status })),
-            )
+            .patch_status(&name, &PatchParams::apply(keys::MANAGER_OPERATOR).force(), &Patch::Apply(&patch))
             .await
             .map_err(kube_error("write the status"))?;
     }

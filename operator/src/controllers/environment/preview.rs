@@ -47,8 +47,6 @@ pub const ROUTED: &str = super::apply::ROUTED;
 pub const SECRET_SETTLE: Duration = Duration::from_secs(2);
 /// How long teardown waits for the agent to stop the app.
 pub const TERMINATE_WAIT: Duration = Duration::from_secs(30);
-/// The compose file DEPLOY runs, relative to the repository root.
-pub const COMPOSE_FILE: &str = "docker-compose.yml";
 /// Lifetime of the pull credential DEPLOY carries (the registry caps it at one hour).
 const PULL_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
 
@@ -170,13 +168,13 @@ pub fn exposed_port(expose: Option<(&str, u16)>, services: &[ServiceStatus]) -> 
 }
 
 /// The compose file DEPLOY runs.
-pub fn compose_file(_config: &StagelyConfig) -> String {
-    COMPOSE_FILE.to_owned()
+pub fn compose_file(config: &StagelyConfig) -> String {
+    config.preview.compose_file.clone()
 }
 
 /// stagely.yaml's `preview.expose`: (service, container port).
-pub fn expose(_config: &StagelyConfig) -> Option<(&str, u16)> {
-    None
+pub fn expose(config: &StagelyConfig) -> Option<(&str, u16)> {
+    config.preview.expose.as_ref().map(|e| (e.service.as_str(), e.port))
 }
 
 /// The compose project of an Environment on its VM.
