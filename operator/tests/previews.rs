@@ -183,3 +183,90 @@ async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_a
         assert_eq!(stack::registry_status(stack, &format!("{ns}/shop/web"), &tag).await, 404, "tag {tag} left");
     }
 }
+
+/// Pushes a busybox image for test commands to the registry as `<registry>/tools/tester:1`,
+/// with a push credential the operator's key signs.
+fn push_tester(stack: &Stack) -> String {
+    use stagely_operator::registry::{Registry, SigningKey, TokenIssuer};
+    let dir = stack.dir.path().join("tester");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    )
+    .unwrap();
+    let key = SigningKey::from_pem(
+        &std::fs::read(stack.dir.path().join("registry-token.key")).unwrap(),
+        &std::fs::read(stack.dir.path().join("registry-token.crt")).unwrap(),
+    )
+    .unwrap();
+    let registry = Registry::new(
+        stack.registry.addr(),
+        stack.registry.url(),
+        Some(TokenIssuer::new(key, "stagely", "stagely-registry")),
+    );
+    let auth = registry.push_credential("tools/tester", Duration::from_secs(600)).unwrap().unwrap();
+    let image = format!("{}/tools/tester:1", stack.registry.addr());
+    let podman = &stack.podman;
+    podman.run(&["build", "-q", "--layers=false", "-t", &image, dir.to_str().unwrap()]);
+    let mut login = podman.command();
+    login.args(["login", "--tls-verify=false", "-u", &auth.username, "--password-stdin", &auth.server]);
+    login.stdin(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), auth.password.expose().as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "podman login to the test registry");
+    podman.run(&["push", "-q", "--tls-verify=false", &image]);
+    image
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_test_stage_leaves_the_preview_up_and_a_service_that_exits_fails_naming_it() {
+    let (stack, proxy) = stack();
+    let ns = "stages";
+    let (repo, _) = setup(stack, ns, "hi").await;
+    let tester = push_tester(stack);
+    std::fs::write(
+        repo.join("stagely.yaml"),
+        format!(
+            "version: 2\nbuilds:\n  web:\n    platform: linux/amd64\ntest:\n  image: {tester}\n  commands:\n    - \"wget -q -O- $STAGELY_PREVIEW_URL | grep -q 'version one'\"\n    - \"wget -q -O- $STAGELY_PREVIEW_URL | grep -q 'version nine'\"\n"
+        ),
+    )
+    .unwrap();
+    let sha = stack::commit(&repo, "tests");
+    let envs: Api<Environment> = Api::namespaced(stack.client().await, ns);
+    envs.create(&PostParams::default(), &environment("shop-pr-2", 2, &sha)).await.unwrap();
+
+    let env = wait_env(&envs, "shop-pr-2", "the test stage to end", BUILD_TIMEOUT, |e| {
+        condition(e, "Tested").is_some_and(|c| c.1 != "Running" && c.1 != "Waiting")
+            || phase(e) == Some(EnvironmentPhase::Failed)
+    })
+    .await;
+    let (status, reason, message) = condition(&env, "Tested").unwrap_or_else(|| panic!("{:#?}", env.status));
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "TestFailed"), "{message}");
+    assert!(message.contains("test command 2"), "the failing command is named: {message}");
+    assert!(message.contains("version nine"), "{message}");
+    assert_eq!(phase(&env), Some(EnvironmentPhase::Ready), "a failing test leaves the preview up");
+    let hash = env.status.as_ref().unwrap().subdomain_hash.clone().unwrap();
+    let (code, _, body) = proxy.get(&format!("{hash}.{DOMAIN}"), "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "version one\n"));
+
+    // A commit whose service exits: the deployment fails naming it, with its log tail.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"sh\", \"-c\", \"echo the app gave up; exit 3\"]\n",
+    )
+    .unwrap();
+    let broken = stack::commit(&repo, "crash");
+    set_head(&envs, "shop-pr-2", &broken).await;
+    let env = wait_env(&envs, "shop-pr-2", "the deployment to fail", BUILD_TIMEOUT, |e| {
+        e.status.as_ref().and_then(|s| s.deployment.as_ref()).is_some_and(|d| d.commit == broken)
+            && phase(e) == Some(EnvironmentPhase::Failed)
+    })
+    .await;
+    let (status, reason, message) = condition(&env, "Deployed").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "DeployFailed"), "{message}");
+    assert!(message.contains("web"), "the service is named: {message}");
+    assert!(message.contains("the app gave up"), "its log tail is there: {message}");
+    envs.delete("shop-pr-2", &DeleteParams::default()).await.unwrap();
+}

@@ -187,6 +187,9 @@ pub struct DeploymentStatus {
     /// When it was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// The test stage against this deployment: `running`, `succeeded` or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<String>,
 }
 
 /// One run of an environment: a commit, built and deployed.

@@ -43,6 +43,11 @@ pub const DEPLOYED: &str = "Deployed";
 /// Condition: the route serves the app.
 pub const ROUTED: &str = super::apply::ROUTED;
 
+/// Condition: the test stage passed against the current deployment.
+pub const TESTED: &str = "Tested";
+/// How long the whole test stage may take.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Secret edits closer together than this are deployed once, with the last values.
 pub const SECRET_SETTLE: Duration = Duration::from_secs(2);
 /// How long teardown waits for the agent to stop the app.
@@ -555,6 +560,7 @@ pub async fn advance(
                 service: None,
                 port: None,
                 started_at: Some(Time(now)),
+                tests: None,
             });
             let what = match &current {
                 Some(previous) if previous.commit == commit => "redeploying with changed secrets",
@@ -610,11 +616,16 @@ pub async fn advance(
                 generation,
                 now,
             );
-            if write_route(env, status, ctx, RouteStatus::Ready, Some((ip, port)), project).await {
-                status.phase = Some(EnvironmentPhase::Ready);
-                Ok(Outcome::default())
-            } else {
-                Ok(Outcome::after(Duration::from_secs(5)))
+            if !write_route(env, status, ctx, RouteStatus::Ready, Some((ip, port)), project).await {
+                return Ok(Outcome::after(Duration::from_secs(5)));
+            }
+            status.phase = Some(EnvironmentPhase::Ready);
+            match inputs.config.test.as_ref().filter(|t| t.enabled) {
+                Some(tests) => Ok(run_tests(env, status, tests, port, ctx).await),
+                None => {
+                    status.conditions.retain(|c| c.type_ != TESTED);
+                    Ok(Outcome::default())
+                }
             }
         }
         Some("failed") => {
@@ -629,6 +640,91 @@ pub async fn advance(
             Ok(Outcome::default())
         }
     }
+}
+
+/// The test stage: once per deployment, TEST to the preview agent with `STAGELY_PREVIEW_URL`
+/// where the app answers on the VM; the result is the `Tested` condition. A failing test leaves
+/// the preview up.
+async fn run_tests(
+    env: &Environment,
+    status: &mut EnvironmentStatus,
+    tests: &stagely_api::config::TestSpec,
+    port: u16,
+    ctx: &Context,
+) -> Outcome {
+    let Some(preview) = &ctx.preview else { return Outcome::default() };
+    let Some(mut deployment) = status.deployment.clone() else { return Outcome::default() };
+    let generation = env.metadata.generation;
+    let now = Timestamp::now();
+    let job_id = format!("test-{}", deployment.job_id.trim_start_matches("deploy-"));
+    let agent_scope = scope(env);
+    let set = |status: &mut EnvironmentStatus, ok: bool, reason: &str, message: &str| {
+        set_condition(&mut status.conditions, TESTED, ok, reason, message, generation, now);
+    };
+    let state = deployment.tests.clone();
+    let lost_track = state.as_deref() == Some("running") && !preview.followers.following(&job_id);
+    if state.is_none() || lost_track {
+        // An agent older than the TEST command would never answer it: say so instead.
+        match preview.gateway.capabilities(&agent_scope) {
+            None => {
+                set(status, false, "Waiting", "waiting for the preview agent to connect to run the tests");
+                return Outcome::after(Duration::from_secs(5));
+            }
+            Some(capabilities) if !capabilities.iter().any(|c| c == protocol::CAPABILITY_TEST) => {
+                deployment.tests = Some("failed".into());
+                status.deployment = Some(deployment);
+                set(
+                    status,
+                    false,
+                    "AgentTooOld",
+                    "the preview VM's agent cannot run tests (it predates the TEST command);                      a new preview VM gets a current agent",
+                );
+                return Outcome::default();
+            }
+            Some(_) => {}
+        }
+        let run = Message::Test(protocol::TestRun {
+            job_id: job_id.clone(),
+            image: tests.image.clone().unwrap_or_default(),
+            commands: tests.commands.clone(),
+            preview_url: format!("http://127.0.0.1:{port}"),
+            timeout_seconds: TEST_TIMEOUT.as_secs(),
+            registry_auth: test_credential(tests.image.as_deref().unwrap_or_default(), ctx),
+        });
+        match preview.gateway.send(&agent_scope, run) {
+            Ok(job) => preview.followers.follow(ObjectRef::from_obj(env), job),
+            Err(err) => {
+                set(status, false, "TestNotSent", &format!("the tests could not be sent to the preview agent: {err}"));
+                return Outcome::after(Duration::from_secs(15));
+            }
+        }
+        deployment.tests = Some("running".into());
+        status.deployment = Some(deployment.clone());
+        set(status, false, "Running", &format!("running {} test command(s) against the preview", tests.commands.len()));
+        return Outcome::default();
+    }
+    if state.as_deref() == Some("running")
+        && let Some(latest) = preview.followers.latest(&job_id).filter(|s| s.state.is_final())
+    {
+        if latest.state == JobState::Succeeded {
+            deployment.tests = Some("succeeded".into());
+            set(status, true, "Passed", &format!("{} test command(s) passed", tests.commands.len()));
+        } else {
+            deployment.tests = Some("failed".into());
+            let message = latest.message.unwrap_or_else(|| "the tests failed".into());
+            set(status, false, "TestFailed", &message);
+        }
+        status.deployment = Some(deployment);
+    }
+    Outcome::default()
+}
+
+/// A pull credential for a test image kept in Stagely's own registry.
+fn test_credential(image: &str, ctx: &Context) -> Option<protocol::RegistryAuth> {
+    let registry = ctx.registry.as_ref()?;
+    let path = image.strip_prefix(&format!("{}/", registry.host()))?;
+    let repository = path.split(['@']).next()?.rsplit_once(':').map_or(path, |(name, _)| name);
+    registry.pull_credential(&[repository.to_owned()], PULL_CREDENTIAL_TTL).ok().flatten()
 }
 
 async fn vm_lost(
