@@ -1,9 +1,11 @@
 //! The CNCF distribution registry (built from its Go module by `testenv/build.sh`), started on
 //! a free loopback port with filesystem storage in a temporary directory, without authentication
-//! or with distribution's `token` auth.
+//! or with distribution's `token` auth; or, for `make demo`, detached on a given port with its
+//! files in a given directory.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -58,18 +60,24 @@ impl TokenKey {
 impl Registry {
     /// Starts a registry without authentication and waits until `GET /v2/` answers 200.
     pub fn start() -> Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, free_port()?, None)
     }
 
     /// Starts a registry that requires tokens signed by a key `auth.root_cert_pem` certifies,
     /// and waits until `GET /v2/` answers 401.
     pub fn start_with_token_auth(auth: &TokenAuth) -> Result<Self> {
-        Self::start_with(Some(auth))
+        Self::start_with(Some(auth), free_port()?, None)
     }
 
-    fn start_with(auth: Option<&TokenAuth>) -> Result<Self> {
+    /// Starts a registry with token auth on `port` that outlives this process, its config, data
+    /// and log in `dir` (for `make demo`; `stagely-testenv down` stops it by its
+    /// [`Registry::pid`]).
+    pub fn start_detached(auth: &TokenAuth, port: u16, dir: &Path) -> Result<Self> {
+        Self::start_with(Some(auth), port, Some(dir))
+    }
+
+    fn start_with(auth: Option<&TokenAuth>, port: u16, dir: Option<&Path>) -> Result<Self> {
         let bin = binaries()?.join("registry");
-        let port = free_port()?;
         let prepare = |dir: &std::path::Path| {
             let mut config = serde_json::json!({
                 "version": "0.1",
@@ -96,8 +104,14 @@ impl Registry {
             Ok(command)
         };
         let ready = if auth.is_some() { 401 } else { 200 };
-        let server = Server::start("registry", "http", port, prepare, |port| get_status(port, "/v2/") == Some(ready))?;
+        let server =
+            Server::start_in("registry", "http", port, dir, prepare, |port| get_status(port, "/v2/") == Some(ready))?;
         Ok(Self(server))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
     }
 
     /// The HTTP status of `GET path` (accepting image manifests), if the registry answered.

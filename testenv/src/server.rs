@@ -1,10 +1,11 @@
 //! The other real servers tests run against: `redis-server` and moto's server (EC2 and IAM), on
 //! free loopback ports with their files in a temporary directory. Like the control plane they
-//! stop when dropped and die with the test process.
+//! stop when dropped and die with the test process, unless started detached in a directory of
+//! their own (for `make demo`), when they outlive it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,10 @@ pub struct Server {
     scheme: &'static str,
     port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// The temporary directory, unless the server runs detached in a directory of its own.
+    _dir: Option<tempfile::TempDir>,
+    /// Left running when dropped (set once it is ready: one that failed to start is stopped).
+    detached: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -33,12 +37,22 @@ impl Server {
 
     /// A redis-server on `port` (to bring one back where an earlier one was).
     pub fn redis_on(port: u16) -> Result<Self> {
+        Self::redis_in(port, None)
+    }
+
+    /// A redis-server on `port` that outlives this process, its log in `dir` (for `make demo`;
+    /// `stagely-testenv down` stops it by its [`Server::pid`]).
+    pub fn redis_detached(port: u16, dir: &Path) -> Result<Self> {
+        Self::redis_in(port, Some(dir))
+    }
+
+    fn redis_in(port: u16, dir: Option<&Path>) -> Result<Self> {
         let command = |_: &Path| {
             let mut command = Command::new("redis-server");
             command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
             Ok(command)
         };
-        Self::start("redis-server", "redis", port, command, |port| answers(port, b"PING\r\n", b"+PONG\r\n"))
+        Self::start_in("redis-server", "redis", port, dir, command, |port| answers(port, b"PING\r\n", b"+PONG\r\n"))
     }
 
     /// moto's server with `env` (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`) on a free port.
@@ -63,22 +77,48 @@ impl Server {
         prepare: impl FnOnce(&Path) -> Result<Command>,
         ready: impl Fn(u16) -> bool,
     ) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("stagely-{name}-"))
-            .tempdir()
-            .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
-        let mut command = prepare(dir.path())?;
-        let log_path = dir.path().join(format!("{name}.log"));
+        Self::start_in(name, scheme, port, None, prepare, ready)
+    }
+
+    /// Like [`Server::start`], but with `dir` (created if missing) instead of a temporary
+    /// directory, the server detached: it outlives this process once ready.
+    pub(crate) fn start_in(
+        name: &'static str,
+        scheme: &'static str,
+        port: u16,
+        dir: Option<&Path>,
+        prepare: impl FnOnce(&Path) -> Result<Command>,
+        ready: impl Fn(u16) -> bool,
+    ) -> Result<Self> {
+        let (path, tempdir): (PathBuf, _) = match dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+                (dir.to_owned(), None)
+            }
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!("stagely-{name}-"))
+                    .tempdir()
+                    .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let mut command = prepare(&path)?;
+        let log_path = path.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).map_err(|source| Error::Io { path: log_path.clone(), source })?;
         let err = log.try_clone().map_err(|source| Error::Io { path: log_path.clone(), source })?;
-        command.current_dir(dir.path()).stdin(Stdio::null()).stdout(log).stderr(err);
-        let child = crate::spawn::spawn(command, false).map_err(|source| Error::Spawn { name, source })?;
-        let mut server = Self { name, scheme, port, child, _dir: dir };
+        command.current_dir(&path).stdin(Stdio::null()).stdout(log).stderr(err);
+        let detach = dir.is_some();
+        let child = crate::spawn::spawn(command, detach).map_err(|source| Error::Spawn { name, source })?;
+        let mut server = Self { name, scheme, port, child, _dir: tempdir, detached: false };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let reason = match server.child.try_wait() {
                 Ok(Some(status)) => format!("exited with {status}"),
-                _ if ready(port) => return Ok(server),
+                _ if ready(port) => {
+                    server.detached = detach;
+                    return Ok(server);
+                }
                 _ if Instant::now() > deadline => "not ready within 30 s".to_owned(),
                 _ => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -89,6 +129,11 @@ impl Server {
             let tail = tail.lines().rev().take(20).collect::<Vec<_>>().join("\n");
             return Err(Error::NotReady { name, reason, log: log_path, tail });
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Its port on 127.0.0.1.
@@ -110,7 +155,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop();
+        if !self.detached {
+            self.stop();
+        }
     }
 }
 

@@ -92,3 +92,59 @@ fn holds_a_control_plane_until_killed() {
         std::thread::park();
     }
 }
+
+/// `stagely-testenv up DIR` with redis-server and the registry (as `make demo` runs it): every
+/// process outlives the command, the registry asks for tokens from the given realm, and
+/// `stagely-testenv down DIR` stops them all and removes DIR.
+#[test]
+fn up_with_redis_and_registry_then_down_leaves_nothing() {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (redis, registry) = (free(), free());
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("demo");
+    let realm = "http://127.0.0.1:9/v1/registry/token";
+    let bin = env!("CARGO_BIN_EXE_stagely-testenv");
+    let out = std::process::Command::new(bin)
+        .arg("up")
+        .arg(&dir)
+        .args(["--redis-port", &redis.to_string(), "--registry-port", &registry.to_string()])
+        .args(["--registry-realm", realm])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
+    let pids: Vec<u32> =
+        std::fs::read_to_string(dir.join("pids")).unwrap().lines().map(|line| line.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 5, "etcd, kube-apiserver, kube-controller-manager, redis-server, registry");
+    assert!(pids.iter().all(|&pid| process_running(pid)), "every process outlives `up`");
+
+    let ping = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", redis)).unwrap();
+        stream.write_all(b"PING\r\n").unwrap();
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(&ping, b"+PONG\r\n");
+    let challenge = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", registry)).unwrap();
+        write!(stream, "GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert!(challenge.starts_with("HTTP/1.0 401"), "{challenge}");
+    assert!(challenge.contains(&format!("realm=\"{realm}\"")), "{challenge}");
+    let key = dir.join("registry/token.key");
+    assert!(key.exists() && dir.join("registry/token.crt").exists());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let out = std::process::Command::new(bin).arg("down").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
+    assert_all_gone(&pids);
+    assert!(!dir.exists(), "{dir:?} left behind");
+    let out = std::process::Command::new(bin).arg("down").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "a second down does nothing: {}", String::from_utf8_lossy(&out.stderr));
+}
