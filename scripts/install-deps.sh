@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Installs what building and testing Stagely needs and the machine lacks. Idempotent: it only
 # installs what is missing, so a second run does nothing.
+#
+# With --demo, only what `make demo` needs: no moto, Prism (and Node.js), nginx, wrk or arm64
+# busybox, which only tests and benchmarks use.
 set -euo pipefail
+
+demo=false
+case "${1:-}" in
+  --demo) demo=true ;;
+  "") ;;
+  *) echo "usage: scripts/install-deps.sh [--demo]" >&2; exit 2 ;;
+esac
 
 need_go_minor=26
 missing=()
@@ -11,23 +21,48 @@ command -v flock >/dev/null || missing+=(util-linux)
 command -v git >/dev/null || missing+=(git)
 command -v cc >/dev/null || missing+=(gcc)
 command -v curl >/dev/null || missing+=(curl)
-command -v python3 >/dev/null || missing+=(python3)
-python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-# The edge proxy's tests run a real Redis; its benchmark compares with nginx under wrk.
+# The edge proxy's tests and the demo run a real Redis (redis-cli comes with it).
 command -v redis-server >/dev/null || missing+=(redis-server)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v wrk >/dev/null || missing+=(wrk)
-# The agent's tests build, push and run images with podman (FROM scratch, with busybox in them).
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+# The agent's tests and the demo build, push and run images with podman (FROM scratch, with
+# busybox in them).
 command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
 command -v podman-compose >/dev/null || missing+=(podman-compose)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+if ! $demo; then
+  command -v python3 >/dev/null || missing+=(python3)
+  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+  # The edge proxy's benchmark compares with nginx under wrk.
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v wrk >/dev/null || missing+=(wrk)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+
+# Toolchains come with the machine; say clearly when one is missing or too old.
+if ! command -v go >/dev/null; then
+  echo "install-deps: Go 1.${need_go_minor} or newer is required (testenv builds Kubernetes from Go modules)" >&2
+  exit 1
+fi
+go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+if [ "$go_minor" -lt "$need_go_minor" ]; then
+  echo "install-deps: Go 1.${need_go_minor} or newer is required, found $(go env GOVERSION)" >&2
+  exit 1
+fi
+command -v cargo >/dev/null || { echo "install-deps: cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+if $demo; then
+  exit 0
+fi
+
+for tool in rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool is required (rustup component add rustfmt clippy)" >&2; exit 1; }
+done
 
 # The AWS provider's tests run against moto's EC2 server.
 if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/dev/null; then
@@ -47,20 +82,6 @@ if [ ! -x "$prism_dir/node_modules/.bin/prism" ]; then
   echo "install-deps: installing Prism"
   npm ci --prefix "$prism_dir" --no-audit --no-fund --silent
 fi
-
-# Toolchains come with the machine; say clearly when one is missing or too old.
-if ! command -v go >/dev/null; then
-  echo "install-deps: Go 1.${need_go_minor} or newer is required (testenv builds Kubernetes from Go modules)" >&2
-  exit 1
-fi
-go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
-if [ "$go_minor" -lt "$need_go_minor" ]; then
-  echo "install-deps: Go 1.${need_go_minor} or newer is required, found $(go env GOVERSION)" >&2
-  exit 1
-fi
-for tool in cargo rustfmt cargo-clippy; do
-  command -v "$tool" >/dev/null || { echo "install-deps: $tool is required (rustup component add rustfmt clippy)" >&2; exit 1; }
-done
 
 # The multi-platform pipeline test builds a real arm64 image `FROM scratch` around Debian's
 # static arm64 busybox; no emulation is needed to build it, only the binary. It is unpacked
