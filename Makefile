@@ -42,30 +42,11 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
-demo: testenv ## Start a local control plane and the operator, install the CRDs and the examples, and show them.
-	@$(CARGO) build -q -p stagely-testenv
-	@$(CARGO) run -q -p stagely-testenv -- up "$(DEMO_DIR)"
-	@kubectl() { "$(TESTENV_BIN)/kubectl" --kubeconfig "$(DEMO_DIR)/kubeconfig" "$$@"; }; \
-	kubectl apply -f crds/ && \
-	kubectl wait --for condition=Established --timeout=60s -f crds/ && \
-	kubectl apply -f examples/
-	@$(CARGO) build -q -p stagely-operator -p stagely-agent
-	@target="$${CARGO_TARGET_DIR:-target}/debug"; \
-	( KUBECONFIG="$(DEMO_DIR)/kubeconfig" exec nohup "$$target/stagely-operator" \
-		--ops-addr 127.0.0.1:18080 --gateway-addr 127.0.0.1:18443 \
-		--local-agent-bin "$$(realpath "$$target/stagely-agent")" --local-state-dir "$(DEMO_DIR)/local" \
-		</dev/null >"$(DEMO_DIR)/operator.log" 2>&1 & echo $$! >>"$(DEMO_DIR)/pids" )
-	@kubectl() { "$(TESTENV_BIN)/kubectl" --kubeconfig "$(DEMO_DIR)/kubeconfig" "$$@"; }; \
-	kubectl wait --for condition=Ready --timeout=60s cloudprovider/local && \
-	echo && kubectl get proj,cp,env,bj && echo && \
-	echo "The operator runs too (log: $(DEMO_DIR)/operator.log); the local CloudProvider is Ready." && \
-	echo "The control plane keeps running. Look around with:" && \
-	echo "  $(TESTENV_BIN)/kubectl --kubeconfig $(DEMO_DIR)/kubeconfig get env" && \
-	echo "Stop it with:" && \
-	echo "  make demo-down"
+demo: ## Preview a sample app's pull request on this machine, end to end (scripts/demo.sh; leaves it running).
+	@DEMO_DIR="$(DEMO_DIR)" CARGO="$(CARGO)" scripts/demo.sh up
 
-demo-down: ## Stop the demo's control plane.
-	@$(CARGO) run -q -p stagely-testenv -- down "$(DEMO_DIR)"
+demo-down: ## Stop the demo and remove everything it started (idempotent).
+	@DEMO_DIR="$(DEMO_DIR)" CARGO="$(CARGO)" scripts/demo.sh down
 
 bench-proxy: deps ## Benchmark the edge proxy against nginx on the same upstream (wrk).
 	edge-proxy/bench/bench.sh
