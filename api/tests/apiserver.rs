@@ -243,6 +243,30 @@ async fn every_example_applies_with_kubectl() {
     stagely_api::config::parse(&config).expect("examples/repo/stagely.yaml is valid");
 }
 
+/// What `make demo` applies (examples/demo, its placeholders filled in as scripts/demo.sh does)
+/// and the stagely.yaml of its app (examples/app) stay valid as the API changes.
+#[tokio::test]
+async fn the_demo_manifests_apply_and_its_app_config_parses() {
+    let ns = "demo";
+    let client = setup(ns).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    for file in ["project.yaml", "environment.yaml"] {
+        let text = std::fs::read_to_string(format!("{dir}/demo/{file}")).unwrap();
+        let text = text.replace("${DEMO_REPO}", "/tmp/demo/repo").replace("${DEMO_SHA}", sha);
+        let (ok, stdout, stderr) = kubectl(ns, &["apply", "-f", "-"], Some(&text));
+        assert!(ok, "kubectl apply -f examples/demo/{file} failed:\n{stdout}\n{stderr}");
+    }
+    let project = Api::<Project>::namespaced(client.clone(), ns).get("hello").await.unwrap();
+    assert_eq!(project.spec.clone_url.as_deref(), Some("file:///tmp/demo/repo"));
+    let env = Api::<Environment>::namespaced(client, ns).get("hello-pr-1").await.unwrap();
+    assert_eq!(env.spec.pull_request.head_sha, sha);
+
+    let config = std::fs::read_to_string(format!("{dir}/app/stagely.yaml")).unwrap();
+    let config = stagely_api::config::parse(&config).expect("examples/app/stagely.yaml is valid");
+    assert!(config.builds.contains_key("web"), "the demo app builds its compose service web");
+}
+
 const CP_HEADER: &str = "apiVersion: stagely.dev/v1alpha1\nkind: CloudProvider\nmetadata: {name: bad}\n";
 const PROJECT_HEADER: &str = "apiVersion: stagely.dev/v1alpha1\nkind: Project\nmetadata: {name: bad}\n";
 const BJ_HEADER: &str = "apiVersion: stagely.dev/v1alpha1\nkind: BuildJob\nmetadata: {name: bad}\n";
