@@ -25,8 +25,6 @@ proxy_port=${DEMO_PROXY_PORT:-18000}
 proxy_ops_port=${DEMO_PROXY_OPS_PORT:-18090}
 redis_port=${DEMO_REDIS_PORT:-18379}
 registry_port=${DEMO_REGISTRY_PORT:-18500}
-# Where the app's compose file publishes it on the "VM" (the local provider's VM is this host).
-app_port=18088
 domain=preview.localhost
 env_name=hello-pr-1
 # Deadline for each preview to become Ready, in seconds.
@@ -196,6 +194,10 @@ fetch_until() {
   done
 }
 
+# One build of every binary the demo runs (always the same set, so that cargo's feature
+# unification never makes `up` and `down` rebuild each other's dependencies).
+build() { "$cargo" build -q -p stagely-testenv -p stagely-operator -p stagely-agent -p stagely-edge-proxy; }
+
 git_demo() { git -C "$demo_dir/repo" -c user.name="Stagely demo" -c user.email=demo@stagely.invalid "$@"; }
 
 up() {
@@ -204,14 +206,14 @@ up() {
   testenv_bin=$("$repo_root/testenv/build.sh")
 
   say "Building Stagely's binaries (the first time takes a few minutes)"
-  "$cargo" build -q -p stagely-testenv -p stagely-operator -p stagely-agent -p stagely-edge-proxy
+  build
 
   if [ -e "$demo_dir" ]; then
     note "a demo already runs (or was left) in ${demo_dir#"$repo_root"/}: stopping it first"
     down >/dev/null
   fi
   local port
-  for port in "$operator_ops_port" "$gateway_port" "$proxy_port" "$proxy_ops_port" "$redis_port" "$registry_port" "$app_port"; do
+  for port in "$operator_ops_port" "$gateway_port" "$proxy_port" "$proxy_ops_port" "$redis_port" "$registry_port"; do
     if port_taken "$port"; then
       echo "demo: port $port on 127.0.0.1 is taken; free it or move the demo (DEMO_*_PORT, see scripts/demo.sh)" >&2
       exit 1
@@ -299,16 +301,16 @@ up() {
   local dir=${demo_dir#"$repo_root"/}
   say "Done in $(elapsed "$started_at"). Everything keeps running; look around:"
   cat <<EOF
-    alias kubectl='$testenv_bin/kubectl --kubeconfig $demo_dir/kubeconfig'
-    kubectl get env,bj,proj,cp                 # the objects (kubectl describe env $env_name for events)
-    kubectl get env $env_name -o yaml           # conditions, run, images, VM
-    curl -H 'Host: $hash.$domain' http://127.0.0.1:$proxy_port/
-    open http://$hash.$domain:$proxy_port/ in a browser (*.localhost is this machine)
-    redis-cli -p $redis_port get route:$hash
-    tail -f $dir/operator.log                   # and $dir/edge-proxy.log, $dir/local/default/local/*/agent.log
-    $dir/repo                                    # the app's repository: commit, then
-    kubectl patch env $env_name --type merge -p '{"spec":{"pullRequest":{"headSha":"<sha>"}}}'
-    kubectl delete env $env_name                 # tears the preview down
+    kubectl       alias kubectl='$testenv_bin/kubectl --kubeconfig $demo_dir/kubeconfig'
+                  kubectl get env,bj,proj,cp
+                  kubectl describe env $env_name       (conditions, run, VM, events)
+    the app       curl -H 'Host: $hash.$domain' http://127.0.0.1:$proxy_port/
+                  or http://$hash.$domain:$proxy_port/ in a browser (*.localhost is this machine)
+    its route     redis-cli -p $redis_port get route:$hash
+    logs          $dir/operator.log, $dir/edge-proxy.log, $dir/local/default/local/*/agent.log
+    another run   commit in $dir/repo, then
+                  kubectl patch env $env_name --type merge -p '{"spec":{"pullRequest":{"headSha":"<commit>"}}}'
+    teardown      kubectl delete env $env_name
 
     Stop everything with: make demo-down
 EOF
@@ -380,7 +382,7 @@ down() {
 case "${1:-}" in
   up) up ;;
   down)
-    "$cargo" build -q -p stagely-testenv
+    [ -x "$target_dir/stagely-testenv" ] || build
     down
     ;;
   *)
