@@ -33,7 +33,8 @@ timeout=${DEMO_TIMEOUT:-600}
 started_at=$(date +%s)
 
 if [ -t 1 ]; then bold=$'\033[1m' red=$'\033[1;31m' plain=$'\033[0m'; else bold="" red="" plain=""; fi
-say() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
+# Each step's header says how long the demo has run.
+say() { printf '\n%s==> [%s] %s%s\n' "$bold" "$(elapsed "$started_at")" "$*" "$plain"; }
 note() { printf '    %s\n' "$*"; }
 
 kubectl() { "$testenv_bin/kubectl" --kubeconfig "$demo_dir/kubeconfig" "$@"; }
@@ -142,35 +143,46 @@ condition_message() {
 }
 
 # Shows the Environment's phase each time it changes until the run of `sha` is Ready; fails on
-# Failed or at the deadline.
+# Failed or at the deadline. It follows a watch (`kubectl get -w`), so that a phase that lasts
+# less than a second (Pending, while stagely.yaml is read) shows too.
 watch_until_ready() {
-  local sha=$1 since shown="" line phase run_sha url
+  local sha=$1 since shown="" phase="" run_sha url watch watch_pid left
   since=$(date +%s)
   local deadline=$((since + timeout))
   printf '    %-7s %-12s %-4s %-11s %s\n' TIME NAME PR PHASE URL
   while :; do
-    line=$(env_field '{.status.phase}|{.status.run.sha}|{.status.url}') || line=""
-    IFS='|' read -r phase run_sha url <<<"$line"
-    # Until the operator has seen the new head, the phase is the previous run's.
-    [ "$run_sha" = "$sha" ] || phase=""
-    if [ -n "$phase" ] && [ "$phase" != "$shown" ]; then
-      printf '    %-7s %-12s %-4s %-11s %s\n' "$(elapsed "$since")" "$env_name" 1 "$phase" "$url"
+    # A watch ends after a while on the apiserver's side: start another where it stopped.
+    exec {watch}< <(kubectl get env "$env_name" --watch \
+      -o jsonpath='{.status.phase}|{.status.run.sha}|{.status.url}{"\n"}' 2>/dev/null)
+    watch_pid=$!
+    while left=$((deadline - $(date +%s))) && [ "$left" -gt 0 ] &&
+      IFS='|' read -r -t "$left" -u "$watch" phase run_sha url; do
+      # Until the operator has seen the new head, the phase is the previous run's.
+      [ "$run_sha" = "$sha" ] || continue
+      if [ -n "$phase" ] && [ "$phase" != "$shown" ]; then
+        printf '    %-7s %-12s %-4s %-11s %s\n' "$(elapsed "$since")" "$env_name" 1 "$phase" "$url"
+        case "$phase" in
+          Building)
+            kubectl get bj -l "stagely.dev/environment=$env_name" --no-headers \
+              -o custom-columns='NAME:.metadata.name,COMMIT:.spec.commit' 2>/dev/null |
+              awk -v sha="$sha" '$2 == sha {print "                    BuildJob " $1}' || true
+            ;;
+          Deploying) note "                BuildsSucceeded: $(condition_message BuildsSucceeded)" ;;
+        esac
+        shown=$phase
+      fi
       case "$phase" in
-        Building)
-          kubectl get bj -l "stagely.dev/environment=$env_name" --no-headers \
-            -o custom-columns='NAME:.metadata.name,COMMIT:.spec.commit' 2>/dev/null |
-            awk -v sha="$sha" '$2 == sha {print "                    BuildJob " $1}' || true
-          ;;
-        Deploying) note "                BuildsSucceeded: $(condition_message BuildsSucceeded)" ;;
+        Ready | Failed) break ;;
       esac
-      shown=$phase
-    fi
-    case "$phase" in
+    done
+    kill "$watch_pid" 2>/dev/null || true
+    exec {watch}<&-
+    case "$shown" in
       Ready) return 0 ;;
       Failed) fail "the run of ${sha:0:7} failed" ;;
     esac
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      fail "the preview of ${sha:0:7} was not Ready within ${timeout}s (its phase: ${phase:-none yet})"
+      fail "the preview of ${sha:0:7} was not Ready within ${timeout}s (its phase: ${shown:-none yet})"
     fi
     sleep 1
   done
@@ -299,7 +311,7 @@ up() {
   fetch_until v2 "$hash.$domain"
 
   local dir=${demo_dir#"$repo_root"/}
-  say "Done in $(elapsed "$started_at"). Everything keeps running; look around:"
+  say "Done. Everything keeps running; look around:"
   cat <<EOF
     kubectl       alias kubectl='$testenv_bin/kubectl --kubeconfig $demo_dir/kubeconfig'
                   kubectl get env,bj,proj,cp
