@@ -9,16 +9,16 @@ mod agent_support;
 mod stack;
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use stack::{
-    BUILD_TIMEOUT, InstanceWatch, Operator, STEP_TIMEOUT, Stack, assert_no_builder_left, commit, environment, jobs_of,
-    multi_arch_repo, set_head, single_repo, slow_dockerfile,
+    BUILD_TIMEOUT, InstanceWatch, Operator, STEP_TIMEOUT, Stack, assert_no_builder_left, commit, condition,
+    environment, jobs_of, multi_arch_repo, phase, set_head, single_repo, slow_dockerfile, wait_env,
 };
 use stagely_api::keys;
-use stagely_api::v1alpha1::{BuildJob, BuildJobPhase, Environment, EnvironmentPhase, Platform, find_condition};
+use stagely_api::v1alpha1::{BuildJob, BuildJobPhase, Environment, EnvironmentPhase, Platform};
 use stagely_testenv::server::eventually;
 
 fn stack() -> &'static Stack {
@@ -26,38 +26,6 @@ fn stack() -> &'static Stack {
     static OPERATOR: OnceLock<Operator> = OnceLock::new();
     OPERATOR.get_or_init(|| stack.operator());
     stack
-}
-
-/// The condition `type_` of `env`: (status, reason, message).
-fn condition(env: &Environment, type_: &str) -> Option<(String, String, String)> {
-    let conditions = &env.status.as_ref()?.conditions;
-    find_condition(conditions, type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn phase(env: &Environment) -> Option<EnvironmentPhase> {
-    env.status.as_ref()?.phase
-}
-
-async fn wait_env(
-    api: &Api<Environment>,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Environment) -> bool,
-) -> Environment {
-    eventually(what, timeout, || async {
-        let env = api.get(name).await.ok()?;
-        check(&env).then_some(env)
-    })
-    .await
-}
-
-/// The route record of `hash` in Redis, as JSON.
-async fn route(stack: &Stack, hash: &str) -> Option<serde_json::Value> {
-    let client = redis::Client::open(stack.redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let value: Option<String> = redis::cmd("GET").arg(format!("route:{hash}")).query_async(&mut conn).await.unwrap();
-    value.map(|v| serde_json::from_str(&v).unwrap())
 }
 
 async fn registry_get(stack: &Stack, repository: &str, path: &str, accept: &str) -> reqwest::Response {
@@ -91,7 +59,7 @@ async fn a_multi_arch_run_builds_every_platform_and_merges_one_image_index() {
     let hash = status.subdomain_hash.clone().unwrap();
     assert!(hash.len() == 12 && hash.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "{hash}");
     assert_eq!(status.url.as_deref(), Some(format!("https://{hash}.preview.example.com").as_str()));
-    let record = eventually("the building route", STEP_TIMEOUT, || route(stack, &hash)).await;
+    let record = eventually("the building route", STEP_TIMEOUT, || stack::route(stack, &hash)).await;
     assert_eq!(record["status"], "building", "{record}");
     assert_eq!(
         (record["namespace"].as_str(), record["environment"].as_str(), record["pr"].as_u64()),
@@ -239,7 +207,7 @@ async fn a_failing_build_fails_the_run_with_its_log_tail_and_cancels_the_others(
     assert_eq!(cancelled.annotations()[keys::CANCEL], "cancelled: build web (linux/amd64) failed");
     assert!(cancelled.status.unwrap().message.unwrap().starts_with("cancelled"));
     let hash = env.status.as_ref().unwrap().subdomain_hash.clone().unwrap();
-    assert_eq!(route(stack, &hash).await.unwrap()["status"], "failed");
+    assert_eq!(stack::route(stack, &hash).await.unwrap()["status"], "failed");
     eventually("the builders to go", STEP_TIMEOUT, || async {
         stack::builders(&stack.local_dir(ns)).is_empty().then_some(())
     })
@@ -359,7 +327,7 @@ async fn deleting_an_environment_mid_build_leaves_nothing() {
     })
     .await;
     let hash = envs.get("shop-pr-5").await.unwrap().status.unwrap().subdomain_hash.unwrap();
-    assert!(route(stack, &hash).await.is_some());
+    assert!(stack::route(stack, &hash).await.is_some());
 
     envs.delete("shop-pr-5", &DeleteParams::default()).await.unwrap();
     eventually("the Environment to go", STEP_TIMEOUT, || async {
@@ -367,7 +335,7 @@ async fn deleting_an_environment_mid_build_leaves_nothing() {
     })
     .await;
     assert!(jobs_of(&jobs_api, "shop-pr-5").await.is_empty(), "no BuildJob left");
-    assert!(route(stack, &hash).await.is_none(), "no route left");
+    assert!(stack::route(stack, &hash).await.is_none(), "no route left");
     stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
     assert!(!watch.seen().is_empty(), "the builder was seen while it ran");
 }

@@ -15,8 +15,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use stack::{BUILD_TIMEOUT, EdgeProxy, InstanceWatch, Operator, STEP_TIMEOUT, Stack, environment, jobs_of, set_head};
-use stagely_api::v1alpha1::{BuildJob, Environment, EnvironmentPhase, Project, find_condition};
+use stack::{
+    BUILD_TIMEOUT, EdgeProxy, InstanceWatch, Operator, STEP_TIMEOUT, Stack, condition, environment, jobs_of, phase,
+    set_head, wait_env,
+};
+use stagely_api::v1alpha1::{BuildJob, Environment, EnvironmentPhase, Project};
 use stagely_testenv::server::eventually;
 
 const DOMAIN: &str = "preview.example.com";
@@ -27,29 +30,6 @@ fn stack() -> (&'static Stack, &'static EdgeProxy) {
     static PROXY: OnceLock<EdgeProxy> = OnceLock::new();
     OPERATOR.get_or_init(|| stack.operator());
     (stack, PROXY.get_or_init(|| stack.edge_proxy(DOMAIN)))
-}
-
-fn condition(env: &Environment, type_: &str) -> Option<(String, String, String)> {
-    let conditions = &env.status.as_ref()?.conditions;
-    find_condition(conditions, type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn phase(env: &Environment) -> Option<EnvironmentPhase> {
-    env.status.as_ref()?.phase
-}
-
-async fn wait_env(
-    api: &Api<Environment>,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Environment) -> bool,
-) -> Environment {
-    eventually(what, timeout, || async {
-        let env = api.get(name).await.ok()?;
-        check(&env).then_some(env)
-    })
-    .await
 }
 
 /// Waits for the Environment to be Ready or Failed; fails on Failed with its status.

@@ -80,6 +80,11 @@ impl<K: kube::Resource<DynamicType = ()> + Send + Sync + 'static> Followers<K> {
         lock(&self.jobs).remove(job_id);
     }
 
+    /// Stops following every job.
+    pub fn clear(&self) {
+        lock(&self.jobs).clear();
+    }
+
     /// Stops following every job whose id starts with `prefix`.
     pub fn stop_prefix(&self, prefix: &str) {
         lock(&self.jobs).retain(|id, _| !id.starts_with(prefix));

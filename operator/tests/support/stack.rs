@@ -540,3 +540,30 @@ pub async fn route(stack: &Stack, hash: &str) -> Option<serde_json::Value> {
     let value: Option<String> = redis::cmd("GET").arg(format!("route:{hash}")).query_async(&mut conn).await.unwrap();
     value.map(|v| serde_json::from_str(&v).unwrap())
 }
+
+/// The condition `type_` of `env`: (status, reason, message).
+pub fn condition(env: &Environment, type_: &str) -> Option<(String, String, String)> {
+    let conditions = &env.status.as_ref()?.conditions;
+    stagely_api::v1alpha1::find_condition(conditions, type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The phase of `env`.
+pub fn phase(env: &Environment) -> Option<stagely_api::v1alpha1::EnvironmentPhase> {
+    env.status.as_ref()?.phase
+}
+
+/// Waits until Environment `name` satisfies `check`; panics with `what` after `timeout`.
+pub async fn wait_env(
+    api: &Api<Environment>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Environment) -> bool,
+) -> Environment {
+    stagely_testenv::server::eventually(what, timeout, || async {
+        let env = api.get(name).await.ok()?;
+        check(&env).then_some(env)
+    })
+    .await
+}

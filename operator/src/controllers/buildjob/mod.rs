@@ -34,7 +34,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
-use stagely_api::protocol::{Build, JobState, Message, RegistryAuth, Scope, ScopeKind, Status};
+use stagely_api::protocol::{Build, JobState, Message, RegistryAuth, Scope, ScopeKind};
 use stagely_api::v1alpha1::{BuildJob, BuildJobPhase, BuildJobStatus, CloudProvider, Project};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -43,7 +43,7 @@ pub use self::plan::Timings;
 use self::plan::{CreateFailure, Observed, ProviderView, Step, VmView, live_vm};
 use crate::controllers::capacity::Capacity;
 use crate::controllers::vm::{self, AgentSettings, VmError};
-use crate::gateway::{self, Gateway, GatewayError};
+use crate::gateway::{Gateway, GatewayError};
 use crate::metrics::{BuildLabels, Metrics};
 use crate::providers::account::{self, AccountError, Endpoints};
 use crate::providers::{self, ProviderError, Role};
@@ -76,8 +76,7 @@ pub struct Context {
     timings: Timings,
     namespace: Option<String>,
     recorder: Recorder,
-    followers: Followers,
-    wake: mpsc::UnboundedSender<ObjectRef<BuildJob>>,
+    followers: crate::controllers::follow::Followers<BuildJob>,
     woken: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<BuildJob>>>>,
 }
 
@@ -109,8 +108,7 @@ impl Context {
             metrics,
             timings,
             namespace: None,
-            followers: Followers::default(),
-            wake,
+            followers: crate::controllers::follow::Followers::new(wake),
             woken: Mutex::new(Some(woken)),
         }
     }
@@ -272,75 +270,8 @@ fn settled(status: &BuildJobStatus) -> bool {
     is_finished(status) && live_vm(status).is_none()
 }
 
-/// The agents' STATUS of every BUILD this process sent, followed by one task per job.
-#[derive(Default)]
-struct Followers(Mutex<HashMap<String, Follower>>);
-
-struct Follower {
-    latest: Arc<Mutex<Option<Status>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Followers {
-    /// Whether `uid`'s BUILD is being followed (or its final STATUS is in).
-    fn following(&self, uid: &str) -> bool {
-        lock(&self.0).get(uid).is_some_and(|follower| {
-            !follower.task.is_finished() || lock(&follower.latest).as_ref().is_some_and(|s| s.state.is_final())
-        })
-    }
-
-    /// The latest STATUS of `uid`'s BUILD.
-    fn latest(&self, uid: &str) -> Option<Status> {
-        lock(&self.0).get(uid).and_then(|follower| lock(&follower.latest).clone())
-    }
-
-    /// Follows `job`'s STATUS updates, waking `object`'s reconcile on each.
-    fn follow(
-        &self,
-        uid: &str,
-        object: ObjectRef<BuildJob>,
-        mut job: gateway::Job,
-        wake: mpsc::UnboundedSender<ObjectRef<BuildJob>>,
-    ) {
-        let first = job.latest();
-        if first.is_some() {
-            let _ = wake.send(object.clone());
-        }
-        let latest = Arc::new(Mutex::new(first));
-        let task = tokio::spawn({
-            let latest = Arc::clone(&latest);
-            async move {
-                // Ends with the final STATUS, or when the gateway forgets the job.
-                while let Ok(status) = job.next_status().await {
-                    let done = status.state.is_final();
-                    *lock(&latest) = Some(status);
-                    let _ = wake.send(object.clone());
-                    if done {
-                        break;
-                    }
-                }
-            }
-        });
-        lock(&self.0).insert(uid.to_owned(), Follower { latest, task });
-    }
-
-    fn stop(&self, uid: &str) {
-        lock(&self.0).remove(uid);
-    }
-
-    fn clear(&self) {
-        lock(&self.0).clear();
-    }
 }
 
 /// The job's CloudProvider, followed from its Project.
@@ -466,7 +397,7 @@ async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
         // Idempotent, in memory: in case the process that ended the job did not get to it.
         ctx.capacity.release_everywhere(&uid);
         ctx.gateway.forget(&scope(&job));
-        ctx.followers.stop(&uid);
+        ctx.followers.stop(&job_id(&uid));
         return Ok(Action::await_change());
     }
     let target = dereference(&job, ctx).await?;
@@ -477,8 +408,8 @@ async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
         image: image_reference(&job, ctx.registry.as_ref()),
         vm: VmView::NotSeen,
         create_failure: None,
-        build_sent: ctx.followers.following(&uid),
-        agent: ctx.followers.latest(&uid),
+        build_sent: ctx.followers.following(&job_id(&uid)),
+        agent: ctx.followers.latest(&job_id(&uid)),
         log_tail: Vec::new(),
     };
     if !is_finished(&old)
@@ -621,7 +552,7 @@ fn send_build(job: &BuildJob, target: &Target, image: Option<&str>, ctx: &Contex
         .send(&scope(job), Message::Build(build))
         .map_err(|source| Error::Gateway { job: describe(job), source })?;
     tracing::info!(job_id = %handle.job_id(), %image, "sent BUILD");
-    ctx.followers.follow(&uid, ObjectRef::from_obj(job), handle, ctx.wake.clone());
+    ctx.followers.follow(ObjectRef::from_obj(job), handle);
     Ok(())
 }
 
@@ -693,7 +624,7 @@ async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJ
             None => ctx.capacity.release_everywhere(&uid),
         }
         ctx.gateway.forget(&scope(job));
-        ctx.followers.stop(&uid);
+        ctx.followers.stop(&job_id(&uid));
     }
 }
 
@@ -736,7 +667,7 @@ fn shorten(text: &str, max: usize) -> String {
 /// gateway scope given back. Idempotent.
 async fn cleanup(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
-    ctx.followers.stop(&uid);
+    ctx.followers.stop(&job_id(&uid));
     let target = dereference(&job, ctx).await?;
     let terminated = match (&target.provider, &target.object) {
         (Some(_), _) => {

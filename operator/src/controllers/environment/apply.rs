@@ -98,30 +98,8 @@ pub async fn apply(
                 }
             }
             Action::WriteRoute(route) => {
-                let (Some(routes), Some(hash)) = (&ctx.routes, status.subdomain_hash.clone()) else { continue };
-                let url = status.url.clone().unwrap_or_default();
-                match routes.write(&hash, route).await {
-                    Ok(()) => set_condition(
-                        &mut status.conditions,
-                        ROUTED,
-                        false,
-                        "NotServing",
-                        &format!("{url} shows the {:?} page until the preview is ready", route.status),
-                        generation,
-                        now,
-                    ),
-                    Err(err) => {
-                        set_condition(
-                            &mut status.conditions,
-                            ROUTED,
-                            false,
-                            "RedisUnavailable",
-                            &format!("the route of {url} could not be written; retrying: {err}"),
-                            generation,
-                            now,
-                        );
-                        outcome.retry = true;
-                    }
+                if ctx.routes.is_some() && !super::preview::record_route(env, status, ctx, route).await {
+                    outcome.retry = true;
                 }
             }
         }

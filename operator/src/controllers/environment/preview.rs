@@ -233,7 +233,6 @@ async fn write_route(
     backend: Option<(String, u16)>,
     project: &Project,
 ) -> bool {
-    let (Some(routes), Some(hash)) = (&ctx.routes, status.subdomain_hash.clone()) else { return false };
     let route = Route {
         status: route_status,
         ip: backend.as_ref().map(|(ip, _)| ip.clone()),
@@ -243,9 +242,22 @@ async fn write_route(
         environment: env.name_any(),
         pr: u64::try_from(env.spec.pull_request.number).unwrap_or_default(),
     };
+    record_route(env, status, ctx, &route).await
+}
+
+/// Writes `route` to Redis and says so on the `Routed` condition; `false` when it could not be
+/// written (or there is no Redis), so the Environment does not go Ready without it.
+pub(super) async fn record_route(
+    env: &Environment,
+    status: &mut EnvironmentStatus,
+    ctx: &Context,
+    route: &Route,
+) -> bool {
+    let (Some(routes), Some(hash)) = (&ctx.routes, status.subdomain_hash.clone()) else { return false };
+    let route_status = route.status;
     let url = status.url.clone().unwrap_or_default();
     let now = Timestamp::now();
-    match routes.write(&hash, &route).await {
+    match routes.write(&hash, route).await {
         Ok(()) if route_status == RouteStatus::Ready => {
             set_condition(
                 &mut status.conditions,
