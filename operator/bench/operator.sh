@@ -15,10 +15,11 @@ N=${N:-1000}
 PER_NAMESPACE=${PER_NAMESPACE:-500}
 UNTIL=${UNTIL:-auto}
 
-# The driver holds a connection per simulated agent, the operator one per agent too.
+# The driver holds a connection per simulated agent (builders and previews), and so does the
+# operator.
 ulimit -n "$(ulimit -Hn)"
-if [ "$(ulimit -n)" -lt $((4 * N + 1000)) ]; then
-    echo "ulimit -n is $(ulimit -n); $((4 * N + 1000)) descriptors are needed" >&2
+if [ "$(ulimit -n)" -lt $((2 * N + 1000)) ]; then
+    echo "ulimit -n is $(ulimit -n); $((2 * N + 1000)) descriptors are needed" >&2
     exit 1
 fi
 command -v redis-server >/dev/null || { echo "redis-server is missing: run make deps" >&2; exit 1; }

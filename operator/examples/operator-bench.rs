@@ -56,7 +56,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::{Deserialize, Serialize};
 use stagely_api::protocol::{
-    Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status, SystemInfo,
+    ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status, SystemInfo,
 };
 use stagely_api::v1alpha1::{
     CloudProvider as CloudProviderObject, Environment, EnvironmentPhase, EnvironmentSpec, LocalObjectRef, Platform,
@@ -293,6 +293,7 @@ impl CloudProvider for FakeCloudClient {
 struct AgentStats {
     started: AtomicU64,
     connected: AtomicU64,
+    retried: AtomicU64,
     refused: AtomicU64,
     failed: AtomicU64,
     builds: AtomicU64,
@@ -325,9 +326,10 @@ impl Cloud {
 }
 
 fn wire(id: &str, instance: &CloudInstance) -> WireInstance {
+    // The "VM" runs until it is terminated, whatever its agent does.
     WireInstance {
         id: id.to_owned(),
-        running: !instance.agent.is_finished(),
+        running: true,
         launched_at_ms: instance.launched_at_ms,
         tags: instance.tags.clone(),
     }
@@ -414,17 +416,39 @@ async fn list_instances(State(cloud): State<Arc<Cloud>>, Query(query): Query<Lis
     )
 }
 
+/// How a simulated agent's session ended.
+enum Ended {
+    /// The gateway closed it, or the agent's work is done.
+    Closed,
+    /// The gateway refused the HELLO and says a retry may help.
+    Retry,
+}
+
 /// One simulated agent: connects, says HELLO with its enrollment token, heartbeats, and answers
-/// every command at once with a final STATUS.
+/// every command at once with a final STATUS. Like the real agent it tries again, with
+/// exponential backoff and jitter, when it cannot connect or the gateway asks it to.
 async fn simulated_agent(stats: Arc<AgentStats>, boot: AgentBoot) {
     stats.started.fetch_add(1, Ordering::Relaxed);
-    if let Err(err) = agent_session(&stats, &boot).await {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-        eprintln!("simulated agent {}: {err:#}", boot.agent_id);
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0.. {
+        match agent_session(&stats, &boot).await {
+            Ok(Ended::Closed) => return,
+            Ok(Ended::Retry) => {}
+            Err(err) if attempt >= 20 => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("simulated agent {} gave up: {err:#}", boot.agent_id);
+                return;
+            }
+            Err(_) => {}
+        }
+        stats.retried.fetch_add(1, Ordering::Relaxed);
+        let jitter = Duration::from_millis(now_ms() % 100);
+        tokio::time::sleep(delay + jitter).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<()> {
+async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<Ended> {
     let authority = boot
         .gateway_url
         .strip_prefix("ws://")
@@ -451,9 +475,11 @@ async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<(
     let interval = match ws.next().await {
         Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<Message>(&text)? {
             Message::HelloAck(ack) => Duration::from_secs(u64::from(ack.heartbeat_interval_seconds.max(1))),
+            Message::Error(error) if error.code == ErrorCode::Internal => return Ok(Ended::Retry),
             other => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                anyhow::bail!("refused: {other:?}");
+                eprintln!("simulated agent {} refused: {other:?}", boot.agent_id);
+                return Ok(Ended::Closed);
             }
         },
         other => anyhow::bail!("no HELLO_ACK: {other:?}"),
@@ -472,7 +498,7 @@ async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<(
             frame = ws.next() => {
                 let text = match frame {
                     Some(Ok(WsMessage::Text(text))) => text,
-                    Some(Ok(WsMessage::Close(_))) | None => return Ok(()),
+                    Some(Ok(WsMessage::Close(_))) | None => return Ok(Ended::Closed),
                     Some(Ok(_)) => continue,
                     Some(Err(err)) => return Err(err.into()),
                 };
@@ -513,7 +539,7 @@ async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<(
                 ws.send(WsMessage::text(serde_json::to_string(&Message::Status(answer))?)).await?;
                 if done {
                     let _ = ws.close(None).await;
-                    return Ok(());
+                    return Ok(Ended::Closed);
                 }
             }
         }
@@ -870,6 +896,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let mut created_in = None;
     let mut last_report = Instant::now();
     let mut all_built_seen: Option<Instant> = None;
+    let mut failure = None;
     let until = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(stats) = proc_stats(pid) {
@@ -893,16 +920,19 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             );
         }
         if let Some((name, why)) = p.failed.iter().next() {
-            anyhow::bail!("Environment {name} failed: {why} (see {})", dir.join("operator.log").display());
+            failure = Some(format!("Environment {name} failed: {why}"));
+            break Until::Built;
         }
-        anyhow::ensure!(
-            started.elapsed() < plan.timeout,
-            "timed out after {:?}: built {} ready {} of {}",
-            plan.timeout,
-            p.built.len(),
-            p.ready.len(),
-            plan.envs
-        );
+        if started.elapsed() > plan.timeout {
+            failure = Some(format!(
+                "timed out after {:?}: built {} ready {} of {}",
+                plan.timeout,
+                p.built.len(),
+                p.ready.len(),
+                plan.envs
+            ));
+            break Until::Built;
+        }
         match plan.until {
             Until::Built if p.all_built_at.is_some() => break Until::Built,
             Until::Ready | Until::Auto if p.all_ready_at.is_some() => break Until::Ready,
@@ -948,14 +978,15 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let agents = &cloud.stats;
     let count = |n: &AtomicU64| n.load(Ordering::Relaxed);
     eprintln!(
-        "fake cloud: {} creates, {} gets, {} lists, {} terminates; agents: {} started, {} connected, {} refused, \
-         {} failed; {} BUILD, {} DEPLOY, {} TERMINATE answered; {} heartbeats",
+        "fake cloud: {} creates, {} gets, {} lists, {} terminates; agents: {} started, {} connected, {} retries, \
+         {} refused, {} failed; {} BUILD, {} DEPLOY, {} TERMINATE answered; {} heartbeats",
         count(&cloud.creates),
         count(&cloud.gets),
         count(&cloud.lists),
         count(&cloud.terminates),
         count(&agents.started),
         count(&agents.connected),
+        count(&agents.retried),
         count(&agents.refused),
         count(&agents.failed),
         count(&agents.builds),
@@ -982,6 +1013,9 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(keep);
         std::fs::rename(&dir, keep).or_else(|_| Command::new("cp").arg("-a").arg(&dir).arg(keep).status().map(drop))?;
         eprintln!("kept the work directory in {}", keep.display());
+    }
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure} (operator log: {})", plan.keep.as_deref().unwrap_or(&dir).join("operator.log").display());
     }
     let rss_mib = end.hwm_kib as f64 / 1024.0;
     match until {
