@@ -273,6 +273,10 @@ impl CloudProvider for FakeCloudClient {
         Box::pin(self.list_instances(None))
     }
 
+    fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(self.list_instances(Some(owner_uid)))
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             checked(self.http.get(format!("{}/healthz", self.url)).send().await.map_err(transport)?).await?;
