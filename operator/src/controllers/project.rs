@@ -457,7 +457,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         state,
         projects,
         queue,
-        controller::Config::default(),
+        controller::Config::default().concurrency(crate::controllers::MAX_CONCURRENT_RECONCILES),
     )
     .for_each(|result| async move {
         if let Err(err) = result {

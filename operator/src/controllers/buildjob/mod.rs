@@ -26,11 +26,11 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, ReconcileReason, ReconcileRequest, applier, trigger_self, trigger_with};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::CancelableJoinHandle;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
@@ -42,6 +42,8 @@ use tracing::Instrument;
 pub use self::plan::Timings;
 use self::plan::{CreateFailure, Observed, ProviderView, Step, VmView, live_vm};
 use crate::controllers::capacity::Capacity;
+use crate::controllers::events::Recorder;
+use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::controllers::vm::{self, AgentSettings, VmError};
 use crate::gateway::{self, Gateway, GatewayError};
 use crate::metrics::{BuildLabels, Metrics};
@@ -79,6 +81,17 @@ pub struct Context {
     followers: Followers,
     wake: mpsc::UnboundedSender<ObjectRef<BuildJob>>,
     woken: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<BuildJob>>>>,
+    /// The watch caches of Projects and CloudProviders, once [`run`] started them.
+    caches: Mutex<Option<Caches>>,
+    /// Statuses written that the watch cache may not show yet (without `lastHeartbeat`).
+    written: Written<BuildJobStatus>,
+}
+
+/// The watch caches the reconcile reads Projects and CloudProviders from.
+#[derive(Clone)]
+struct Caches {
+    projects: Store<Project>,
+    providers: Store<CloudProvider>,
 }
 
 impl Context {
@@ -112,6 +125,8 @@ impl Context {
             followers: Followers::default(),
             wake,
             woken: Mutex::new(Some(woken)),
+            caches: Mutex::new(None),
+            written: Written::default(),
         }
     }
 
@@ -348,8 +363,8 @@ struct Target {
     view: ProviderView,
     /// `<namespace>/<name>` of the CloudProvider, the capacity ledger's key.
     key: Option<String>,
-    project: Option<Project>,
-    object: Option<CloudProvider>,
+    project: Option<Arc<Project>>,
+    object: Option<Arc<CloudProvider>>,
     provider: Option<Arc<dyn providers::CloudProvider>>,
 }
 
@@ -383,8 +398,8 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
             format!("the BuildJob has no {} label naming its Project", keys::PROJECT),
         ));
     };
-    let project = Api::<Project>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(project_name)
+    let caches = lock(&ctx.caches).clone();
+    let project = cached(caches.as_ref().map(|c| &c.projects), &ctx.client, &namespace, project_name)
         .await
         .map_err(read(format!("Project {namespace}/{project_name}")))?;
     let Some(project) = project else {
@@ -392,8 +407,7 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
     };
     let provider_name = project.spec.cloud_provider_ref.name.clone();
     let key = format!("{namespace}/{provider_name}");
-    let object = Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&provider_name)
+    let object = cached(caches.as_ref().map(|c| &c.providers), &ctx.client, &namespace, &provider_name)
         .await
         .map_err(read(format!("CloudProvider {key}")))?;
     let Some(object) = object else {
@@ -461,7 +475,12 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Action, 
 /// Moves a live job along: observe, plan, step, plan again; then write what changed.
 async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
-    let old = job.status.clone().unwrap_or_default();
+    let mut old = job.status.clone().unwrap_or_default();
+    let heartbeat = old.last_heartbeat.take();
+    if let Some(newer) = ctx.written.newer(&uid, &old) {
+        old = newer;
+    }
+    old.last_heartbeat = heartbeat;
     if settled(&old) {
         // Idempotent, in memory: in case the process that ended the job did not get to it.
         ctx.capacity.release_everywhere(&uid);
@@ -515,6 +534,7 @@ async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     comparable.last_heartbeat = None;
     if comparable != status {
         write_status(&job, ctx, &status).await?;
+        ctx.written.wrote(&uid, &status);
     }
     after(&job, ctx, &old, &status, target.key.as_deref()).await;
     match failed {
@@ -737,6 +757,7 @@ fn shorten(text: &str, max: usize) -> String {
 async fn cleanup(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
     ctx.followers.stop(&uid);
+    ctx.written.forget(&uid);
     let target = dereference(&job, ctx).await?;
     let terminated = match (&target.provider, &target.object) {
         (Some(_), _) => {
@@ -838,6 +859,18 @@ async fn seed(ctx: &Context, shutdown: &mut (impl Future<Output = ()> + Unpin)) 
     true
 }
 
+/// What of a CloudProvider a queued job depends on: its spec and its Ready condition (not, say,
+/// the instance count its controller keeps writing).
+fn provider_usability(provider: &CloudProvider) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    provider.metadata.generation.hash(&mut hasher);
+    if let Some(ready) = provider.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")) {
+        (&ready.status, &ready.reason, &ready.message).hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
 /// The unfinished, queued BuildJobs of `namespace` (of `project`, if given).
 fn queued(store: &Store<BuildJob>, namespace: Option<String>, project: Option<&str>) -> Vec<ObjectRef<BuildJob>> {
     store
@@ -863,20 +896,37 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     }
     let (store, writer) = reflector::store::<BuildJob>();
     let jobs = trigger_self(
-        watcher(ctx.api::<BuildJob>(), watcher::Config::default()).default_backoff().reflect(writer).applied_objects(),
+        watcher(ctx.api::<BuildJob>(), watcher::Config::default())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer)
+            .applied_objects(),
         (),
     );
+    let (provider_cache, provider_writer) = reflector::store::<CloudProvider>();
+    let (project_cache, project_writer) = reflector::store::<Project>();
+    *lock(&ctx.caches) = Some(Caches { projects: project_cache, providers: provider_cache });
     let providers = {
         let store = store.clone();
         trigger_with(
-            watcher(ctx.api::<CloudProvider>(), watcher::Config::default()).default_backoff().applied_objects(),
+            watcher(ctx.api::<CloudProvider>(), watcher::Config::default())
+                .default_backoff()
+                .modify(strip)
+                .reflect(provider_writer)
+                .applied_objects()
+                .predicate_filter(provider_usability, Default::default()),
             move |provider: CloudProvider| queued(&store, provider.namespace(), None),
         )
     };
     let projects = {
         let store = store.clone();
         trigger_with(
-            watcher(ctx.api::<Project>(), watcher::Config::default()).default_backoff().applied_objects(),
+            watcher(ctx.api::<Project>(), watcher::Config::default())
+                .default_backoff()
+                .modify(strip)
+                .reflect(project_writer)
+                .applied_objects()
+                .predicate_filter(predicates::generation, Default::default()),
             move |project: Project| queued(&store, project.namespace(), Some(&project.name_any())),
         )
     };
@@ -913,7 +963,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         Arc::clone(&ctx),
         store,
         queue,
-        controller::Config::default(),
+        controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES),
     )
     .for_each(|result| async move {
         if let Err(err) = result {
@@ -921,6 +971,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         }
     })
     .await;
+    *lock(&ctx.caches) = None;
     ctx.followers.clear();
 }
 
