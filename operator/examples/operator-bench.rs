@@ -30,7 +30,7 @@
 //! operator's gateway over WebSocket: HELLO with the enrollment token from the instance's
 //! cloud-init user data, HEARTBEATs at the interval HELLO_ACK gives, and a final STATUS at once
 //! for each command (BUILD: succeeded with an image digest; DEPLOY: succeeded with every service
-//! running on a published port; TERMINATE: succeeded). The operator reaches the fake cloud
+//! running on a published port; TEST and TERMINATE: succeeded). The operator reaches the fake cloud
 //! through a [`ProviderFactory`] under an ordinary `local` CloudProvider: a thin HTTP client,
 //! as a real cloud's provider is.
 
@@ -56,7 +56,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::{Deserialize, Serialize};
 use stagely_api::protocol::{
-    ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status, SystemInfo,
+    CAPABILITY_TEST, ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status,
+    SystemInfo,
 };
 use stagely_api::v1alpha1::{
     CloudProvider as CloudProviderObject, Environment, EnvironmentPhase, EnvironmentSpec, LocalObjectRef, Platform,
@@ -474,6 +475,7 @@ async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<E
             memory_mib: 4096,
         },
         jobs: vec![],
+        capabilities: vec![CAPABILITY_TEST.into()],
     });
     ws.send(WsMessage::text(serde_json::to_string(&hello)?)).await?;
     let interval = match ws.next().await {
@@ -533,6 +535,7 @@ async fn agent_session(stats: &AgentStats, boot: &AgentBoot) -> anyhow::Result<E
                             .collect();
                         (Status { services, ..succeeded(deploy.job_id, "deployed (simulated)") }, false)
                     }
+                    Message::Test(test) => (succeeded(test.job_id, "tested (simulated)"), false),
                     Message::Terminate(terminate) => {
                         stats.terminates.fetch_add(1, Ordering::Relaxed);
                         (succeeded(terminate.job_id, "terminated (simulated)"), true)
@@ -969,7 +972,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .filter(|(_, value)| *value > 0.0)
         .collect();
     delta.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let rejected: f64 = delta.iter().filter(|((_, _, _, code), _)| code == "429").map(|(_, v)| v).sum();
+    let rejected: f64 = delta.iter().filter(|((_, _, _, code), _)| code == "429").map(|(_, v)| v).sum::<f64>() + 0.0;
     let total: f64 = delta.iter().map(|(_, v)| v).sum();
     eprintln!("apiserver requests during the run: {total:.0} (by verb, resource, subresource, code):");
     for ((verb, resource, subresource, code), value) in delta.iter().take(20) {
