@@ -691,6 +691,17 @@ async fn write_status(job: &BuildJob, ctx: &Context, status: &BuildJobStatus) ->
 /// What follows a status change: Events, the metric, and once nothing is held any more, the
 /// capacity slot and the gateway scope given back.
 async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJobStatus, key: Option<&str>) {
+    // What the job held goes back before anything is announced: whoever sees the status written
+    // finds the slot free, however long the Events take.
+    if settled(new) {
+        let uid = job.uid().unwrap_or_default();
+        match key {
+            Some(key) => ctx.capacity.release(key, &uid),
+            None => ctx.capacity.release_everywhere(&uid),
+        }
+        ctx.gateway.forget(&scope(job));
+        ctx.followers.stop(&uid);
+    }
     for note in plan::notes(old, new) {
         publish(job, ctx, note.warning, &note.reason, &note.note).await;
     }
@@ -705,15 +716,6 @@ async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJ
             .get_or_create(&BuildLabels { platform: job.spec.platform.as_str().to_owned(), result: result.to_owned() })
             .observe(seconds);
         tracing::info!(result, seconds, message = new.message.as_deref().unwrap_or(""), "build finished");
-    }
-    if settled(new) {
-        let uid = job.uid().unwrap_or_default();
-        match key {
-            Some(key) => ctx.capacity.release(key, &uid),
-            None => ctx.capacity.release_everywhere(&uid),
-        }
-        ctx.gateway.forget(&scope(job));
-        ctx.followers.stop(&uid);
     }
 }
 
