@@ -215,6 +215,27 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
+/// Keeps of a BuildJob what this controller reads (its commit, service, platform and image; its
+/// phase, digest and message; its owner, deletion and cancel annotation): the BuildJob
+/// controller's own cache has the rest, and this one holds every BuildJob of the cluster.
+fn slim_job(job: &mut BuildJob) {
+    strip(job);
+    job.metadata.labels = None;
+    if let Some(annotations) = &mut job.metadata.annotations {
+        annotations.retain(|key, _| key == keys::CANCEL);
+    }
+    let spec = &mut job.spec;
+    spec.build_args = Default::default();
+    spec.cache_from = Vec::new();
+    spec.cache_to = None;
+    spec.context = String::new();
+    spec.dockerfile = String::new();
+    if let Some(status) = &mut job.status {
+        status.conditions = Vec::new();
+        status.vm = None;
+    }
+}
+
 /// `env` with the status this controller last wrote, while the watch cache shows an older one.
 fn latest(env: Arc<Environment>, ctx: &Context) -> Arc<Environment> {
     let mut cached = env.status.clone().unwrap_or_default();
@@ -472,7 +493,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
     ctx.jobs = Some(jobs);
     let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .modify(strip)
+        .modify(slim_job)
         .reflect(jobs_writer)
         .touched_objects();
     let (projects, projects_writer) = reflector::store::<Project>();
