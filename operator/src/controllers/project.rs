@@ -428,9 +428,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             environments_writer,
             watcher(Api::<Environment>::all(client.clone()), config)
                 .modify(|e: &mut Environment| {
+                    // Counted by Project: only the namespace and spec.projectRef are read.
                     e.status = None;
                     e.metadata.managed_fields = None;
                     e.metadata.annotations = None;
+                    e.metadata.labels = None;
+                    e.metadata.finalizers = None;
+                    e.metadata.owner_references = None;
+                    e.spec.pull_request = Default::default();
+                    e.spec.overrides = None;
                 })
                 .default_backoff(),
         );
