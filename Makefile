@@ -9,7 +9,7 @@ DEMO_DIR ?= .demo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway
+.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -54,4 +54,7 @@ bench-proxy: deps ## Benchmark the edge proxy against nginx on the same upstream
 bench-gateway: ## Benchmark the agent gateway: RSS per idle agent at 10,000 agents, heartbeat ack latency.
 	operator/bench/gateway.sh
 
-bench: bench-proxy bench-gateway ## Every benchmark.
+bench-operator: deps testenv ## Benchmark the operator: N (default 1,000) Environments to Ready against the real control plane.
+	operator/bench/operator.sh
+
+bench: bench-proxy bench-gateway bench-operator ## Every benchmark.

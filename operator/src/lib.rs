@@ -119,6 +119,7 @@ impl CloudsConfig {
             local_agent_bin: self.local_agent_bin.clone(),
             local_state_dir: self.local_state_dir.clone(),
             local_env: Default::default(),
+            factory: None,
         }
     }
 }
@@ -153,6 +154,41 @@ pub enum RunError {
 
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    Operator::new(config).run().await
+}
+
+/// The operator's wiring: the gateway, the registry, Redis and the four controllers, started
+/// from a [`Config`]. The binary runs it through [`run`]; the operator benchmark runs the same
+/// wiring with a [`ProviderFactory`](providers::account::ProviderFactory) plugged in.
+#[derive(Debug)]
+pub struct Operator {
+    config: Config,
+    factory: Option<std::sync::Arc<dyn providers::account::ProviderFactory>>,
+}
+
+impl Operator {
+    /// The operator `config` describes.
+    pub fn new(config: Config) -> Self {
+        Self { config, factory: None }
+    }
+
+    /// Test and benchmark seam: CloudProviders get their provider from `factory` when it makes
+    /// one (see [`ProviderFactory`](providers::account::ProviderFactory)).
+    pub fn provider_factory(mut self, factory: std::sync::Arc<dyn providers::account::ProviderFactory>) -> Self {
+        self.factory = Some(factory);
+        self
+    }
+
+    /// Runs until SIGTERM or Ctrl-C.
+    pub async fn run(self) -> Result<(), RunError> {
+        run_operator(self.config, self.factory).await
+    }
+}
+
+async fn run_operator(
+    config: Config,
+    factory: Option<std::sync::Arc<dyn providers::account::ProviderFactory>>,
+) -> Result<(), RunError> {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -173,7 +209,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let metrics = metrics::Metrics::default();
     let addr = config.gateway.gateway_addr;
-    let endpoints = config.clouds.endpoints();
+    let endpoints = providers::account::Endpoints { factory, ..config.clouds.endpoints() };
     let pipeline = &config.pipeline;
     let agents = controllers::vm::AgentSettings {
         gateway_url: pipeline

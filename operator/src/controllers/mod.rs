@@ -5,6 +5,114 @@ pub mod capacity;
 pub mod cloudprovider;
 pub mod conditions;
 pub mod environment;
+pub mod events;
 pub mod follow;
 pub mod project;
 pub mod vm;
+
+use std::sync::Arc;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource};
+
+/// Reconciles one controller runs at once. Unbounded, a burst of new objects becomes as many
+/// reconciles, each with its apiserver calls in flight at once: the apiserver queues and then
+/// refuses them (429), and each call holds a connection of its own. A few dozen keep the
+/// apiserver busy without queueing.
+pub const MAX_CONCURRENT_RECONCILES: u16 = 32;
+
+/// Drops what no controller reads and every object carries: `managedFields`, often the larger
+/// half of a small object, kept once per object in every watch cache.
+pub fn strip<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// The object `namespace/name` from `store` when it holds it, else read from the apiserver: the
+/// store is a cache fed by a watch, and an object it does not show may only be too new for it.
+pub async fn cached<K>(
+    store: Option<&Store<K>>,
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Arc<K>>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    if let Some(found) = store.and_then(|store| store.get(&ObjectRef::new(name).within(namespace))) {
+        return Ok(Some(found));
+    }
+    Ok(Api::<K>::namespaced(client.clone(), namespace).get_opt(name).await?.map(Arc::new))
+}
+
+/// The statuses a controller wrote, by object UID, until its watch cache shows them.
+///
+/// A reconcile reads its object from the watch cache, which lags behind the apiserver: under
+/// load by seconds. A reconcile woken then (by an agent's STATUS, a child's change) would plan
+/// from a status older than the one the controller itself last wrote, undo it (a finished build
+/// read as still running, a subdomain hash chosen a second time) and write that back. The
+/// controller is the only writer of the fields it plans, so what it last wrote is their current
+/// value until the cache catches up.
+pub struct Written<S>(std::sync::Mutex<std::collections::HashMap<String, S>>);
+
+impl<S> Default for Written<S> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+}
+
+impl<S: Clone + PartialEq + serde::Serialize + serde::de::DeserializeOwned> Written<S> {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, S>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The status `uid` was last written with, if the cache shows another (`cached`); forgotten
+    /// once the cache shows it.
+    pub fn newer(&self, uid: &str, cached: &S) -> Option<S> {
+        let mut map = self.map();
+        match map.get(uid) {
+            Some(written) if written == cached => {
+                map.remove(uid);
+                None
+            }
+            Some(written) => Some(written.clone()),
+            None => None,
+        }
+    }
+
+    /// Records that `uid`'s status was written as `status`, as the apiserver keeps it (times to
+    /// the second), so that the cache's copy compares equal once it arrives.
+    pub fn wrote(&self, uid: &str, status: &S) {
+        let stored = serde_json::to_value(status).ok().and_then(|value| serde_json::from_value(value).ok());
+        self.map().insert(uid.to_owned(), stored.unwrap_or_else(|| status.clone()));
+    }
+
+    /// Forgets `uid` (its object is going).
+    pub fn forget(&self, uid: &str) {
+        self.map().remove(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Written;
+
+    #[test]
+    fn the_last_write_wins_until_the_cache_shows_it() {
+        let written = Written::default();
+        assert_eq!(written.newer("a", &1), None, "nothing written: the cache is right");
+        written.wrote("a", &2);
+        assert_eq!(written.newer("a", &1), Some(2), "the cache lags");
+        assert_eq!(written.newer("a", &2), None, "caught up");
+        assert_eq!(written.newer("a", &1), None, "forgotten once caught up");
+        written.wrote("b", &3);
+        written.forget("b");
+        assert_eq!(written.newer("b", &1), None);
+    }
+}

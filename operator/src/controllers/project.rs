@@ -18,7 +18,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, applier, trigger_self, trigger_with};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
+
+use crate::controllers::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -426,9 +428,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             environments_writer,
             watcher(Api::<Environment>::all(client.clone()), config)
                 .modify(|e: &mut Environment| {
+                    // Counted by Project: only the namespace and spec.projectRef are read.
                     e.status = None;
                     e.metadata.managed_fields = None;
                     e.metadata.annotations = None;
+                    e.metadata.labels = None;
+                    e.metadata.finalizers = None;
+                    e.metadata.owner_references = None;
+                    e.spec.pull_request = Default::default();
+                    e.spec.overrides = None;
                 })
                 .default_backoff(),
         );
@@ -455,7 +463,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         state,
         projects,
         queue,
-        controller::Config::default(),
+        controller::Config::default().concurrency(crate::controllers::MAX_CONCURRENT_RECONCILES),
     )
     .for_each(|result| async move {
         if let Err(err) = result {

@@ -118,12 +118,12 @@ pub fn instance_spec(
     })
 }
 
-/// Terminates every instance tagged as owned by `owner_uid`, found with `provider.list()`, so
-/// nothing is left even when the operator died between creating a VM and recording it. Returns
-/// the ids terminated.
+/// Terminates every instance tagged as owned by `owner_uid`, found with `provider.list_owned()`,
+/// so nothing is left even when the operator died between creating a VM and recording it.
+/// Returns the ids terminated.
 pub async fn terminate_all(provider: &dyn CloudProvider, owner_uid: &str) -> Result<Vec<String>, ProviderError> {
     let mut terminated = Vec::new();
-    for instance in provider.list().await? {
+    for instance in provider.list_owned(owner_uid).await? {
         if instance.tags.get(cloud_tags::OWNER_UID).map(String::as_str) == Some(owner_uid) {
             provider.terminate(&instance.id).await?;
             terminated.push(instance.id);

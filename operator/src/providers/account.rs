@@ -14,6 +14,15 @@ use super::hetzner::{Hetzner, HetznerSettings};
 use super::local::{Local, LocalSettings};
 use super::{CloudProvider, ProviderError};
 
+/// A test and benchmark seam: makes the provider of a CloudProvider object before [`connect`]
+/// tries the built-in types. The operator binary never sets one; `make bench-operator` plugs in
+/// a provider whose instances are simulated agents, under an ordinary `local` CloudProvider, so
+/// the API needs no type of its own for it.
+pub trait ProviderFactory: Send + Sync + std::fmt::Debug {
+    /// The provider for `object`, or `None` to leave it to the built-in types.
+    fn provider(&self, object: &CloudProviderObject) -> Option<Arc<dyn CloudProvider>>;
+}
+
 /// Where to reach each cloud, and how to run local agents: the operator's configuration, not
 /// the user's. The endpoint overrides exist for API-compatible services and tests.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +39,8 @@ pub struct Endpoints {
     pub local_state_dir: PathBuf,
     /// Extra environment for local agents.
     pub local_env: BTreeMap<String, String>,
+    /// Consulted before the built-in types (tests and benchmarks only; see [`ProviderFactory`]).
+    pub factory: Option<Arc<dyn ProviderFactory>>,
 }
 
 /// Why a CloudProvider cannot be used; each names what the user should fix.
@@ -146,6 +157,9 @@ pub async fn connect(
     object: &CloudProviderObject,
     endpoints: &Endpoints,
 ) -> Result<Arc<dyn CloudProvider>, AccountError> {
+    if let Some(provider) = endpoints.factory.as_ref().and_then(|factory| factory.provider(object)) {
+        return Ok(provider);
+    }
     let spec = &object.spec;
     let region = || spec.region.clone().ok_or(AccountError::MissingField("region"));
     match spec.type_ {

@@ -168,6 +168,15 @@ pub trait CloudProvider: Send + Sync {
     fn terminate<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
     /// Every instance carrying Stagely's managed-by tag (for the orphan sweep).
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>>;
+    /// The instances tagged as owned by the object with UID `owner_uid`. This default filters
+    /// [`list`](Self::list); a provider whose API can filter by tag should, so that cleaning up
+    /// after one object does not fetch every VM.
+    fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(async move {
+            let owned = |instance: &Instance| instance.tags.get(cloud_tags::OWNER_UID).map(String::as_str) == Some(owner_uid);
+            Ok(self.list().await?.into_iter().filter(owned).collect())
+        })
+    }
     /// Checks the credentials with a real call.
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>>;
     /// Hourly price of a size in the provider's billing currency (US dollars; euros for Hetzner,

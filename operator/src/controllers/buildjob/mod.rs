@@ -26,11 +26,11 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, ReconcileReason, ReconcileRequest, applier, trigger_self, trigger_with};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::CancelableJoinHandle;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
@@ -42,7 +42,9 @@ use tracing::Instrument;
 pub use self::plan::Timings;
 use self::plan::{CreateFailure, Observed, ProviderView, Step, VmView, live_vm};
 use crate::controllers::capacity::Capacity;
+use crate::controllers::events::Recorder;
 use crate::controllers::vm::{self, AgentSettings, VmError};
+use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::gateway::{Gateway, GatewayError};
 use crate::metrics::{BuildLabels, Metrics};
 use crate::providers::account::{self, AccountError, Endpoints};
@@ -78,6 +80,17 @@ pub struct Context {
     recorder: Recorder,
     followers: crate::controllers::follow::Followers<BuildJob>,
     woken: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<BuildJob>>>>,
+    /// The watch caches of Projects and CloudProviders, once [`run`] started them.
+    caches: Mutex<Option<Caches>>,
+    /// Statuses written that the watch cache may not show yet (without `lastHeartbeat`).
+    written: Written<BuildJobStatus>,
+}
+
+/// The watch caches the reconcile reads Projects and CloudProviders from.
+#[derive(Clone)]
+struct Caches {
+    projects: Store<Project>,
+    providers: Store<CloudProvider>,
 }
 
 impl Context {
@@ -110,6 +123,8 @@ impl Context {
             namespace: None,
             followers: crate::controllers::follow::Followers::new(wake),
             woken: Mutex::new(Some(woken)),
+            caches: Mutex::new(None),
+            written: Written::default(),
         }
     }
 
@@ -279,8 +294,8 @@ struct Target {
     view: ProviderView,
     /// `<namespace>/<name>` of the CloudProvider, the capacity ledger's key.
     key: Option<String>,
-    project: Option<Project>,
-    object: Option<CloudProvider>,
+    project: Option<Arc<Project>>,
+    object: Option<Arc<CloudProvider>>,
     provider: Option<Arc<dyn providers::CloudProvider>>,
 }
 
@@ -314,8 +329,8 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
             format!("the BuildJob has no {} label naming its Project", keys::PROJECT),
         ));
     };
-    let project = Api::<Project>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(project_name)
+    let caches = lock(&ctx.caches).clone();
+    let project = cached(caches.as_ref().map(|c| &c.projects), &ctx.client, &namespace, project_name)
         .await
         .map_err(read(format!("Project {namespace}/{project_name}")))?;
     let Some(project) = project else {
@@ -323,8 +338,7 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
     };
     let provider_name = project.spec.cloud_provider_ref.name.clone();
     let key = format!("{namespace}/{provider_name}");
-    let object = Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&provider_name)
+    let object = cached(caches.as_ref().map(|c| &c.providers), &ctx.client, &namespace, &provider_name)
         .await
         .map_err(read(format!("CloudProvider {key}")))?;
     let Some(object) = object else {
@@ -392,7 +406,12 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Action, 
 /// Moves a live job along: observe, plan, step, plan again; then write what changed.
 async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
-    let old = job.status.clone().unwrap_or_default();
+    let mut old = job.status.clone().unwrap_or_default();
+    let heartbeat = old.last_heartbeat.take();
+    if let Some(newer) = ctx.written.newer(&uid, &old) {
+        old = newer;
+    }
+    old.last_heartbeat = heartbeat;
     if settled(&old) {
         // Idempotent, in memory: in case the process that ended the job did not get to it.
         ctx.capacity.release_everywhere(&uid);
@@ -446,6 +465,7 @@ async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     comparable.last_heartbeat = None;
     if comparable != status {
         write_status(&job, ctx, &status).await?;
+        ctx.written.wrote(&uid, &status);
     }
     after(&job, ctx, &old, &status, target.key.as_deref()).await;
     match failed {
@@ -602,6 +622,17 @@ async fn write_status(job: &BuildJob, ctx: &Context, status: &BuildJobStatus) ->
 /// What follows a status change: Events, the metric, and once nothing is held any more, the
 /// capacity slot and the gateway scope given back.
 async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJobStatus, key: Option<&str>) {
+    // What the job held goes back before anything is announced: whoever sees the status written
+    // finds the slot free, however long the Events take.
+    if settled(new) {
+        let uid = job.uid().unwrap_or_default();
+        match key {
+            Some(key) => ctx.capacity.release(key, &uid),
+            None => ctx.capacity.release_everywhere(&uid),
+        }
+        ctx.gateway.forget(&scope(job));
+        ctx.followers.stop(&job_id(&uid));
+    }
     for note in plan::notes(old, new) {
         publish(job, ctx, note.warning, &note.reason, &note.note).await;
     }
@@ -616,15 +647,6 @@ async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJ
             .get_or_create(&BuildLabels { platform: job.spec.platform.as_str().to_owned(), result: result.to_owned() })
             .observe(seconds);
         tracing::info!(result, seconds, message = new.message.as_deref().unwrap_or(""), "build finished");
-    }
-    if settled(new) {
-        let uid = job.uid().unwrap_or_default();
-        match key {
-            Some(key) => ctx.capacity.release(key, &uid),
-            None => ctx.capacity.release_everywhere(&uid),
-        }
-        ctx.gateway.forget(&scope(job));
-        ctx.followers.stop(&job_id(&uid));
     }
 }
 
@@ -668,6 +690,7 @@ fn shorten(text: &str, max: usize) -> String {
 async fn cleanup(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
     ctx.followers.stop(&job_id(&uid));
+    ctx.written.forget(&uid);
     let target = dereference(&job, ctx).await?;
     let terminated = match (&target.provider, &target.object) {
         (Some(_), _) => {
@@ -769,6 +792,18 @@ async fn seed(ctx: &Context, shutdown: &mut (impl Future<Output = ()> + Unpin)) 
     true
 }
 
+/// What of a CloudProvider a queued job depends on: its spec and its Ready condition (not, say,
+/// the instance count its controller keeps writing).
+fn provider_usability(provider: &CloudProvider) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    provider.metadata.generation.hash(&mut hasher);
+    if let Some(ready) = provider.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")) {
+        (&ready.status, &ready.reason, &ready.message).hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
 /// The unfinished, queued BuildJobs of `namespace` (of `project`, if given).
 fn queued(store: &Store<BuildJob>, namespace: Option<String>, project: Option<&str>) -> Vec<ObjectRef<BuildJob>> {
     store
@@ -794,20 +829,37 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     }
     let (store, writer) = reflector::store::<BuildJob>();
     let jobs = trigger_self(
-        watcher(ctx.api::<BuildJob>(), watcher::Config::default()).default_backoff().reflect(writer).applied_objects(),
+        watcher(ctx.api::<BuildJob>(), watcher::Config::default())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer)
+            .applied_objects(),
         (),
     );
+    let (provider_cache, provider_writer) = reflector::store::<CloudProvider>();
+    let (project_cache, project_writer) = reflector::store::<Project>();
+    *lock(&ctx.caches) = Some(Caches { projects: project_cache, providers: provider_cache });
     let providers = {
         let store = store.clone();
         trigger_with(
-            watcher(ctx.api::<CloudProvider>(), watcher::Config::default()).default_backoff().applied_objects(),
+            watcher(ctx.api::<CloudProvider>(), watcher::Config::default())
+                .default_backoff()
+                .modify(strip)
+                .reflect(provider_writer)
+                .applied_objects()
+                .predicate_filter(provider_usability, Default::default()),
             move |provider: CloudProvider| queued(&store, provider.namespace(), None),
         )
     };
     let projects = {
         let store = store.clone();
         trigger_with(
-            watcher(ctx.api::<Project>(), watcher::Config::default()).default_backoff().applied_objects(),
+            watcher(ctx.api::<Project>(), watcher::Config::default())
+                .default_backoff()
+                .modify(strip)
+                .reflect(project_writer)
+                .applied_objects()
+                .predicate_filter(predicates::generation, Default::default()),
             move |project: Project| queued(&store, project.namespace(), Some(&project.name_any())),
         )
     };
@@ -844,7 +896,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         Arc::clone(&ctx),
         store,
         queue,
-        controller::Config::default(),
+        controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES),
     )
     .for_each(|result| async move {
         if let Err(err) = result {
@@ -852,6 +904,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         }
     })
     .await;
+    *lock(&ctx.caches) = None;
     ctx.followers.clear();
 }
 

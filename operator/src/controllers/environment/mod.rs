@@ -17,8 +17,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
@@ -28,6 +28,8 @@ use stagely_api::keys;
 use stagely_api::v1alpha1::{BuildJob, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project};
 
 use self::plan::{ConfigState, Observed};
+use crate::controllers::events::Recorder;
+use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::routes::Routes;
@@ -59,6 +61,10 @@ pub struct Context {
     preview: Option<preview::Preview>,
     wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
     woken: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Environment>>>>,
+    projects: Option<Store<Project>>,
+    providers: Option<Store<CloudProvider>>,
+    /// Statuses written that the watch cache may not show yet (without `lastHeartbeat`).
+    written: Written<EnvironmentStatus>,
 }
 
 impl Context {
@@ -85,6 +91,9 @@ impl Context {
             preview: None,
             wake,
             woken: std::sync::Mutex::new(Some(woken)),
+            projects: None,
+            providers: None,
+            written: Written::default(),
         }
     }
 
@@ -190,8 +199,11 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
     let api: Api<Environment> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, keys::ENVIRONMENT_FINALIZER, env, |event| async {
         match event {
-            Finalizer::Apply(env) => run_pipeline(&env, &ctx).await,
-            Finalizer::Cleanup(env) => cleanup(&env, &ctx).await,
+            Finalizer::Apply(env) => run_pipeline(&latest(env, &ctx), &ctx).await,
+            Finalizer::Cleanup(env) => {
+                ctx.written.forget(&env.uid().unwrap_or_default());
+                cleanup(&env, &ctx).await
+            }
         }
     })
     .await
@@ -201,6 +213,42 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
     });
     ctx.metrics.reconciled("environment", result.as_ref().map_or_else(Error::reason, |_| "ok"));
     result
+}
+
+/// Keeps of a BuildJob what this controller reads (its commit, service, platform and image; its
+/// phase, digest and message; its owner, deletion and cancel annotation): the BuildJob
+/// controller's own cache has the rest, and this one holds every BuildJob of the cluster.
+fn slim_job(job: &mut BuildJob) {
+    strip(job);
+    job.metadata.labels = None;
+    if let Some(annotations) = &mut job.metadata.annotations {
+        annotations.retain(|key, _| key == keys::CANCEL);
+    }
+    let spec = &mut job.spec;
+    spec.build_args = Default::default();
+    spec.cache_from = Vec::new();
+    spec.cache_to = None;
+    spec.context = String::new();
+    spec.dockerfile = String::new();
+    if let Some(status) = &mut job.status {
+        status.conditions = Vec::new();
+        status.vm = None;
+    }
+}
+
+/// `env` with the status this controller last wrote, while the watch cache shows an older one.
+fn latest(env: Arc<Environment>, ctx: &Context) -> Arc<Environment> {
+    let mut cached = env.status.clone().unwrap_or_default();
+    let heartbeat = cached.last_heartbeat.take();
+    match ctx.written.newer(&env.uid().unwrap_or_default(), &cached) {
+        Some(mut newer) => {
+            newer.last_heartbeat = heartbeat;
+            let mut env = Environment::clone(&env);
+            env.status = Some(newer);
+            Arc::new(env)
+        }
+        None => env,
+    }
 }
 
 /// The owned BuildJobs of `env`, from the reflector.
@@ -230,16 +278,16 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
         let _ = store.wait_until_ready().await;
     }
 
-    // Dereference.
-    let project = Api::<Project>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&env.spec.project_ref.name)
+    // Dereference, from the watches' caches.
+    let project = cached(ctx.projects.as_ref(), &ctx.client, &namespace, &env.spec.project_ref.name)
         .await
         .map_err(kube_error("read the Project"))?;
     let provider = match &project {
-        Some(project) => Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
-            .get_opt(&project.spec.cloud_provider_ref.name)
-            .await
-            .map_err(kube_error("read the CloudProvider"))?,
+        Some(project) => {
+            cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
+                .await
+                .map_err(kube_error("read the CloudProvider"))?
+        }
         None => None,
     };
     let sha = env.spec.pull_request.head_sha.clone();
@@ -268,8 +316,8 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     let hash = new_subdomain_hash();
     let decided = plan::plan(&Observed {
         environment: env,
-        project: project.as_ref(),
-        provider: provider.as_ref(),
+        project: project.as_deref(),
+        provider: provider.as_deref(),
         config,
         jobs: &jobs,
         registry: ctx.registry.as_ref().map(Registry::host),
@@ -291,7 +339,7 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
         && images_known
         && let (Some(project), Some(Ok(config))) = (&project, &loaded)
     {
-        let inputs = preview::Inputs { project, provider: provider.as_ref(), config: config.as_ref() };
+        let inputs = preview::Inputs { project, provider: provider.as_deref(), config: config.as_ref() };
         requeue = preview::advance(env, &mut status, &inputs, ctx).await?.requeue;
     }
 
@@ -314,6 +362,9 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
             .patch_status(&name, &PatchParams::apply(keys::MANAGER_OPERATOR).force(), &Patch::Apply(&patch))
             .await
             .map_err(kube_error("write the status"))?;
+        let mut written = status.clone();
+        written.last_heartbeat = None;
+        ctx.written.wrote(&env.uid().unwrap_or_default(), &written);
     }
     record_transitions(env, &previous, &status, ctx).await;
 
@@ -380,18 +431,18 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         }
     }
     // The preview: TERMINATE to its agent, its VM, its registry tags.
-    let provider = match Api::<Project>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&env.spec.project_ref.name)
+    let provider = match cached(ctx.projects.as_ref(), &ctx.client, &namespace, &env.spec.project_ref.name)
         .await
         .map_err(kube_error("read the Project"))?
     {
-        Some(project) => Api::<CloudProvider>::namespaced(ctx.client.clone(), &namespace)
-            .get_opt(&project.spec.cloud_provider_ref.name)
-            .await
-            .map_err(kube_error("read the CloudProvider"))?,
+        Some(project) => {
+            cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
+                .await
+                .map_err(kube_error("read the CloudProvider"))?
+        }
         None => None,
     };
-    let mut leftovers = preview::teardown(env, ctx, provider.as_ref()).await;
+    let mut leftovers = preview::teardown(env, ctx, provider.as_deref()).await;
 
     // The BuildJobs, whose finalizers stop their builder VMs.
     let jobs_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -435,21 +486,32 @@ fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Actio
 }
 
 /// Runs the controller until `shutdown` resolves: every Environment, woken by its BuildJobs and
-/// by changes to its Project's spec.
+/// by changes to its Project's spec. Projects and CloudProviders are read from watch caches.
 pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let (jobs, jobs_writer) = reflector::store::<BuildJob>();
     ctx.jobs = Some(jobs);
     let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(slim_job)
         .reflect(jobs_writer)
         .touched_objects();
     let (projects, projects_writer) = reflector::store::<Project>();
+    ctx.projects = Some(projects.clone());
     let project_events = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(strip)
         .reflect(projects_writer)
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
+    let (providers, providers_writer) = reflector::store::<CloudProvider>();
+    ctx.providers = Some(providers);
+    // Only keeps the cache current: a CloudProvider's change wakes no Environment.
+    let provider_events = watcher(Api::<CloudProvider>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(providers_writer)
+        .touched_objects();
     // Secret changes redeploy the Environments of the Projects that reference them; only the
     // metadata is watched, so no secret value is held here.
     let secret_events = watcher(
@@ -458,8 +520,14 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
     )
     .default_backoff()
     .touched_objects();
-    let controller = Controller::new(Api::<Environment>::all(client), watcher::Config::default());
-    let environments = controller.store();
+    let (environments, environments_writer) = reflector::store::<Environment>();
+    let environment_events = watcher(Api::<Environment>::all(client), watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(environments_writer)
+        .touched_objects();
+    let controller = Controller::for_stream(environment_events, environments.clone())
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
     let of_project = {
         let environments = environments.clone();
         move |namespace: Option<String>, name: String| {
@@ -512,6 +580,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
     };
     controller
         .owns_stream(job_events)
+        .watches_stream(provider_events, |_: CloudProvider| std::iter::empty::<ObjectRef<Environment>>())
         .watches_stream(project_events, move |project: Project| by_project(project.namespace(), project.name_any()))
         .watches_stream(secret_events, by_secret)
         .reconcile_on(deploys)
