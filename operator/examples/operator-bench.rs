@@ -56,8 +56,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::{Deserialize, Serialize};
 use stagely_api::protocol::{
-    CAPABILITY_TEST, ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status,
-    SystemInfo,
+    CAPABILITY_TEST, ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status, SystemInfo,
 };
 use stagely_api::v1alpha1::{
     CloudProvider as CloudProviderObject, Environment, EnvironmentPhase, EnvironmentSpec, LocalObjectRef, Platform,
@@ -415,7 +414,9 @@ async fn list_instances(State(cloud): State<Arc<Cloud>>, Query(query): Query<Lis
     Json(
         instances
             .iter()
-            .filter(|(_, i)| query.owner.as_deref().is_none_or(|owner| i.tags.get(owner_tag).map(String::as_str) == Some(owner)))
+            .filter(|(_, i)| {
+                query.owner.as_deref().is_none_or(|owner| i.tags.get(owner_tag).map(String::as_str) == Some(owner))
+            })
             .map(|(id, i)| wire(id, i))
             .collect(),
     )
@@ -605,7 +606,8 @@ fn proc_stats(pid: u32) -> anyhow::Result<ProcStats> {
             .unwrap_or(0)
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     // utime and stime are fields 14 and 15; after the ')' the first field is 3 (state).
     let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     Ok(ProcStats { rss_kib: field("VmRSS:"), hwm_kib: field("VmHWM:"), cpu_seconds: (ticks(14) + ticks(15)) / 100.0 })
@@ -702,10 +704,8 @@ async fn operator_kubeconfig(plane: &ControlPlane, client: &kube::Client, path: 
 /// Project reading `repo`.
 async fn team(client: &kube::Client, namespace: &str, repo: &Path, max_instances: usize) -> anyhow::Result<()> {
     let pp = PostParams::default();
-    let ns = Namespace {
-        metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() },
-        ..Default::default()
-    };
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() }, ..Default::default() };
     Api::<Namespace>::all(client.clone()).create(&pp, &ns).await?;
     let secret = Secret {
         metadata: ObjectMeta { name: Some("github".into()), ..Default::default() },
@@ -762,7 +762,11 @@ fn follow(client: kube::Client, started: Instant, total: usize, progress: Arc<Mu
         let mut stream = std::pin::pin!(stream.applied_objects());
         while let Some(event) = stream.next().await {
             let Ok(env) = event else { continue };
-            let name = format!("{}/{}", env.metadata.namespace.as_deref().unwrap_or_default(), env.metadata.name.as_deref().unwrap_or_default());
+            let name = format!(
+                "{}/{}",
+                env.metadata.namespace.as_deref().unwrap_or_default(),
+                env.metadata.name.as_deref().unwrap_or_default()
+            );
             let Some(status) = &env.status else { continue };
             let mut p = progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if find_condition(&status.conditions, "BuildsSucceeded").is_some_and(|c| c.status == "True") {
@@ -779,7 +783,13 @@ fn follow(client: kube::Client, started: Instant, total: usize, progress: Arc<Mu
                     }
                 }
                 Some(EnvironmentPhase::Failed) => {
-                    let why = status.conditions.iter().filter(|c| c.status == "False").map(|c| format!("{}: {}", c.type_, c.message)).collect::<Vec<_>>().join("; ");
+                    let why = status
+                        .conditions
+                        .iter()
+                        .filter(|c| c.status == "False")
+                        .map(|c| format!("{}: {}", c.type_, c.message))
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     p.failed.insert(name, why);
                 }
                 _ => {}
@@ -799,7 +809,10 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("stagely-operator-bench-").tempdir()?;
     let dir = work.path().to_owned();
     let namespaces = plan.envs.div_ceil(plan.per_namespace);
-    eprintln!("starting the control plane, redis-server and the fake cloud ({} Environments in {namespaces} namespaces)", plan.envs);
+    eprintln!(
+        "starting the control plane, redis-server and the fake cloud ({} Environments in {namespaces} namespaces)",
+        plan.envs
+    );
     let plane = ControlPlane::start(Options {
         controller_manager: true,
         crds: stagely_api::crds(),
@@ -856,7 +869,11 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", gateway_port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the operator did not start; see {}", dir.join("operator.log").display());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the operator did not start; see {}",
+            dir.join("operator.log").display()
+        );
         anyhow::ensure!(child.try_wait()?.is_none(), "the operator exited; see {}", dir.join("operator.log").display());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -874,7 +891,11 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             if ready.is_some_and(|c| c.status == "True") {
                 break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "CloudProvider bench-{i}/bench is not Ready: {:?}", provider.status);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "CloudProvider bench-{i}/bench is not Ready: {:?}",
+                provider.status
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -948,7 +969,9 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
                 // one before falling back.
                 let since = *all_built_seen.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_secs(15) {
-                    eprintln!("no Environment turned Ready 15 s after every build succeeded: this operator has no Ready phase yet; measured to BuildsSucceeded=True");
+                    eprintln!(
+                        "no Environment turned Ready 15 s after every build succeeded: this operator has no Ready phase yet; measured to BuildsSucceeded=True"
+                    );
                     break Until::Built;
                 }
             }
@@ -1022,7 +1045,10 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         eprintln!("kept the work directory in {}", keep.display());
     }
     if let Some(failure) = failure {
-        anyhow::bail!("{failure} (operator log: {})", plan.keep.as_deref().unwrap_or(&dir).join("operator.log").display());
+        anyhow::bail!(
+            "{failure} (operator log: {})",
+            plan.keep.as_deref().unwrap_or(&dir).join("operator.log").display()
+        );
     }
     let rss_mib = end.hwm_kib as f64 / 1024.0;
     match until {

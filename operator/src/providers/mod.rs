@@ -173,7 +173,8 @@ pub trait CloudProvider: Send + Sync {
     /// after one object does not fetch every VM.
     fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         Box::pin(async move {
-            let owned = |instance: &Instance| instance.tags.get(cloud_tags::OWNER_UID).map(String::as_str) == Some(owner_uid);
+            let owned =
+                |instance: &Instance| instance.tags.get(cloud_tags::OWNER_UID).map(String::as_str) == Some(owner_uid);
             Ok(self.list().await?.into_iter().filter(owned).collect())
         })
     }

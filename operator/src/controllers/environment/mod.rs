@@ -283,11 +283,9 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
         .await
         .map_err(kube_error("read the Project"))?;
     let provider = match &project {
-        Some(project) => {
-            cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
-                .await
-                .map_err(kube_error("read the CloudProvider"))?
-        }
+        Some(project) => cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
+            .await
+            .map_err(kube_error("read the CloudProvider"))?,
         None => None,
     };
     let sha = env.spec.pull_request.head_sha.clone();
@@ -435,11 +433,9 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(kube_error("read the Project"))?
     {
-        Some(project) => {
-            cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
-                .await
-                .map_err(kube_error("read the CloudProvider"))?
-        }
+        Some(project) => cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
+            .await
+            .map_err(kube_error("read the CloudProvider"))?,
         None => None,
     };
     let mut leftovers = preview::teardown(env, ctx, provider.as_deref()).await;
