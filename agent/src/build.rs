@@ -118,13 +118,33 @@ async fn push_inline_cache(ctx: &Context, log: &JobLog, image: &str, cache_to: &
 }
 
 /// Logs the engine in to a registry, the password on standard input.
+///
+/// The registry's token endpoint is served by the operator; while it restarts (or a new leader
+/// takes over) a login is refused, so a failed login is tried again with backoff for about a
+/// minute before the job fails.
 pub async fn login(ctx: &Context, log: &JobLog, auth: &RegistryAuth) -> Result<(), JobError> {
     ctx.masker.add(auth.password.expose());
-    let mut command = ctx.engine_command();
-    command.arg("login").arg("--username").arg(&auth.username).arg("--password-stdin").arg(&auth.server);
-    run(log, "log in to the registry", command, Some(auth.password.expose())).await?;
-    Ok(())
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempts = 0;
+    loop {
+        let mut command = ctx.engine_command();
+        command.arg("login").arg("--username").arg(&auth.username).arg("--password-stdin").arg(&auth.server);
+        match run(log, "log in to the registry", command, Some(auth.password.expose())).await {
+            Ok(_) => return Ok(()),
+            Err(err) if attempts < LOGIN_ATTEMPTS => {
+                attempts += 1;
+                log.system(&format!("logging in to the registry failed; trying again in {}s", delay.as_secs_f32()));
+                tracing::debug!(error = %err, attempts, "registry login failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
+
+/// Logins tried again after the first fails (about a minute with the backoff).
+const LOGIN_ATTEMPTS: u32 = 8;
 
 /// `docker push` prints `<tag>: digest: sha256:… size: …` last.
 pub fn digest_from_push_output(output: &str) -> Option<String> {
