@@ -116,9 +116,6 @@ struct State {
     /// when the next reconcile comes, and the transition must not be announced twice.
     reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
     failures: Mutex<HashMap<ObjectRef<Project>, u32>>,
-    /// Statuses written that the watch cache may not show yet: every Environment event wakes
-    /// the Project, and a stale cached status would be written again each time.
-    written: crate::controllers::Written<ProjectStatus>,
 }
 
 /// What the controller found about one Project's references.
@@ -301,9 +298,7 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
         environments: Some(i32::try_from(environments).unwrap_or(i32::MAX)),
     };
 
-    let cached = project.status.clone().unwrap_or_default();
-    let current = state.written.newer(&uid, &cached).unwrap_or(cached);
-    if current != new_status {
+    if project.status.as_ref() != Some(&new_status) {
         // Only the fields this controller owns: other writers' conditions stay theirs.
         let patch = json!({
             "apiVersion": "stagely.dev/v1alpha1",
@@ -318,7 +313,6 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
         api.patch_status(&name, &PatchParams::apply(MANAGER_OPERATOR).force(), &Patch::Apply(patch))
             .await
             .map_err(|source| Error::Status { namespace: namespace.clone(), name: name.clone(), source })?;
-        state.written.wrote(&uid, &new_status);
     }
     {
         let mut reported = state.reported.lock().unwrap_or_else(|e| e.into_inner());
@@ -461,7 +455,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         secrets,
         environments,
         reported: Mutex::default(),
-        written: Default::default(),
         failures: Mutex::default(),
     });
     applier(
