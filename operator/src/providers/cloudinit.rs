@@ -63,13 +63,53 @@ pub fn user_data_limit(provider: ProviderType) -> usize {
     }
 }
 
-/// The `#cloud-config` document for a VM.
+/// Where the agent binary is installed on the VM.
+pub const AGENT_BIN_PATH: &str = "/usr/local/bin/stagely-agent";
+/// Where the install script is written on the VM.
+pub const INSTALL_SCRIPT_PATH: &str = "/usr/local/lib/stagely/install-agent.sh";
+
+/// `value` quoted for a POSIX shell: one argument, whatever it holds.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// The script that installs and starts the agent. It stops at the first failure (`set -eu`):
+/// an agent whose download fails or whose SHA-256 does not match is never made executable,
+/// installed or started. Every value is quoted for the shell.
+pub fn install_script(bootstrap: &AgentBootstrap) -> String {
+    let download = format!("{AGENT_BIN_PATH}.download");
+    format!(
+        r#"#!/bin/sh
+# Installs the Stagely agent: download, check its SHA-256, install, start. Stops at the first
+# failure, so an agent that does not match its checksum never runs.
+set -eu
+systemctl enable --now docker
+rm -f {download}
+curl -fsSL --retry 5 -o {download} {url}
+echo {sum} | sha256sum -c -
+chmod 0755 {download}
+mv -f {download} {bin}
+systemctl daemon-reload
+systemctl enable --now stagely-agent
+"#,
+        download = shell_quote(&download),
+        url = shell_quote(&bootstrap.agent_url),
+        sum = shell_quote(&format!("{}  {download}", bootstrap.agent_sha256)),
+        bin = shell_quote(AGENT_BIN_PATH),
+    )
+}
+
+/// The `#cloud-config` document for a VM: the agent's configuration, its systemd unit and its
+/// install script as files (each value JSON-quoted, which YAML reads as a double-quoted string,
+/// so no value can end its field), and one `runcmd` entry running the script.
 pub fn render(bootstrap: &AgentBootstrap) -> String {
-    let config = serde_json::to_string(bootstrap).expect("bootstrap serializes");
     let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
-    let check = format!(
-        "echo {} | sha256sum -c -",
-        quote(&format!("{}  /usr/local/bin/stagely-agent", bootstrap.agent_sha256))
+    let config = serde_json::to_string(bootstrap).expect("bootstrap serializes");
+    let unit = format!(
+        "[Unit]\nDescription=Stagely agent\nAfter=network-online.target docker.service\n\
+         Wants=network-online.target docker.service\n[Service]\n\
+         ExecStart={AGENT_BIN_PATH} --config {AGENT_CONFIG_PATH}\nRestart=always\nRestartSec=2\n\
+         [Install]\nWantedBy=multi-user.target\n"
     );
     format!(
         r#"#cloud-config
@@ -83,32 +123,21 @@ write_files:
   - path: {AGENT_CONFIG_PATH}
     owner: root:root
     permissions: "0600"
-    content: |
-      {config}
+    content: {config}
   - path: /etc/systemd/system/stagely-agent.service
     owner: root:root
     permissions: "0644"
-    content: |
-      [Unit]
-      Description=Stagely agent
-      After=network-online.target docker.service
-      Wants=network-online.target docker.service
-      [Service]
-      ExecStart=/usr/local/bin/stagely-agent --config {AGENT_CONFIG_PATH}
-      Restart=always
-      RestartSec=2
-      [Install]
-      WantedBy=multi-user.target
+    content: {unit}
+  - path: {INSTALL_SCRIPT_PATH}
+    owner: root:root
+    permissions: "0700"
+    content: {script}
 runcmd:
-  - [systemctl, enable, --now, docker]
-  - [curl, -fsSL, --retry, "5", -o, /usr/local/bin/stagely-agent, {agent_url}]
-  - [sh, -c, {check}]
-  - [chmod, "0755", /usr/local/bin/stagely-agent]
-  - [systemctl, daemon-reload]
-  - [systemctl, enable, --now, stagely-agent]
+  - [/bin/sh, {INSTALL_SCRIPT_PATH}]
 "#,
-        agent_url = quote(&bootstrap.agent_url),
-        check = quote(&check),
+        config = quote(&config),
+        unit = quote(&unit),
+        script = quote(&install_script(bootstrap)),
     )
 }
 
@@ -163,13 +192,119 @@ mod tests {
             "the enrollment token is the only credential"
         );
 
-        let runcmd = serde_yaml::to_string(&doc["runcmd"]).unwrap();
-        assert!(runcmd.contains("https://agents.example.com/v1/agent/binary/arm64"));
-        assert!(
-            runcmd.contains(&format!("{}  /usr/local/bin/stagely-agent", "a".repeat(64))),
-            "checksum checked: {runcmd}"
+        let unit = files.iter().find(|f| f["path"] == "/etc/systemd/system/stagely-agent.service").unwrap();
+        assert!(unit["content"].as_str().unwrap().contains(&format!("ExecStart={AGENT_BIN_PATH} --config")));
+        let script = files.iter().find(|f| f["path"] == INSTALL_SCRIPT_PATH).unwrap();
+        assert_eq!(script["permissions"], "0700");
+        assert_eq!(script["content"].as_str().unwrap(), install_script(&bootstrap()));
+        let runcmd = doc["runcmd"].as_sequence().unwrap();
+        assert_eq!(runcmd.len(), 1, "one script, so a failure stops it: {runcmd:?}");
+        assert_eq!(serde_yaml::to_string(&runcmd[0]).unwrap().trim(), format!("- /bin/sh\n- {INSTALL_SCRIPT_PATH}"));
+    }
+
+    /// What running the install script in a throwaway root did.
+    struct Installed {
+        succeeded: bool,
+        systemctl: String,
+        agent_installed: bool,
+        /// Whether `/pwned` or `/pwned2` appeared (what the hostile values below try).
+        injected: bool,
+        output: String,
+    }
+
+    const AGENT_BYTES: &str = "the agent binary\n";
+
+    /// Runs the install script for `bootstrap` in a fresh root (chroot) holding busybox for the
+    /// shell and its tools, a `curl` that "downloads" [`AGENT_BYTES`] and a `systemctl` that
+    /// only records its arguments: the script itself, as cloud-init would run it.
+    fn install(bootstrap: &AgentBootstrap) -> Installed {
+        let busybox = std::path::Path::new("/bin/busybox");
+        assert!(busybox.exists(), "/bin/busybox is missing: run scripts/install-deps.sh (busybox-static)");
+        let root = tempfile::tempdir().unwrap();
+        let path = |p: &str| root.path().join(p.trim_start_matches('/'));
+        for dir in ["/bin", "/usr/local/bin", "/usr/local/lib/stagely", "/tmp"] {
+            std::fs::create_dir_all(path(dir)).unwrap();
+        }
+        std::fs::copy(busybox, path("/bin/busybox")).unwrap();
+        for applet in ["sh", "sha256sum", "chmod", "mv", "rm", "cat", "touch"] {
+            std::os::unix::fs::symlink("busybox", path(&format!("/bin/{applet}"))).unwrap();
+        }
+        let stub = |name: &str, body: &str| {
+            std::fs::write(path(&format!("/bin/{name}")), format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(
+                path(&format!("/bin/{name}")),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+        };
+        stub("systemctl", r#"echo "$*" >> /systemctl.log"#);
+        stub(
+            "curl",
+            &format!(
+                r#"while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done; printf '{}' > "$out""#,
+                AGENT_BYTES.replace('\n', "\\n")
+            ),
         );
-        assert!(runcmd.contains("stagely-agent") && runcmd.contains("--now"));
+        std::fs::write(path(INSTALL_SCRIPT_PATH), install_script(bootstrap)).unwrap();
+        // Found here: the child's PATH below is the root's.
+        let chroot = ["/usr/sbin/chroot", "/usr/bin/chroot"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("chroot (coreutils) is installed");
+        let run = std::process::Command::new(chroot)
+            .arg(root.path())
+            .args(["/bin/sh", INSTALL_SCRIPT_PATH])
+            .env_clear()
+            .env("PATH", "/bin")
+            .output()
+            .expect("chroot runs (the tests run as root)");
+        Installed {
+            succeeded: run.status.success(),
+            systemctl: std::fs::read_to_string(path("/systemctl.log")).unwrap_or_default(),
+            agent_installed: path(AGENT_BIN_PATH).exists(),
+            injected: path("/pwned").exists() || path("/pwned2").exists(),
+            output: format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr)),
+        }
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_install_script_installs_and_starts_an_agent_that_matches_its_checksum() {
+        let mut good = bootstrap();
+        good.agent_sha256 = sha256_hex(AGENT_BYTES.as_bytes());
+        let installed = install(&good);
+        assert!(installed.succeeded, "{}", installed.output);
+        assert!(installed.agent_installed);
+        assert!(installed.systemctl.ends_with("enable --now stagely-agent\n"), "{}", installed.systemctl);
+    }
+
+    #[test]
+    fn an_agent_that_does_not_match_its_checksum_is_never_installed_or_started() {
+        let installed = install(&bootstrap());
+        assert!(!installed.succeeded, "the script must fail: {}", installed.output);
+        assert!(!installed.agent_installed, "a binary that failed its check was installed");
+        assert!(!installed.systemctl.contains("stagely-agent"), "the agent was started: {}", installed.systemctl);
+        assert!(
+            installed.systemctl.contains("enable --now docker"),
+            "the script ran up to the check: {}",
+            installed.systemctl
+        );
+    }
+
+    #[test]
+    fn values_are_quoted_for_the_shell() {
+        let mut evil = bootstrap();
+        evil.agent_url = "https://x/'$(touch /pwned)'; touch /pwned2 #".into();
+        evil.agent_sha256 = sha256_hex(AGENT_BYTES.as_bytes());
+        let installed = install(&evil);
+        assert!(installed.succeeded, "{}", installed.output);
+        assert!(!installed.injected, "a value ran as a command: {}", installed.output);
+        let script = install_script(&evil);
+        assert!(script.contains(r"'https://x/'\''$(touch /pwned)'\''; touch /pwned2 #'"), "{script}");
     }
 
     #[test]
@@ -189,7 +324,7 @@ mod tests {
         evil.agent_url = "https://x/\"]\n  - [rm, -rf, /]".into();
         evil.agent_id = "a\"\n  - path: /etc/evil".into();
         let doc: serde_yaml::Value = serde_yaml::from_str(&render(&evil)).expect("still valid YAML");
-        assert_eq!(doc["write_files"].as_sequence().unwrap().len(), 2);
-        assert_eq!(doc["runcmd"].as_sequence().unwrap().len(), 6);
+        assert_eq!(doc["write_files"].as_sequence().unwrap().len(), 3);
+        assert_eq!(doc["runcmd"].as_sequence().unwrap().len(), 1);
     }
 }
