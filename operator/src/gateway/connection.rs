@@ -7,9 +7,9 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
-use tokio::sync::mpsc;
 
 use super::logs::Masker;
+use super::outbox::{self, Receiver};
 use super::token::{TokenError, TokenKind};
 use super::{Connection, Inner};
 
@@ -51,7 +51,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
         Ok(_) => return,
         Err(_) => return refuse(&mut socket, ErrorCode::BadMessage, "no HELLO in time").await,
     };
-    let (scope, session_token) = match admit(&inner, &hello).await {
+    // The handshake's and the frame handler's futures are boxed: inline, their size (Redis
+    // calls) would be held by every idle connection's task for its whole life.
+    let (scope, session_token) = match Box::pin(admit(&inner, &hello)).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(%peer, agent_id = %hello.agent_id, code = ?refusal.0, "agent refused");
@@ -97,7 +99,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
                 }
             },
             incoming = socket.recv() => match incoming {
-                Some(Ok(WsMessage::Text(text))) => open = handle(&inner, &mut socket, &scope, &masker, text).await,
+                Some(Ok(WsMessage::Text(text))) => {
+                    open = Box::pin(handle(&inner, &mut socket, &scope, &masker, text)).await;
+                }
                 Some(Ok(WsMessage::Binary(_))) => {
                     open = send_error(&inner, &mut socket, ErrorCode::BadMessage, "frames are JSON text").await;
                 }
@@ -173,13 +177,13 @@ async fn admit(
     Ok((scope.unwrap_or_else(|| Arc::new(claims.scope)), session))
 }
 
-type Registered = (u64, mpsc::Receiver<Utf8Bytes>, Vec<Utf8Bytes>, Arc<RwLock<Masker>>);
+type Registered = (u64, Receiver, Vec<Utf8Bytes>, Arc<RwLock<Masker>>);
 
 /// Makes this connection the scope's one (closing any older one) and picks the pending
 /// commands to resend: every one the HELLO does not list as accepted or running.
 fn register(inner: &Inner, scope: &Arc<Scope>, hello: &Hello) -> Registered {
     let id = inner.next_connection.fetch_add(1, Ordering::Relaxed);
-    let (queue, receiver) = mpsc::channel(inner.settings.queue_capacity);
+    let (queue, receiver) = outbox::outbox(inner.settings.queue_capacity);
     let mut agents = inner.agents();
     let slot = agents.entry(Arc::clone(scope)).or_default();
     // Dropping the old sender ends the old connection with a close frame.

@@ -17,6 +17,7 @@ mod config;
 mod connection;
 pub mod logs;
 pub mod objects;
+mod outbox;
 pub mod token;
 
 use std::collections::HashMap;
@@ -33,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use stagely_api::protocol::{CONNECT_PATH, HEARTBEAT_INTERVAL_SECS, Message, Scope, Sensitive, Status};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 pub use self::config::{ConfigError, GatewayConfig};
 use self::logs::{LogError, LogStore, Masker};
@@ -114,7 +115,7 @@ impl Default for Settings {
             session_ttl: Duration::from_secs(48 * 3600),
             token_leeway: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
-            read_buffer_size: 4096,
+            read_buffer_size: 1024,
             max_message_size: 1 << 20,
         }
     }
@@ -311,7 +312,7 @@ struct Connection {
     agent_id: String,
     /// What the agent's HELLO said it can do beyond the basic commands.
     capabilities: Vec<String>,
-    queue: mpsc::Sender<Utf8Bytes>,
+    queue: outbox::Sender,
 }
 
 struct PendingJob {
@@ -425,7 +426,7 @@ impl Gateway {
         if let Some(connection) = &slot.connection {
             match connection.queue.try_send(frame.clone()) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(outbox::SendError::Full) => {
                     tracing::warn!(
                         agent_id = %connection.agent_id, namespace = %scope.namespace, name = %scope.name, job_id,
                         "agent's send queue is full; disconnecting it"
@@ -439,7 +440,7 @@ impl Gateway {
                     });
                 }
                 // It is going away; the command is sent when the agent is back.
-                Err(mpsc::error::TrySendError::Closed(_)) => slot.connection = None,
+                Err(outbox::SendError::Closed) => slot.connection = None,
             }
         }
         let (status, receiver) = watch::channel(None);
