@@ -29,6 +29,7 @@ use stagely_api::v1alpha1::{BuildJob, CloudProvider, Environment, EnvironmentPha
 
 use self::plan::{ConfigState, Observed};
 use crate::controllers::events::Recorder;
+use crate::controllers::shared::Reader;
 use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -215,25 +216,19 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
-/// Keeps of a BuildJob what this controller reads (its commit, service, platform and image; its
-/// phase, digest and message; its owner, deletion and cancel annotation): the BuildJob
-/// controller's own cache has the rest, and this one holds every BuildJob of the cluster.
-fn slim_job(job: &mut BuildJob) {
-    strip(job);
-    job.metadata.labels = None;
-    if let Some(annotations) = &mut job.metadata.annotations {
-        annotations.retain(|key, _| key == keys::CANCEL);
-    }
-    let spec = &mut job.spec;
-    spec.build_args = Default::default();
-    spec.cache_from = Vec::new();
-    spec.cache_to = None;
-    spec.context = String::new();
-    spec.dockerfile = String::new();
-    if let Some(status) = &mut job.status {
-        status.conditions = Vec::new();
-        status.vm = None;
-    }
+/// What of an Environment a reconcile acts on: all but `status.lastHeartbeat`, which the gateway
+/// writes about once a minute for every preview agent and which changes no decision. At
+/// thousands of Environments those writes would otherwise wake dozens of reconciles a second.
+fn beyond_heartbeat(env: &Environment) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let meta = &env.metadata;
+    (meta.generation, meta.deletion_timestamp.is_some(), &meta.finalizers, &meta.labels, &meta.annotations)
+        .hash(&mut hasher);
+    let mut status = env.status.clone().unwrap_or_default();
+    status.last_heartbeat = None;
+    serde_json::to_string(&status).ok()?.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// `env` with the status this controller last wrote, while the watch cache shows an older one.
@@ -483,15 +478,13 @@ fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Actio
 
 /// Runs the controller until `shutdown` resolves: every Environment, woken by its BuildJobs and
 /// by changes to its Project's spec. Projects and CloudProviders are read from watch caches.
-pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    mut ctx: Context,
+    jobs: Reader<BuildJob>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
-    let (jobs, jobs_writer) = reflector::store::<BuildJob>();
-    ctx.jobs = Some(jobs);
-    let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(slim_job)
-        .reflect(jobs_writer)
-        .touched_objects();
+    ctx.jobs = Some(jobs.store);
     let (projects, projects_writer) = reflector::store::<Project>();
     ctx.projects = Some(projects.clone());
     let project_events = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
@@ -521,7 +514,8 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         .default_backoff()
         .modify(strip)
         .reflect(environments_writer)
-        .touched_objects();
+        .touched_objects()
+        .predicate_filter(beyond_heartbeat, Default::default());
     let controller = Controller::for_stream(environment_events, environments.clone())
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
     let of_project = {
@@ -575,7 +569,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         None => futures_util::stream::empty().boxed(),
     };
     controller
-        .owns_stream(job_events)
+        .owns_shared_stream(jobs.changes)
         .watches_stream(provider_events, |_: CloudProvider| std::iter::empty::<ObjectRef<Environment>>())
         .watches_stream(project_events, move |project: Project| by_project(project.namespace(), project.name_any()))
         .watches_stream(secret_events, by_secret)
