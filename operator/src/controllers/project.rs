@@ -357,6 +357,32 @@ fn key_names_only(secret: &mut Secret) {
     secret.metadata.managed_fields = None;
 }
 
+/// The Environments that appeared, started going or went: all that changes a Project's count.
+/// Their other changes (status writes, heartbeats: most of the traffic) wake no Project; at
+/// thousands of Environments they woke every Project many times a second.
+fn arrivals_and_departures(
+    events: impl futures_util::Stream<Item = Result<watcher::Event<Environment>, watcher::Error>>,
+) -> impl futures_util::Stream<Item = Result<Environment, watcher::Error>> {
+    // Whether each known Environment (by UID) is being deleted.
+    let mut known: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    events.filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(env) | watcher::Event::InitApply(env)) => {
+                let going = env.metadata.deletion_timestamp.is_some();
+                let before = known.insert(env.uid().unwrap_or_default(), going);
+                (before != Some(going)).then_some(Ok(env))
+            }
+            Ok(watcher::Event::Delete(env)) => {
+                known.remove(&env.uid().unwrap_or_default());
+                Some(Ok(env))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(changed)
+    })
+}
+
 /// The Projects in `namespace` for which `refers` holds.
 fn projects_referring(
     projects: &Store<Project>,
@@ -440,7 +466,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 })
                 .default_backoff(),
         );
-        trigger_with(stream.touched_objects(), move |environment: Environment| {
+        trigger_with(arrivals_and_departures(stream), move |environment: Environment| {
             let project = ObjectRef::new(&environment.spec.project_ref.name).within(&environment.namespace()?);
             projects.get(&project).is_some().then_some(project)
         })
