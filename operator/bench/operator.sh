@@ -7,7 +7,9 @@
 # phase). Targets (ARCHITECTURE.md): 1,000 Ready in ≤ 60 s on 2 cores, RSS ≤ 100 MiB at 5,000,
 # no 429.
 # Knobs: N (Environments), PER_NAMESPACE (Environments per team), UNTIL (ready|built|auto),
-# KEEP (a directory to keep the operator's and the control plane's logs in).
+# KEEP (a directory to keep the operator's and the control plane's logs in), OPERATOR_WRAPPER (a
+# profiler to run the operator under, e.g. `heaptrack -o /tmp/operator`; its RSS is then not the
+# operator's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

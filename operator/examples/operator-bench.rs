@@ -125,6 +125,10 @@ enum Mode {
     },
 }
 
+/// The operator's allocator, as its binary has it (`src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
@@ -842,7 +846,18 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let ops: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     std::fs::write(dir.join("gateway.key"), b"the operator benchmark's gateway signing key, 32+ bytes")?;
     let log = std::fs::File::create(dir.join("operator.log"))?;
-    let mut command = Command::new(std::env::current_exe()?);
+    // `OPERATOR_WRAPPER` (say, `heaptrack -o /tmp/operator`) runs the operator under a profiler;
+    // the RSS then read is the wrapper's, so such a run measures nothing but the profile.
+    let wrapper = std::env::var("OPERATOR_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut command = match wrapper.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(wrapper).arg(std::env::current_exe()?);
+            command
+        }
+        None => Command::new(std::env::current_exe()?),
+    };
     command
         .arg("operator")
         .arg("--ops-addr")
