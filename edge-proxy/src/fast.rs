@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::metrics::Path;
 use crate::pages;
 use crate::proxy::{Client, Proxy, subdomain, without_port};
 use crate::routes::ResolvedRoute;
@@ -259,7 +260,7 @@ async fn forward(
             return answer_page(proxy, stream, plan, pages::bad_gateway(&plan.route.route), output, start).await;
         }
     };
-    proxy.metrics.observe(response.status, start.elapsed());
+    proxy.metrics.observe(Path::Fast, response.status, start.elapsed());
     match relay(stream, &mut conn, &response, output, upstream).await {
         Relayed::Reusable => {
             proxy.upstreams.put(plan.backend, conn, Instant::now());
@@ -573,7 +574,7 @@ async fn answer_page(
     out: &mut Vec<u8>,
     start: Instant,
 ) -> bool {
-    proxy.metrics.observe(page.status().as_u16(), start.elapsed());
+    proxy.metrics.observe(Path::Fast, page.status().as_u16(), start.elapsed());
     let (parts, body) = page.into_parts();
     let body = match body.collect().await {
         Ok(body) => body.to_bytes(),

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
 
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{Path, ProxyMetrics};
 use crate::pages;
 use crate::routes::{Lookup, ResolvedRoute, RouteTable};
 
@@ -104,7 +104,7 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let start = Instant::now();
         let response = self.route(req, client).await;
-        self.metrics.observe(response.status().as_u16(), start.elapsed());
+        self.metrics.observe(Path::Hyper, response.status().as_u16(), start.elapsed());
         response
     }
 

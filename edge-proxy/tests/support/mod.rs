@@ -377,6 +377,23 @@ pub async fn scripted_upstream(answer: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// Requests answered so far by each path, `[fast, hyper]`, from the proxy's metrics.
+pub async fn served(proxy: &Proxy) -> [u64; 2] {
+    let (_, _, metrics) = get(proxy.ops, "ops", "/metrics").await;
+    let mut served = [0, 0];
+    for line in metrics.lines().filter(|line| line.starts_with("stagely_edge_proxy_requests_total{")) {
+        let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if line.contains("path=\"fast\"") {
+            served[0] += count;
+        } else if line.contains("path=\"hyper\"") {
+            served[1] += count;
+        } else {
+            panic!("a request is counted without the path that served it: {line}");
+        }
+    }
+    served
+}
+
 /// A response read off a raw connection.
 #[derive(Debug)]
 pub struct RawResponse {
