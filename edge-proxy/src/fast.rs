@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::headers::{is_hop_by_hop, named_in, tokens};
 use crate::metrics::Path;
 use crate::pages;
 use crate::proxy::{Client, Proxy, subdomain, without_port};
@@ -38,17 +39,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_IDLE_PER_BACKEND: usize = 1024;
 const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
 
-/// Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), and those the proxy sets.
-const NOT_FORWARDED: [&str; 16] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Request headers the proxy sets, whatever the client sent.
+const SET_BY_PROXY: [&str; 7] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -226,15 +218,6 @@ fn plan<'r>(proxy: &Proxy, req: &httparse::Request<'_, 'r>) -> Option<Plan<'r>> 
     })
 }
 
-/// The comma-separated tokens of a header value.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|token| !token.is_empty())
-}
-
-fn named_in(connection: &[&[u8]], name: &str) -> bool {
-    connection.iter().any(|value| tokens(value).any(|token| token.eq_ignore_ascii_case(name.as_bytes())))
-}
-
 /// Forwards the request and relays the answer; false when the client connection must close.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
@@ -279,8 +262,10 @@ fn write_request_head(req: &httparse::Request<'_, '_>, plan: &Plan<'_>, client: 
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for header in req.headers.iter() {
-        if NOT_FORWARDED.iter().any(|name| header.name.eq_ignore_ascii_case(name))
-            || named_in(&plan.connection, header.name)
+        let name = header.name;
+        if is_hop_by_hop(name)
+            || SET_BY_PROXY.iter().any(|set| name.eq_ignore_ascii_case(set))
+            || named_in(&plan.connection, name)
         {
             continue;
         }
@@ -464,10 +449,7 @@ fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Optio
     for header in res.headers.iter() {
         let name = header.name;
         let framing_header = name.eq_ignore_ascii_case("content-length") && framing == Framing::Chunked;
-        if framing_header
-            || NOT_FORWARDED[..9].iter().any(|hop| name.eq_ignore_ascii_case(hop))
-            || named_in(&connection, name)
-        {
+        if framing_header || is_hop_by_hop(name) || named_in(&connection, name) {
             continue;
         }
         put_header(out, name.as_bytes(), header.value);
@@ -787,13 +769,5 @@ mod tests {
         for body in [&b"x\r\n"[..], b"3\r\nabcX", b"3\nabc\r\n", b"ffffffffffffffffff\r\n"] {
             assert!(Chunks::default().scan(body).is_err(), "{}", String::from_utf8_lossy(body));
         }
-    }
-
-    #[test]
-    fn connection_tokens_name_headers_case_insensitively() {
-        let connection: [&[u8]; 2] = [b"keep-alive, X-Secret-Hop", b" te"];
-        assert!(named_in(&connection, "x-secret-hop"));
-        assert!(named_in(&connection, "TE"));
-        assert!(!named_in(&connection, "x-kept"));
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fast;
+mod headers;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
 
+use crate::headers;
 use crate::metrics::{Path, ProxyMetrics};
 use crate::pages;
 use crate::routes::{Lookup, ResolvedRoute, RouteTable};
@@ -27,18 +28,6 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_STAGELY_PROJECT: HeaderName = HeaderName::from_static("x-stagely-project");
 static X_STAGELY_PR: HeaderName = HeaderName::from_static("x-stagely-pr");
 static X_STAGELY_ENVIRONMENT: HeaderName = HeaderName::from_static("x-stagely-environment");
-
-/// Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
 
 /// Who a request comes from: worked out once per connection.
 #[derive(Clone, Debug)]
@@ -201,7 +190,6 @@ impl Proxy {
             return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
         }
         strip_hop_by_hop(response.headers_mut());
-        response.headers_mut().remove(header::UPGRADE);
         response.map(Either::Left)
     }
 }
@@ -253,25 +241,25 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let wants_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        .flat_map(|value| headers::tokens(value.as_bytes()))
+        .any(|token| token.eq_ignore_ascii_case(b"upgrade"));
     if wants_upgrade { headers.get(header::UPGRADE).cloned() } else { None }
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+fn strip_hop_by_hop(map: &mut HeaderMap) {
+    let named: Vec<HeaderName> = map
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .flat_map(|value| headers::tokens(value.as_bytes()))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    for name in &named {
+        map.remove(name);
     }
-    headers.remove(header::UPGRADE);
+    for name in headers::HOP_BY_HOP {
+        map.remove(name);
+    }
 }
 
 #[cfg(test)]
