@@ -10,11 +10,11 @@ use http::uri::{Authority, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
 
-use crate::headers;
+use crate::headers::{self, TransferCodings};
 use crate::metrics::{Path, ProxyMetrics};
 use crate::pages;
 use crate::routes::{Lookup, ResolvedRoute, RouteTable};
@@ -159,8 +159,9 @@ impl Proxy {
         headers.insert(X_STAGELY_PR.clone(), route.pr.clone());
         headers.insert(X_STAGELY_ENVIRONMENT.clone(), route.environment.clone());
 
-        let sent =
-            tokio::time::timeout(self.request_timeout, self.client.request(Request::from_parts(parts, body))).await;
+        let mut req = Request::from_parts(parts, body);
+        let connection = capture_connection(&mut req);
+        let sent = tokio::time::timeout(self.request_timeout, self.client.request(req)).await;
         let mut response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
@@ -188,6 +189,15 @@ impl Proxy {
             });
             let (parts, _) = response.into_parts();
             return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+        }
+        if let Some(reason) = unsound_framing(response.headers()) {
+            // hyper's client would otherwise pool the connection once the body is read, and
+            // the app's next answer on it may start anywhere.
+            if let Some(connected) = connection.connection_metadata().as_ref() {
+                connected.poison();
+            }
+            tracing::debug!(reason, environment = %route.route.environment, "upstream response refused");
+            return pages::bad_gateway(&route.route).map(Either::Right);
         }
         strip_hop_by_hop(response.headers_mut());
         response.map(Either::Left)
@@ -260,6 +270,15 @@ fn strip_hop_by_hop(map: &mut HeaderMap) {
     for name in headers::HOP_BY_HOP {
         map.remove(name);
     }
+}
+
+/// Why the app's response cannot reach the client with one framing, if it cannot.
+fn unsound_framing(map: &HeaderMap) -> Option<&'static str> {
+    let mut codings = TransferCodings::default();
+    for value in map.get_all(header::TRANSFER_ENCODING) {
+        codings.add(value.as_bytes());
+    }
+    codings.chunked(map.contains_key(header::CONTENT_LENGTH)).err()
 }
 
 #[cfg(test)]

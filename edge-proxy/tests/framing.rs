@@ -1,12 +1,14 @@
-//! Message framing on both paths: which path served a request.
+//! Message framing on both paths: which path served a request, responses whose framing the
+//! client could read differently from the app.
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use stagely_api::route::RouteStatus;
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Which path a request is meant for.
@@ -15,6 +17,8 @@ enum Via {
     Fast,
     Hyper,
 }
+
+const BOTH: [Via; 2] = [Via::Fast, Via::Hyper];
 
 /// A GET of `target` that `via` serves: the fast path takes origin-form targets on cached
 /// routes, and hands absolute-form ones to hyper.
@@ -102,4 +106,124 @@ async fn each_request_is_counted_under_the_path_that_served_it() {
         assert_eq!(within(read_response(&mut client, &mut buf, false)).await.unwrap().status, 200);
     }
     assert_served(&proxy, before, Via::Hyper, 2).await;
+}
+
+/// An app that answers every request with the same raw response, routed and ready.
+struct App {
+    upstream: KeptUpstream,
+    hash: String,
+    /// What the test tries, for its failure messages.
+    what: String,
+    /// Connections the app had accepted once ready.
+    warmed: usize,
+}
+
+impl App {
+    /// Answer `index` of a test `name`, for requests meant for `via`.
+    async fn start(proxy: &Proxy, redis: &Redis, via: Via, name: &str, index: usize, answer: &'static [u8]) -> Self {
+        let upstream = KeptUpstream::start(answer).await;
+        let hash = format!("{name}{index}{via:?}").to_lowercase();
+        ready(proxy, redis, &hash, upstream.addr).await;
+        let what = format!("{via:?}, answer {index}: {}", String::from_utf8_lossy(answer).escape_debug());
+        let warmed = upstream.connections.load(Ordering::SeqCst);
+        Self { upstream, hash, what, warmed }
+    }
+}
+
+#[tokio::test]
+async fn a_response_framed_two_ways_is_a_502_and_its_upstream_connection_is_not_reused() {
+    let redis = Redis::start().await;
+    let proxy = Proxy::start(&redis.url(), ProxyOptions::default()).await;
+    let answers: [&'static [u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ];
+    for via in BOTH {
+        for (index, answer) in answers.into_iter().enumerate() {
+            let App { upstream, hash, what, warmed } = App::start(&proxy, &redis, via, "twoway", index, answer).await;
+
+            let mut client = TcpStream::connect(proxy.http).await.unwrap();
+            let mut buf = Vec::new();
+            let before = served(&proxy).await;
+            for _ in 0..2 {
+                client.write_all(get_via(via, &hash, "/").as_bytes()).await.unwrap();
+                let response = within(read_response(&mut client, &mut buf, false)).await;
+                assert_eq!(response.map(|response| response.status), Some(502), "{what}");
+            }
+            assert_served(&proxy, before, via, 2).await;
+            assert_eq!(
+                upstream.connections.load(Ordering::SeqCst) - warmed,
+                2,
+                "each request had an upstream connection of its own: {what}"
+            );
+        }
+    }
+}
+
+/// What a client got for a response whose body the app framed badly.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// A whole 502 page.
+    BadGateway,
+    /// Something else, then the proxy closed the connection before the client had a whole
+    /// response.
+    Cut,
+}
+
+/// Reads until `client` holds a whole 502 page or the proxy closes the connection.
+async fn outcome(client: &mut TcpStream) -> Outcome {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(len)) = response.parse(&bytes)
+            && response.code == Some(502)
+        {
+            let length = response.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length"));
+            let length: usize =
+                std::str::from_utf8(length.expect("the 502 page has a length").value).unwrap().parse().unwrap();
+            if bytes.len() >= len + length {
+                return Outcome::BadGateway;
+            }
+        }
+        match within(client.read(&mut chunk)).await {
+            Ok(0) | Err(_) => return Outcome::Cut,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunk_size_from_the_app_never_reaches_the_client_as_a_whole_response() {
+    let redis = Redis::start().await;
+    let proxy = Proxy::start(&redis.url(), ProxyOptions::default()).await;
+    let answers: [&'static [u8]; 6] = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 6\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n",
+    ];
+    for via in BOTH {
+        for (index, answer) in answers.into_iter().enumerate() {
+            let App { upstream, hash, what, warmed } = App::start(&proxy, &redis, via, "badchunk", index, answer).await;
+
+            for _ in 0..2 {
+                let mut client = TcpStream::connect(proxy.http).await.unwrap();
+                let before = served(&proxy).await;
+                client.write_all(get_via(via, &hash, "/").as_bytes()).await.unwrap();
+                // A 502 when nothing has reached the client yet; once the head has, all the
+                // proxy can do is close the connection before the response ends.
+                let outcome = outcome(&mut client).await;
+                assert!(matches!(outcome, Outcome::BadGateway | Outcome::Cut), "{what}");
+                assert_served(&proxy, before, via, 1).await;
+            }
+            assert_eq!(upstream.connections.load(Ordering::SeqCst) - warmed, 2, "never reused: {what}");
+        }
+    }
 }
