@@ -26,14 +26,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::headers::{TransferCodings, is_hop_by_hop, named_in, tokens};
+use crate::headers::{MAX_REQUEST_HEAD, TransferCodings, is_hop_by_hop, named_in, tokens};
 use crate::metrics::Path;
 use crate::pages;
 use crate::proxy::{Client, Proxy, subdomain, without_port};
 use crate::routes::ResolvedRoute;
-
-/// Request heads longer than this go to hyper (which answers 431 past its own limit).
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// Upstream response heads longer than this are a 502, as with hyper's client.
 const MAX_RESPONSE_HEAD: usize = 400 * 1024;
@@ -124,7 +121,7 @@ pub async fn serve(
                 let mut headers = [httparse::EMPTY_HEADER; 64];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&input) {
-                    Ok(httparse::Status::Complete(len)) => break len,
+                    Ok(httparse::Status::Complete(len)) if len <= MAX_REQUEST_HEAD => break len,
                     Ok(httparse::Status::Partial) if input.len() < MAX_REQUEST_HEAD => {}
                     _ => return Handoff::Hyper(input),
                 }

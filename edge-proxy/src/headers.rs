@@ -1,6 +1,9 @@
 //! Header rules both paths ([`crate::fast`] and [`crate::proxy`]) share: which headers describe
 //! one connection rather than the message, and how a response's body may be framed.
 
+/// The longest request head either path takes; a longer one gets 431.
+pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Headers that describe one connection, not the message: never forwarded either way
 /// (RFC 9110 §7.6.1), nor are those the `Connection` header names. `upgrade` is set again on a
 /// request the proxy upgrades.

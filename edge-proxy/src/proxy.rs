@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
 
-use crate::headers::{self, TransferCodings};
+use crate::headers::{self, MAX_REQUEST_HEAD, TransferCodings};
 use crate::metrics::{Path, ProxyMetrics};
 use crate::pages;
 use crate::routes::{Lookup, ResolvedRoute, RouteTable};
@@ -98,6 +98,14 @@ impl Proxy {
     }
 
     async fn route(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+        // hyper's own limit, its read buffer, only stops a head that arrives in pieces.
+        if head_len(&req) > MAX_REQUEST_HEAD {
+            let mut page = pages::head_too_large();
+            if req.version() < Version::HTTP_2 {
+                page.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return page.map(Either::Right);
+        }
         let Some(hash) = request_host(&req).and_then(|host| subdomain(host, &self.domain)) else {
             return pages::plain_not_found().map(Either::Right);
         };
@@ -211,6 +219,15 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
     Some(without_port(host))
+}
+
+/// About how long `req`'s head is in HTTP/1.1: its request line and header lines.
+fn head_len<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |target| target.as_str().len())
+        + uri.authority().map_or(0, |authority| "http://".len() + authority.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    line + req.headers().iter().map(|(name, value)| name.as_str().len() + ": \r\n".len() + value.len()).sum::<usize>()
 }
 
 /// `host` without its `:port`, if any.

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::fast::{self, Prefixed};
+use crate::headers::MAX_REQUEST_HEAD;
 use crate::proxy::Proxy;
 
 /// How long a TLS handshake may take.
@@ -142,8 +143,9 @@ impl Listener {
     fn builder(&self) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // The header read timeout runs from the moment a connection waits for its next request,
-        // so it is also the keep-alive idle timeout.
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.idle_timeout);
+        // so it is also the keep-alive idle timeout. The read buffer need not hold more than the
+        // longest head the proxy takes (hyper answers 431 to a head it has not whole by then).
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.idle_timeout).max_buf_size(MAX_REQUEST_HEAD);
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -1,5 +1,5 @@
 //! Message framing on both paths: which path served a request, responses whose framing the
-//! client could read differently from the app.
+//! client could read differently from the app, and request smuggling.
 
 mod support;
 
@@ -226,4 +226,109 @@ async fn a_malformed_chunk_size_from_the_app_never_reaches_the_client_as_a_whole
             assert_eq!(upstream.connections.load(Ordering::SeqCst) - warmed, 2, "never reused: {what}");
         }
     }
+}
+
+/// Reads responses off `client` until the proxy closes it; fails if it does not.
+async fn responses_until_closed(client: &mut TcpStream, what: &str) -> Vec<u16> {
+    let mut buf = Vec::new();
+    let mut statuses = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), read_response(client, &mut buf, false)).await {
+            Ok(Some(response)) => statuses.push(response.status),
+            Ok(None) => return statuses,
+            Err(_) => panic!("{what}: the connection is still open after {statuses:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_smuggling_attempts_are_refused_on_both_paths() {
+    let redis = Redis::start().await;
+    let proxy = Proxy::start(&redis.url(), ProxyOptions::default()).await;
+    let upstream = Upstream::start("app").await;
+    ready(&proxy, &redis, "smuggle1", upstream.addr).await;
+    let host = host("smuggle1");
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let chunked = |size: &str| {
+        format!(
+            "POST /count HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\n"
+        )
+    };
+    // What the client may see before the proxy closes the connection: a refusal, or (RFC 9112
+    // §6.1) the answer to the request as Transfer-Encoding frames it, or a 502 once the body
+    // it sent on turns out malformed.
+    const REFUSED: &[&[u16]] = &[&[400]];
+    const TE_WINS: &[&[u16]] = &[&[400], &[200]];
+    const BODY_BROKEN: &[&[u16]] = &[&[400], &[502]];
+    const TOO_LARGE: &[&[u16]] = &[&[431]];
+    let attempts = [
+        (
+            "content-length and transfer-encoding",
+            format!(
+                "POST /count HTTP/1.1\r\nHost: {host}\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            TE_WINS,
+        ),
+        (
+            "transfer-encoding and content-length",
+            format!(
+                "POST /count HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n"
+            ),
+            TE_WINS,
+        ),
+        (
+            "two content-lengths",
+            format!("POST /count HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nhello"),
+            REFUSED,
+        ),
+        (
+            "a transfer coding other than chunked",
+            format!(
+                "POST /count HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello"
+            ),
+            REFUSED,
+        ),
+        (
+            "transfer-encoding in HTTP/1.0",
+            format!("POST /count HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            REFUSED,
+        ),
+        (
+            "an obs-folded transfer-encoding",
+            format!(
+                "POST /count HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding:\r\n chunked\r\nContent-Length: 0\r\n\r\n"
+            ),
+            REFUSED,
+        ),
+        ("an obs-folded header", format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Folded: a\r\n b\r\n\r\n"), REFUSED),
+        ("a chunk size with a 0x prefix", chunked("0x5"), BODY_BROKEN),
+        ("a chunk size with a plus sign", chunked("+5"), BODY_BROKEN),
+        ("a negative chunk size", chunked("-5"), BODY_BROKEN),
+        ("a chunk size with a space inside", chunked("5 6"), BODY_BROKEN),
+        ("a chunk size past 64 bits", chunked("10000000000000005"), BODY_BROKEN),
+        (
+            "an oversized head",
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n", "b".repeat(70 * 1024)),
+            TOO_LARGE,
+        ),
+    ];
+    for via in BOTH {
+        for (name, attempt, allowed) in &attempts {
+            let mut client = TcpStream::connect(proxy.http).await.unwrap();
+            let mut buf = Vec::new();
+            if via == Via::Hyper {
+                // Hyper serves this connection from its first request on.
+                let before = served(&proxy).await;
+                client.write_all(get_via(Via::Hyper, "smuggle1", "/first").as_bytes()).await.unwrap();
+                assert_eq!(within(read_response(&mut client, &mut buf, false)).await.unwrap().status, 200);
+                assert_served(&proxy, before, Via::Hyper, 1).await;
+            }
+            client.write_all(format!("{attempt}{smuggled}").as_bytes()).await.unwrap();
+            let what = format!("{name} via {via:?}");
+            let statuses = responses_until_closed(&mut client, &what).await;
+            assert!(allowed.contains(&statuses.as_slice()), "{what}: got {statuses:?}, then the connection closed");
+        }
+    }
+    let paths = upstream.paths.lock().unwrap().clone();
+    assert!(!paths.iter().any(|path| path == "/smuggled"), "a smuggled request reached the app: {paths:?}");
 }
