@@ -31,6 +31,7 @@ use crate::metrics::Path;
 use crate::pages;
 use crate::proxy::{Client, Proxy, subdomain, without_port};
 use crate::routes::ResolvedRoute;
+use crate::send_timeout::SendTimeout;
 
 /// Upstream response heads longer than this are a 502, as with hyper's client.
 const MAX_RESPONSE_HEAD: usize = 400 * 1024;
@@ -106,7 +107,7 @@ fn is_quiet(stream: &TcpStream) -> bool {
 /// Serves requests on `stream` while they suit the fast path.
 pub async fn serve(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     client: &Client,
     idle_timeout: Duration,
     shutdown: &mut watch::Receiver<bool>,
@@ -223,7 +224,7 @@ fn plan<'r>(proxy: &Proxy, req: &httparse::Request<'_, 'r>) -> Option<Plan<'r>> 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     req: &httparse::Request<'_, '_>,
     plan: &Plan<'_>,
     client: &Client,
@@ -490,7 +491,7 @@ enum Relayed {
 /// Sends the response head in `output` and the body from `upstream` (then from `conn`);
 /// calls `head_sent` as the head goes out.
 async fn relay(
-    client: &mut TcpStream,
+    client: &mut SendTimeout<TcpStream>,
     conn: &mut TcpStream,
     head: &ResponseHead,
     output: &mut Vec<u8>,
@@ -565,7 +566,7 @@ async fn relay(
 /// Answers with one of the proxy's own pages; false when the connection must close.
 async fn answer_page(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     plan: &Plan<'_>,
     page: http::Response<http_body_util::Full<bytes::Bytes>>,
     out: &mut Vec<u8>,

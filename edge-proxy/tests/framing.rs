@@ -1,5 +1,6 @@
 //! Message framing on both paths: which path served a request, responses whose framing the
-//! client could read differently from the app, and request smuggling.
+//! client could read differently from the app, request smuggling, and clients that stop
+//! reading.
 
 mod support;
 
@@ -331,4 +332,44 @@ async fn request_smuggling_attempts_are_refused_on_both_paths() {
     }
     let paths = upstream.paths.lock().unwrap().clone();
     assert!(!paths.iter().any(|path| path == "/smuggled"), "a smuggled request reached the app: {paths:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_timed_out_and_its_upstream_connection_closed() {
+    let redis = Redis::start().await;
+    let proxy = Proxy::start(&redis.url(), ProxyOptions { send_timeout_secs: 1, ..Default::default() }).await;
+    for via in BOTH {
+        let upstream = Upstream::start("app").await;
+        let hash = format!("stall{via:?}").to_lowercase();
+        ready(&proxy, &redis, &hash, upstream.addr).await;
+        let warmed = upstream.requests.load(Ordering::SeqCst);
+
+        let before = served(&proxy).await;
+        let mut client = TcpStream::connect(proxy.http).await.unwrap();
+        // Far more than the socket buffers between the app and the client hold.
+        let total = 1usize << 30;
+        client.write_all(get_via(via, &hash, &format!("/bytes/{total}")).as_bytes()).await.unwrap();
+        eventually("the request to reach the app", Duration::from_secs(10), || async {
+            (upstream.requests.load(Ordering::SeqCst) > warmed).then_some(())
+        })
+        .await;
+        // The connection serving it stays open until the proxy lets it go; any other one is
+        // idle in a pool.
+        let open = upstream.open.load(Ordering::SeqCst);
+        eventually("the app's connection to be closed", Duration::from_secs(20), || async {
+            (upstream.open.load(Ordering::SeqCst) < open).then_some(())
+        })
+        .await;
+        assert_served(&proxy, before, via, 1).await;
+
+        let mut received = 0;
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            match within(client.read(&mut chunk)).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        assert!(received < total, "{via:?}: the connection closed before the response ended");
+    }
 }

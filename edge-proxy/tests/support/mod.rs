@@ -256,12 +256,13 @@ pub struct ProxyOptions {
     pub rate_limit: u32,
     pub request_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    pub send_timeout_secs: u64,
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { rate_limit: 1000, request_timeout_secs: 5, idle_timeout_secs: 30, tls: None }
+        Self { rate_limit: 1000, request_timeout_secs: 5, idle_timeout_secs: 30, send_timeout_secs: 30, tls: None }
     }
 }
 
@@ -281,6 +282,8 @@ impl Proxy {
             options.request_timeout_secs.to_string(),
             "--idle-timeout-secs".into(),
             options.idle_timeout_secs.to_string(),
+            "--send-timeout-secs".into(),
+            options.send_timeout_secs.to_string(),
             "--tls-reload-secs".into(),
             "1".into(),
             "--shutdown-grace-secs".into(),
