@@ -40,6 +40,11 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Idle upstream connections kept per app, and for how long (as the hyper client's pool).
 const MAX_IDLE_PER_BACKEND: usize = 1024;
 const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
+/// How long a client connection waits for its next request before its buffers give back what
+/// they grew to beyond [`IDLE_CAPACITY`]: long enough that a busy connection keeps them.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// What each buffer of a waiting connection keeps: room for a usual request head.
+const IDLE_CAPACITY: usize = 4096;
 
 /// Request headers the proxy sets, whatever the client sent.
 const SET_BY_PROXY: [&str; 7] = [
@@ -114,9 +119,13 @@ pub async fn serve(
 ) -> Handoff {
     // Reused from request to request: bytes read from the client and not yet used, what goes
     // to the app and then to the client, and bytes read from the app.
-    let (mut input, mut output, mut upstream) = (Vec::with_capacity(4096), Vec::with_capacity(4096), Vec::new());
+    let (mut input, mut output, mut upstream) =
+        (Vec::with_capacity(IDLE_CAPACITY), Vec::with_capacity(IDLE_CAPACITY), Vec::new());
     loop {
-        let deadline = tokio::time::Instant::now() + idle_timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now + idle_timeout;
+        // The read waits until `wake`: first the moment to shrink the buffers, then the deadline.
+        let mut wake = deadline.min(now + SHRINK_AFTER);
         let head_len = loop {
             if !input.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -129,11 +138,17 @@ pub async fn serve(
             }
             input.reserve(4096);
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)) => read,
+                read = tokio::time::timeout_at(wake, stream.read_buf(&mut input)) => read,
                 _ = crate::stopped(shutdown), if input.is_empty() => return Handoff::Closed,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
+                Err(_) if wake < deadline => {
+                    for buf in [&mut input, &mut output, &mut upstream] {
+                        shrink_idle(buf);
+                    }
+                    wake = deadline;
+                }
                 _ => return Handoff::Closed,
             }
         };
@@ -155,6 +170,13 @@ pub async fn serve(
             return Handoff::Closed;
         }
         input.drain(..head_len);
+    }
+}
+
+/// Gives back what `buf` grew to beyond [`IDLE_CAPACITY`], keeping its contents.
+fn shrink_idle(buf: &mut Vec<u8>) {
+    if buf.capacity() > IDLE_CAPACITY {
+        buf.shrink_to(IDLE_CAPACITY.max(buf.len()));
     }
 }
 
@@ -853,5 +875,25 @@ mod tests {
         ] {
             assert_eq!(scan_all(body, 1), (body.len(), true), "{}", String::from_utf8_lossy(body).escape_debug());
         }
+    }
+
+    #[test]
+    fn an_idle_buffer_gives_back_what_it_grew_to_and_keeps_its_bytes() {
+        let mut grown = Vec::with_capacity(256 * 1024);
+        grown.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        shrink_idle(&mut grown);
+        assert!(grown.capacity() <= IDLE_CAPACITY, "{}", grown.capacity());
+        assert_eq!(grown, b"GET / HTTP/1.1\r\n");
+
+        let mut pipelined = Vec::with_capacity(256 * 1024);
+        pipelined.resize(10_000, b'x');
+        shrink_idle(&mut pipelined);
+        assert!(pipelined.capacity() < 256 * 1024 && pipelined.len() == 10_000);
+
+        let mut small = Vec::with_capacity(IDLE_CAPACITY);
+        small.push(1);
+        let before = small.as_ptr();
+        shrink_idle(&mut small);
+        assert_eq!(small.as_ptr(), before, "a buffer within the idle capacity is left alone");
     }
 }

@@ -373,3 +373,29 @@ async fn a_client_that_stops_reading_is_timed_out_and_its_upstream_connection_cl
         assert!(received < total, "{via:?}: the connection closed before the response ended");
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_waited_long_enough_for_its_buffers_to_shrink_serves_on() {
+    let redis = Redis::start().await;
+    let proxy = Proxy::start(&redis.url(), ProxyOptions::default()).await;
+    let upstream = Upstream::start("app").await;
+    ready(&proxy, &redis, "shrink1", upstream.addr).await;
+
+    let mut client = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    let before = served(&proxy).await;
+    for round in 0..2 {
+        // A large body grows the connection's buffers; two pipelined requests and a pause
+        // longer than the proxy waits before shrinking them follow.
+        let requests =
+            [get_via(Via::Fast, "shrink1", "/bytes/300000"), get_via(Via::Fast, "shrink1", "/after")].concat();
+        client.write_all(requests.as_bytes()).await.unwrap();
+        let large = within(read_response(&mut client, &mut buf, false)).await.unwrap();
+        assert_eq!(large.body.len(), 300_000, "round {round}");
+        let after = within(read_response(&mut client, &mut buf, false)).await.unwrap();
+        assert_eq!(after.status, 200, "round {round}");
+        // Not synchronisation: the idle time is what is being tested.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_served(&proxy, before, Via::Fast, 4).await;
+}
