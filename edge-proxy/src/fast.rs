@@ -5,7 +5,10 @@
 //! moving each message between tasks, channels and header maps. Here the connection's own task
 //! parses the request head in place (httparse), writes the rewritten head to an upstream
 //! connection from its worker's pool, and relays the response as its bytes arrive, reframing
-//! nothing. Anything else (HTTP/2, HTTP/1.0, upgrades, request bodies, `Expect`, absolute-form
+//! nothing. As the client then reads the app's framing itself, a response the two could read
+//! differently (a length beside a transfer coding, a coding other than `chunked`, a malformed
+//! chunk) gets a 502, or is cut short once its head has gone, and its upstream connection is
+//! closed. Anything else (HTTP/2, HTTP/1.0, upgrades, request bodies, `Expect`, absolute-form
 //! targets, routes that are not cached and ready) is handed, with the bytes already read, to the
 //! hyper path in [`crate::proxy`], which serves the connection from then on.
 
@@ -23,12 +26,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::headers::{MAX_REQUEST_HEAD, TransferCodings, is_hop_by_hop, named_in, tokens};
+use crate::metrics::Path;
 use crate::pages;
 use crate::proxy::{Client, Proxy, subdomain, without_port};
 use crate::routes::ResolvedRoute;
+use crate::send_timeout::SendTimeout;
 
-/// Request heads longer than this go to hyper (which answers 431 past its own limit).
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Upstream response heads longer than this are a 502, as with hyper's client.
 const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 /// Bytes read from an upstream at a time.
@@ -36,18 +40,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Idle upstream connections kept per app, and for how long (as the hyper client's pool).
 const MAX_IDLE_PER_BACKEND: usize = 1024;
 const IDLE_UPSTREAM: Duration = Duration::from_secs(90);
+/// How long a client connection waits for its next request before its buffers give back what
+/// they grew to beyond [`IDLE_CAPACITY`]: long enough that a busy connection keeps them.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// What each buffer of a waiting connection keeps: room for a usual request head.
+const IDLE_CAPACITY: usize = 4096;
 
-/// Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), and those the proxy sets.
-const NOT_FORWARDED: [&str; 16] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Request headers the proxy sets, whatever the client sent.
+const SET_BY_PROXY: [&str; 7] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -112,33 +112,43 @@ fn is_quiet(stream: &TcpStream) -> bool {
 /// Serves requests on `stream` while they suit the fast path.
 pub async fn serve(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     client: &Client,
     idle_timeout: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Handoff {
     // Reused from request to request: bytes read from the client and not yet used, what goes
     // to the app and then to the client, and bytes read from the app.
-    let (mut input, mut output, mut upstream) = (Vec::with_capacity(4096), Vec::with_capacity(4096), Vec::new());
+    let (mut input, mut output, mut upstream) =
+        (Vec::with_capacity(IDLE_CAPACITY), Vec::with_capacity(IDLE_CAPACITY), Vec::new());
     loop {
-        let deadline = tokio::time::Instant::now() + idle_timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now + idle_timeout;
+        // The read waits until `wake`: first the moment to shrink the buffers, then the deadline.
+        let mut wake = deadline.min(now + SHRINK_AFTER);
         let head_len = loop {
             if !input.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&input) {
-                    Ok(httparse::Status::Complete(len)) => break len,
+                    Ok(httparse::Status::Complete(len)) if len <= MAX_REQUEST_HEAD => break len,
                     Ok(httparse::Status::Partial) if input.len() < MAX_REQUEST_HEAD => {}
                     _ => return Handoff::Hyper(input),
                 }
             }
             input.reserve(4096);
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)) => read,
+                read = tokio::time::timeout_at(wake, stream.read_buf(&mut input)) => read,
                 _ = crate::stopped(shutdown), if input.is_empty() => return Handoff::Closed,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
+                Err(_) if wake < deadline => {
+                    for buf in [&mut input, &mut output, &mut upstream] {
+                        shrink_idle(buf);
+                    }
+                    wake = deadline;
+                }
                 _ => return Handoff::Closed,
             }
         };
@@ -160,6 +170,13 @@ pub async fn serve(
             return Handoff::Closed;
         }
         input.drain(..head_len);
+    }
+}
+
+/// Gives back what `buf` grew to beyond [`IDLE_CAPACITY`], keeping its contents.
+fn shrink_idle(buf: &mut Vec<u8>) {
+    if buf.capacity() > IDLE_CAPACITY {
+        buf.shrink_to(IDLE_CAPACITY.max(buf.len()));
     }
 }
 
@@ -225,20 +242,11 @@ fn plan<'r>(proxy: &Proxy, req: &httparse::Request<'_, 'r>) -> Option<Plan<'r>> 
     })
 }
 
-/// The comma-separated tokens of a header value.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|token| !token.is_empty())
-}
-
-fn named_in(connection: &[&[u8]], name: &str) -> bool {
-    connection.iter().any(|value| tokens(value).any(|token| token.eq_ignore_ascii_case(name.as_bytes())))
-}
-
 /// Forwards the request and relays the answer; false when the client connection must close.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     req: &httparse::Request<'_, '_>,
     plan: &Plan<'_>,
     client: &Client,
@@ -259,14 +267,19 @@ async fn forward(
             return answer_page(proxy, stream, plan, pages::bad_gateway(&plan.route.route), output, start).await;
         }
     };
-    proxy.metrics.observe(response.status, start.elapsed());
-    match relay(stream, &mut conn, &response, output, upstream).await {
+    let waited = start.elapsed();
+    let head_sent = || proxy.metrics.observe(Path::Fast, response.status, waited);
+    match relay(stream, &mut conn, &response, output, upstream, head_sent).await {
         Relayed::Reusable => {
             proxy.upstreams.put(plan.backend, conn, Instant::now());
             true
         }
         Relayed::Done => true,
         Relayed::Broken => false,
+        Relayed::Invalid => {
+            tracing::debug!(environment = %plan.route.route.environment, "upstream sent a malformed chunked body");
+            answer_page(proxy, stream, plan, pages::bad_gateway(&plan.route.route), output, start).await
+        }
     }
 }
 
@@ -278,8 +291,10 @@ fn write_request_head(req: &httparse::Request<'_, '_>, plan: &Plan<'_>, client: 
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for header in req.headers.iter() {
-        if NOT_FORWARDED.iter().any(|name| header.name.eq_ignore_ascii_case(name))
-            || named_in(&plan.connection, header.name)
+        let name = header.name;
+        if is_hop_by_hop(name)
+            || SET_BY_PROXY.iter().any(|set| name.eq_ignore_ascii_case(set))
+            || named_in(&plan.connection, name)
         {
             continue;
         }
@@ -413,7 +428,7 @@ fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Optio
     let status = res.code.unwrap_or(502);
     let mut keep_alive = res.version == Some(1);
     let mut connection = Vec::new();
-    let mut chunked = None;
+    let mut codings = TransferCodings::default();
     let mut length = None;
     let mut dated = false;
     for header in res.headers.iter() {
@@ -428,7 +443,7 @@ fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Optio
             }
             connection.push(header.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = Some(tokens(header.value).last().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked")));
+            codings.add(header.value);
         } else if name.eq_ignore_ascii_case("content-length") {
             let value = std::str::from_utf8(header.value).ok().and_then(|value| value.trim().parse::<u64>().ok());
             match (value, length) {
@@ -442,13 +457,16 @@ fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Optio
             dated = true;
         }
     }
+    // Refused whatever the status: the connection is not reused, so whatever the app meant
+    // as a body cannot be read as the start of its next response.
+    let chunked = codings.chunked(length.is_some()).map_err(UpstreamError::Invalid)?;
     let framing = if plan.head || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::Empty
     } else {
         match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) | (None, None) => Framing::Close,
-            (None, Some(length)) => Framing::Length(length),
+            (true, _) => Framing::Chunked,
+            (false, None) => Framing::Close,
+            (false, Some(length)) => Framing::Length(length),
         }
     };
     if framing == Framing::Close {
@@ -462,11 +480,7 @@ fn response_head(buf: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) -> Result<Optio
     out.extend_from_slice(b"\r\n");
     for header in res.headers.iter() {
         let name = header.name;
-        let framing_header = name.eq_ignore_ascii_case("content-length") && framing == Framing::Chunked;
-        if framing_header
-            || NOT_FORWARDED[..9].iter().any(|hop| name.eq_ignore_ascii_case(hop))
-            || named_in(&connection, name)
-        {
+        if is_hop_by_hop(name) || named_in(&connection, name) {
             continue;
         }
         put_header(out, name.as_bytes(), header.value);
@@ -492,19 +506,24 @@ enum Relayed {
     Done,
     /// Not completely: the client connection must close.
     Broken,
+    /// Not at all: the body read with the head is malformed, and the client should get a 502.
+    Invalid,
 }
 
-/// Sends the response head in `output` and the body from `upstream` (then from `conn`).
+/// Sends the response head in `output` and the body from `upstream` (then from `conn`);
+/// calls `head_sent` as the head goes out.
 async fn relay(
-    client: &mut TcpStream,
+    client: &mut SendTimeout<TcpStream>,
     conn: &mut TcpStream,
     head: &ResponseHead,
     output: &mut Vec<u8>,
     upstream: &mut Vec<u8>,
+    head_sent: impl FnOnce(),
 ) -> Relayed {
     let mut framing = head.framing;
     let mut chunks = Chunks::default();
     let mut start = head.len;
+    let mut head_sent = Some(head_sent);
     loop {
         let body = &upstream[start..];
         let (used, finished) = match framing {
@@ -516,10 +535,9 @@ async fn relay(
             }
             Framing::Chunked => match chunks.scan(body) {
                 Ok(used) => (used, chunks.done()),
-                Err(()) => {
-                    let _ = client.write_all(output).await;
-                    return Relayed::Broken;
-                }
+                // The head is still in `output`: nothing has reached the client yet.
+                Err(()) if head_sent.is_some() => return Relayed::Invalid,
+                Err(()) => return Relayed::Broken,
             },
             Framing::Close => {
                 if !body.is_empty() {
@@ -531,6 +549,9 @@ async fn relay(
             }
         };
         let leftover = used < body.len() && framing != Framing::Close;
+        if let Some(head_sent) = head_sent.take() {
+            head_sent();
+        }
         if output.is_empty() {
             if client.write_all(&body[..used]).await.is_err() {
                 return Relayed::Broken;
@@ -567,13 +588,13 @@ async fn relay(
 /// Answers with one of the proxy's own pages; false when the connection must close.
 async fn answer_page(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut SendTimeout<TcpStream>,
     plan: &Plan<'_>,
     page: http::Response<http_body_util::Full<bytes::Bytes>>,
     out: &mut Vec<u8>,
     start: Instant,
 ) -> bool {
-    proxy.metrics.observe(page.status().as_u16(), start.elapsed());
+    proxy.metrics.observe(Path::Fast, page.status().as_u16(), start.elapsed());
     let (parts, body) = page.into_parts();
     let body = match body.collect().await {
         Ok(body) => body.to_bytes(),
@@ -614,20 +635,36 @@ fn put_date(out: &mut Vec<u8>) {
     });
 }
 
-/// Finds where a chunked body ends while its bytes pass through unchanged.
+/// Finds where a chunked body ends while its bytes pass through unchanged. The client reads
+/// the same bytes, so anything its parser might count differently is refused rather than
+/// passed on: sizes with signs, prefixes or more digits than a `u64` has (leading zeros
+/// included), anything but whitespace between a size and its extensions, control characters,
+/// and lines not ended by CRLF.
 #[derive(Debug, Default)]
 struct Chunks {
     state: ChunkState,
 }
 
+/// Hex digits a chunk size may have: a `u64`'s worth.
+const MAX_SIZE_DIGITS: u8 = 16;
+
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 enum ChunkState {
-    /// In a chunk-size line: the size so far, whether a digit was seen, whether in extensions.
+    /// At the start of a chunk-size line.
     #[default]
     SizeStart,
+    /// In the size: its value so far and how many digits it has.
     Size {
         size: u64,
-        extension: bool,
+        digits: u8,
+    },
+    /// In whitespace after the size: only more, `;` or the line's end may follow.
+    SizeSpace {
+        size: u64,
+    },
+    /// In the chunk extensions, up to the line's end.
+    Extension {
+        size: u64,
     },
     SizeLf {
         size: u64,
@@ -640,6 +677,7 @@ enum ChunkState {
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
     Trailer,
+    TrailerLf,
     FinalLf,
     Done,
 }
@@ -663,14 +701,25 @@ impl Chunks {
                     self.state = if left == 0 { ChunkState::DataCr } else { ChunkState::Data { left } };
                     continue;
                 }
-                ChunkState::SizeStart => ChunkState::Size { size: hex(byte).ok_or(())?, extension: false },
-                ChunkState::Size { size, extension } => match (byte, hex(byte)) {
-                    (b'\r', _) => ChunkState::SizeLf { size },
-                    (_, Some(digit)) if !extension => {
-                        ChunkState::Size { size: size.checked_mul(16).ok_or(())? + digit, extension }
+                ChunkState::SizeStart => ChunkState::Size { size: hex(byte).ok_or(())?, digits: 1 },
+                ChunkState::Size { size, digits } => match byte {
+                    b'\r' => ChunkState::SizeLf { size },
+                    b' ' | b'\t' => ChunkState::SizeSpace { size },
+                    b';' => ChunkState::Extension { size },
+                    _ if digits < MAX_SIZE_DIGITS => {
+                        ChunkState::Size { size: (size << 4) | hex(byte).ok_or(())?, digits: digits + 1 }
                     }
-                    (b';' | b' ' | b'\t', _) => ChunkState::Size { size, extension: true },
-                    _ if extension && byte != b'\n' => ChunkState::Size { size, extension },
+                    _ => return Err(()),
+                },
+                ChunkState::SizeSpace { size } => match byte {
+                    b'\r' => ChunkState::SizeLf { size },
+                    b' ' | b'\t' => ChunkState::SizeSpace { size },
+                    b';' => ChunkState::Extension { size },
+                    _ => return Err(()),
+                },
+                ChunkState::Extension { size } => match byte {
+                    b'\r' => ChunkState::SizeLf { size },
+                    _ if is_text(byte) => ChunkState::Extension { size },
                     _ => return Err(()),
                 },
                 ChunkState::SizeLf { size } => match (byte, size) {
@@ -682,8 +731,12 @@ impl Chunks {
                 ChunkState::DataLf if byte == b'\n' => ChunkState::SizeStart,
                 ChunkState::DataCr | ChunkState::DataLf => return Err(()),
                 ChunkState::TrailerStart if byte == b'\r' => ChunkState::FinalLf,
-                ChunkState::TrailerStart | ChunkState::Trailer if byte == b'\n' => ChunkState::TrailerStart,
-                ChunkState::TrailerStart | ChunkState::Trailer => ChunkState::Trailer,
+                // A line starting with whitespace would fold into the one before (obs-fold).
+                ChunkState::TrailerStart if is_text(byte) && byte != b' ' && byte != b'\t' => ChunkState::Trailer,
+                ChunkState::Trailer if byte == b'\r' => ChunkState::TrailerLf,
+                ChunkState::Trailer if is_text(byte) => ChunkState::Trailer,
+                ChunkState::TrailerLf if byte == b'\n' => ChunkState::TrailerStart,
+                ChunkState::TrailerStart | ChunkState::Trailer | ChunkState::TrailerLf => return Err(()),
                 ChunkState::FinalLf if byte == b'\n' => ChunkState::Done,
                 ChunkState::FinalLf => return Err(()),
             };
@@ -695,6 +748,12 @@ impl Chunks {
 
 fn hex(byte: u8) -> Option<u64> {
     (byte as char).to_digit(16).map(u64::from)
+}
+
+/// Whether `byte` may stand in a field value (RFC 9110 §5.5): visible, a space or a tab, or
+/// obs-text.
+fn is_text(byte: u8) -> bool {
+    byte == b'\t' || (b' '..=b'~').contains(&byte) || byte >= 0x80
 }
 
 /// A stream whose first reads return bytes already read from it, so hyper can take over a
@@ -783,16 +842,58 @@ mod tests {
 
     #[test]
     fn malformed_chunks_are_refused() {
-        for body in [&b"x\r\n"[..], b"3\r\nabcX", b"3\nabc\r\n", b"ffffffffffffffffff\r\n"] {
-            assert!(Chunks::default().scan(body).is_err(), "{}", String::from_utf8_lossy(body));
+        for body in [
+            &b"x\r\n"[..],
+            b"3\r\nabcX",
+            b"3\nabc\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"0x10\r\n",
+            b"+5\r\n",
+            b"-5\r\n",
+            b" 5\r\n",
+            b"5 6\r\nhello\r\n",
+            b"5 x\r\nhello\r\n",
+            b"00000000000000005\r\nhello\r\n",
+            b"5;a\x00b\r\nhello\r\n",
+            b"5;a\nhello\r\n",
+            b"0\r\nx-trailer: 1\n\r\n",
+            b"0\r\nx-trailer: 1\r\n folded\r\n\r\n",
+            b"0\r\nx-trailer: \x01\r\n\r\n",
+            b"0\r\n\rX",
+        ] {
+            assert!(Chunks::default().scan(body).is_err(), "{}", String::from_utf8_lossy(body).escape_debug());
         }
     }
 
     #[test]
-    fn connection_tokens_name_headers_case_insensitively() {
-        let connection: [&[u8]; 2] = [b"keep-alive, X-Secret-Hop", b" te"];
-        assert!(named_in(&connection, "x-secret-hop"));
-        assert!(named_in(&connection, "TE"));
-        assert!(!named_in(&connection, "x-kept"));
+    fn sizes_may_have_leading_zeros_and_whitespace_before_extensions() {
+        for body in [
+            &b"0000000000000005\r\nhello\r\n0\r\n\r\n"[..],
+            b"5 ;ext\r\nhello\r\n0\r\n\r\n",
+            b"5\t\r\nhello\r\n0\r\n\r\n",
+            b"5;name=\"quoted value\";other\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(scan_all(body, 1), (body.len(), true), "{}", String::from_utf8_lossy(body).escape_debug());
+        }
+    }
+
+    #[test]
+    fn an_idle_buffer_gives_back_what_it_grew_to_and_keeps_its_bytes() {
+        let mut grown = Vec::with_capacity(256 * 1024);
+        grown.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        shrink_idle(&mut grown);
+        assert!(grown.capacity() <= IDLE_CAPACITY, "{}", grown.capacity());
+        assert_eq!(grown, b"GET / HTTP/1.1\r\n");
+
+        let mut pipelined = Vec::with_capacity(256 * 1024);
+        pipelined.resize(10_000, b'x');
+        shrink_idle(&mut pipelined);
+        assert!(pipelined.capacity() < 256 * 1024 && pipelined.len() == 10_000);
+
+        let mut small = Vec::with_capacity(IDLE_CAPACITY);
+        small.push(1);
+        let before = small.as_ptr();
+        shrink_idle(&mut small);
+        assert_eq!(small.as_ptr(), before, "a buffer within the idle capacity is left alone");
     }
 }

@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 pub mod fast;
+mod headers;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
+pub mod send_timeout;
 pub mod server;
 pub mod tls;
 
@@ -81,6 +83,11 @@ pub struct Config {
     /// Seconds a client connection may stay idle.
     #[arg(long, env = "STAGELY_IDLE_TIMEOUT_SECS", default_value_t = 120)]
     pub idle_timeout_secs: u64,
+
+    /// Seconds a client may take to accept more of a response before its connection (and the
+    /// app's behind it) is closed.
+    #[arg(long, env = "STAGELY_SEND_TIMEOUT_SECS", default_value_t = 60)]
+    pub send_timeout_secs: u64,
 
     /// Seconds a cached route lives without an invalidation (a backstop).
     #[arg(long, env = "STAGELY_ROUTE_TTL_SECS", default_value_t = 60)]
@@ -210,15 +217,13 @@ pub async fn serve(
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
-    let workers = server::spawn_workers(
-        threads,
-        sockets,
-        make_proxy,
-        Duration::from_secs(config.idle_timeout_secs),
-        Duration::from_secs(config.shutdown_grace_secs),
-        stopping.clone(),
-    )
-    .map_err(Error::Serve)?;
+    let timeouts = server::Timeouts {
+        idle: Duration::from_secs(config.idle_timeout_secs),
+        send: Duration::from_secs(config.send_timeout_secs),
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+    };
+    let workers =
+        server::spawn_workers(threads, sockets, make_proxy, timeouts, stopping.clone()).map_err(Error::Serve)?;
     let mut ops_stopping = stopping.clone();
     let ops_server = tokio::spawn(ops::serve(listeners.ops, ops::router(registry), async move {
         stopped(&mut ops_stopping).await;

@@ -110,6 +110,14 @@ pub fn too_many_requests() -> Response<Full<Bytes>> {
     response
 }
 
+/// A request head longer than the proxy takes.
+pub fn head_too_large() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(b"request header fields too large\n")));
+    *response.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
 /// A host that is not a preview address (the bare domain, an IP, another name).
 pub fn plain_not_found() -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(b"404 page not found\n")));

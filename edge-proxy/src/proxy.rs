@@ -10,11 +10,12 @@ use http::uri::{Authority, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioIo;
 use stagely_api::route::RouteStatus;
 
-use crate::metrics::ProxyMetrics;
+use crate::headers::{self, MAX_REQUEST_HEAD, TransferCodings};
+use crate::metrics::{Path, ProxyMetrics};
 use crate::pages;
 use crate::routes::{Lookup, ResolvedRoute, RouteTable};
 
@@ -27,18 +28,6 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_STAGELY_PROJECT: HeaderName = HeaderName::from_static("x-stagely-project");
 static X_STAGELY_PR: HeaderName = HeaderName::from_static("x-stagely-pr");
 static X_STAGELY_ENVIRONMENT: HeaderName = HeaderName::from_static("x-stagely-environment");
-
-/// Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
 
 /// Who a request comes from: worked out once per connection.
 #[derive(Clone, Debug)]
@@ -104,11 +93,19 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let start = Instant::now();
         let response = self.route(req, client).await;
-        self.metrics.observe(response.status().as_u16(), start.elapsed());
+        self.metrics.observe(Path::Hyper, response.status().as_u16(), start.elapsed());
         response
     }
 
     async fn route(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+        // hyper's own limit, its read buffer, only stops a head that arrives in pieces.
+        if head_len(&req) > MAX_REQUEST_HEAD {
+            let mut page = pages::head_too_large();
+            if req.version() < Version::HTTP_2 {
+                page.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return page.map(Either::Right);
+        }
         let Some(hash) = request_host(&req).and_then(|host| subdomain(host, &self.domain)) else {
             return pages::plain_not_found().map(Either::Right);
         };
@@ -170,8 +167,9 @@ impl Proxy {
         headers.insert(X_STAGELY_PR.clone(), route.pr.clone());
         headers.insert(X_STAGELY_ENVIRONMENT.clone(), route.environment.clone());
 
-        let sent =
-            tokio::time::timeout(self.request_timeout, self.client.request(Request::from_parts(parts, body))).await;
+        let mut req = Request::from_parts(parts, body);
+        let connection = capture_connection(&mut req);
+        let sent = tokio::time::timeout(self.request_timeout, self.client.request(req)).await;
         let mut response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
@@ -200,8 +198,16 @@ impl Proxy {
             let (parts, _) = response.into_parts();
             return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
         }
+        if let Some(reason) = unsound_framing(response.headers()) {
+            // hyper's client would otherwise pool the connection once the body is read, and
+            // the app's next answer on it may start anywhere.
+            if let Some(connected) = connection.connection_metadata().as_ref() {
+                connected.poison();
+            }
+            tracing::debug!(reason, environment = %route.route.environment, "upstream response refused");
+            return pages::bad_gateway(&route.route).map(Either::Right);
+        }
         strip_hop_by_hop(response.headers_mut());
-        response.headers_mut().remove(header::UPGRADE);
         response.map(Either::Left)
     }
 }
@@ -213,6 +219,15 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
     Some(without_port(host))
+}
+
+/// About how long `req`'s head is in HTTP/1.1: its request line and header lines.
+fn head_len<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |target| target.as_str().len())
+        + uri.authority().map_or(0, |authority| "http://".len() + authority.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    line + req.headers().iter().map(|(name, value)| name.as_str().len() + ": \r\n".len() + value.len()).sum::<usize>()
 }
 
 /// `host` without its `:port`, if any.
@@ -253,25 +268,34 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let wants_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        .flat_map(|value| headers::tokens(value.as_bytes()))
+        .any(|token| token.eq_ignore_ascii_case(b"upgrade"));
     if wants_upgrade { headers.get(header::UPGRADE).cloned() } else { None }
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+fn strip_hop_by_hop(map: &mut HeaderMap) {
+    let named: Vec<HeaderName> = map
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .flat_map(|value| headers::tokens(value.as_bytes()))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    for name in &named {
+        map.remove(name);
     }
-    headers.remove(header::UPGRADE);
+    for name in headers::HOP_BY_HOP {
+        map.remove(name);
+    }
+}
+
+/// Why the app's response cannot reach the client with one framing, if it cannot.
+fn unsound_framing(map: &HeaderMap) -> Option<&'static str> {
+    let mut codings = TransferCodings::default();
+    for value in map.get_all(header::TRANSFER_ENCODING) {
+        codings.add(value.as_bytes());
+    }
+    codings.chunked(map.contains_key(header::CONTENT_LENGTH)).err()
 }
 
 #[cfg(test)]

@@ -17,21 +17,33 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::fast::{self, Prefixed};
+use crate::headers::MAX_REQUEST_HEAD;
 use crate::proxy::Proxy;
+use crate::send_timeout::SendTimeout;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long client connections may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Close a client connection idle this long.
+    pub idle: Duration,
+    /// Close a client connection that has accepted none of a response for this long.
+    pub send: Duration,
+    /// On shutdown, close connections still open after this long.
+    pub grace: Duration,
+}
+
 /// Serves the listeners on `threads` threads, each with a single-threaded runtime of its own
 /// and its own upstream connection pool (as nginx's workers do): a request, its upstream
 /// connection and its response never cross threads. Returns once every worker has stopped
-/// accepting (on `shutdown`) and drained its connections for up to `grace`.
+/// accepting (on `shutdown`) and drained its connections for up to `timeouts.grace`.
 pub fn spawn_workers(
     threads: usize,
     listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>)>,
     make_proxy: impl Fn() -> Proxy + Send + Sync + 'static,
-    idle_timeout: Duration,
-    grace: Duration,
+    timeouts: Timeouts,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let make_proxy = Arc::new(make_proxy);
@@ -64,7 +76,7 @@ pub fn spawn_workers(
                 });
                 // Every connection task holds a sender: once all are gone, the worker is drained.
                 let (open, mut drained) = mpsc::channel::<()>(1);
-                let listener = Listener { proxy, idle_timeout };
+                let listener = Listener { proxy, timeouts };
                 let graceful = GracefulShutdown::new();
                 let mut accepting = Vec::new();
                 for (socket, tls) in own {
@@ -86,7 +98,7 @@ pub fn spawn_workers(
                     graceful.shutdown().await;
                     let _ = drained.recv().await;
                 };
-                if tokio::time::timeout(grace, drain).await.is_err() {
+                if tokio::time::timeout(timeouts.grace, drain).await.is_err() {
                     tracing::warn!("connections still open after the grace period; closing them");
                 }
                 sweeper.abort();
@@ -134,20 +146,22 @@ impl Drop for Opened {
 pub struct Listener {
     /// The proxy answering requests.
     pub proxy: Arc<Proxy>,
-    /// Close a client connection idle this long.
-    pub idle_timeout: Duration,
+    /// How long client connections may take.
+    pub timeouts: Timeouts,
 }
 
 impl Listener {
     fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let idle_timeout = self.timeouts.idle;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // The header read timeout runs from the moment a connection waits for its next request,
-        // so it is also the keep-alive idle timeout.
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.idle_timeout);
+        // so it is also the keep-alive idle timeout. The read buffer need not hold more than the
+        // longest head the proxy takes (hyper answers 431 to a head it has not whole by then).
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(idle_timeout).max_buf_size(MAX_REQUEST_HEAD);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(self.idle_timeout / 2))
+            .keep_alive_interval(Some(idle_timeout / 2))
             .keep_alive_timeout(Duration::from_secs(20));
         builder
     }
@@ -191,14 +205,14 @@ impl Listener {
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let tls = tls.clone();
-            let idle_timeout = self.idle_timeout;
+            let Timeouts { idle: idle_timeout, send: send_timeout, .. } = self.timeouts;
             let open = (open.clone(), load.opened());
             let mut stopping = shutdown.clone();
             tokio::spawn(async move {
                 let _open = open;
                 let scheme = if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
                 let client = crate::proxy::Client::new(peer, scheme);
-                let mut stream = stream;
+                let mut stream = SendTimeout::new(stream, send_timeout);
                 let prefix = match tls {
                     None => match fast::serve(&proxy, &mut stream, &client, idle_timeout, &mut stopping).await {
                         fast::Handoff::Closed => return,

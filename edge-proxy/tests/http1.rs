@@ -240,5 +240,5 @@ async fn the_rate_limit_answers_429_and_keeps_the_connection() {
     assert!(statuses.iter().filter(|&&s| s == 429).count() >= 20, "{statuses:?}");
     assert!(statuses.contains(&200), "{statuses:?}");
     let (_, _, metrics) = get(proxy.ops, "ops", "/metrics").await;
-    assert!(metrics.contains("stagely_edge_proxy_requests_total{code=\"429\"}"), "{metrics}");
+    assert!(metrics.contains("stagely_edge_proxy_requests_total{code=\"429\",path=\"fast\"}"), "{metrics}");
 }

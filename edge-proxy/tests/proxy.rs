@@ -229,7 +229,7 @@ async fn route_changes_are_seen_without_a_restart_and_steady_state_skips_redis()
 
     let (_, _, metrics) = get(proxy.ops, "ops", "/metrics").await;
     for want in [
-        "stagely_edge_proxy_requests_total{code=\"200\"}",
+        "stagely_edge_proxy_requests_total{code=\"200\",path=\"hyper\"}",
         "stagely_edge_proxy_route_cache_hits_total",
         "stagely_edge_proxy_request_duration_seconds_bucket",
     ] {

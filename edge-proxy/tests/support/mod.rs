@@ -100,35 +100,46 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Connections accepted so far.
     pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections open now.
+    pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Requests received so far.
     pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The paths of the requests received so far.
+    pub paths: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Upstream {
     pub async fn start(name: &'static str) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (conn_count, req_count) = (connections.clone(), requests.clone());
+        let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (conn_count, open_count, req_count, seen) =
+            (connections.clone(), open.clone(), requests.clone(), paths.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                conn_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let req_count = req_count.clone();
+                conn_count.fetch_add(1, SeqCst);
+                open_count.fetch_add(1, SeqCst);
+                let (open_count, req_count, seen) = (open_count.clone(), req_count.clone(), seen.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        req_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        req_count.fetch_add(1, SeqCst);
+                        seen.lock().unwrap().push(req.uri().path().to_owned());
                         upstream_answer(name, req)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    open_count.fetch_sub(1, SeqCst);
                 });
             }
         });
-        Self { addr, connections, requests, task }
+        Self { addr, connections, open, requests, paths, task }
     }
 }
 
@@ -245,12 +256,13 @@ pub struct ProxyOptions {
     pub rate_limit: u32,
     pub request_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    pub send_timeout_secs: u64,
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { rate_limit: 1000, request_timeout_secs: 5, idle_timeout_secs: 30, tls: None }
+        Self { rate_limit: 1000, request_timeout_secs: 5, idle_timeout_secs: 30, send_timeout_secs: 30, tls: None }
     }
 }
 
@@ -270,6 +282,8 @@ impl Proxy {
             options.request_timeout_secs.to_string(),
             "--idle-timeout-secs".into(),
             options.idle_timeout_secs.to_string(),
+            "--send-timeout-secs".into(),
+            options.send_timeout_secs.to_string(),
             "--tls-reload-secs".into(),
             "1".into(),
             "--shutdown-grace-secs".into(),
@@ -375,6 +389,72 @@ pub async fn scripted_upstream(answer: &'static [u8]) -> SocketAddr {
         }
     });
     addr
+}
+
+/// An upstream that answers every request on a connection with the raw bytes `answer` and
+/// keeps the connection for the next request: for counting how often the proxy reuses a
+/// connection after a response no well-behaved server library would send.
+pub struct KeptUpstream {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeptUpstream {
+    pub async fn start(answer: &'static [u8]) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // The proxy sends bodiless requests here: each ends with its head.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, connections, task }
+    }
+}
+
+impl Drop for KeptUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Requests answered so far by each path, `[fast, hyper]`, from the proxy's metrics.
+pub async fn served(proxy: &Proxy) -> [u64; 2] {
+    let (_, _, metrics) = get(proxy.ops, "ops", "/metrics").await;
+    let mut served = [0, 0];
+    for line in metrics.lines().filter(|line| line.starts_with("stagely_edge_proxy_requests_total{")) {
+        let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if line.contains("path=\"fast\"") {
+            served[0] += count;
+        } else if line.contains("path=\"hyper\"") {
+            served[1] += count;
+        } else {
+            panic!("a request is counted without the path that served it: {line}");
+        }
+    }
+    served
 }
 
 /// A response read off a raw connection.
