@@ -1,100 +1,18 @@
-//! Job logs: masking known secret values out of LOG lines, storing them capped per job in a
-//! Redis stream (`stagely:logs:<job_id>`), and reading them back.
+//! Job logs: masking known secret values out of LOG lines (with the one masker, from `api/`),
+//! storing them capped per job in a Redis stream (`stagely:logs:<job_id>`), and reading them back.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamMaxlen, StreamRangeReply};
 use serde::{Deserialize, Serialize};
-use stagely_api::protocol::{Log, LogStream, Message};
+use stagely_api::protocol::{Log, LogStream};
 
-/// What replaces a secret value.
-pub const MASK: &str = "***";
+pub use stagely_api::mask::{MASK, Masker, secret_values};
 
 /// The Redis key of a job's log stream.
 pub fn log_key(job_id: &str) -> String {
     format!("stagely:logs:{job_id}")
-}
-
-/// Known secret values of one scope, and how to blot them out of text.
-#[derive(Default, Clone)]
-pub struct Masker {
-    /// Longest first, so that a secret containing another is masked whole.
-    needles: Vec<String>,
-}
-
-impl std::fmt::Debug for Masker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Masker").field("values", &self.needles.len()).finish()
-    }
-}
-
-/// Lines of a multi-line secret shorter than this are not masked on their own (a PEM key's
-/// closing `=` would otherwise blot out every `=` in the logs).
-const MIN_LINE_LEN: usize = 6;
-
-impl Masker {
-    /// Adds a secret value: the whole value, and for a multi-line value each of its lines, since
-    /// the agent sends output line by line.
-    pub fn add(&mut self, secret: &str) {
-        let mut add = |needle: &str| {
-            if !needle.is_empty() && !self.needles.iter().any(|n| n == needle) {
-                self.needles.push(needle.to_owned());
-            }
-        };
-        add(secret);
-        if secret.contains('\n') {
-            for line in secret.lines().map(str::trim).filter(|line| line.len() >= MIN_LINE_LEN) {
-                add(line);
-            }
-        }
-        self.needles.sort_by_key(|needle| std::cmp::Reverse(needle.len()));
-    }
-
-    /// Adds every secret value `command` carries.
-    pub fn add_from(&mut self, command: &Message) {
-        for secret in secret_values(command) {
-            self.add(secret);
-        }
-    }
-
-    /// Whether no value is known.
-    pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
-    }
-
-    /// `text` with every known value replaced by [`MASK`].
-    pub fn mask<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let mut text = Cow::Borrowed(text);
-        for needle in &self.needles {
-            if text.contains(needle.as_str()) {
-                text = Cow::Owned(text.replace(needle.as_str(), MASK));
-            }
-        }
-        text
-    }
-}
-
-/// The secret values a command carries.
-pub fn secret_values(command: &Message) -> Vec<&str> {
-    let mut values = Vec::new();
-    match command {
-        Message::Build(build) => {
-            values.extend(build.git_token.as_ref().map(|t| t.expose()));
-            values.extend(build.registry_auth.as_ref().map(|a| a.password.expose()));
-        }
-        Message::Deploy(deploy) => {
-            values.extend(deploy.git_token.as_ref().map(|t| t.expose()));
-            values.extend(deploy.registry_auth.as_ref().map(|a| a.password.expose()));
-            values.extend(deploy.secrets.iter().map(|s| s.value.expose()));
-        }
-        Message::Test(test) => {
-            values.extend(test.registry_auth.as_ref().map(|a| a.password.expose()));
-        }
-        _ => {}
-    }
-    values
 }
 
 /// One stored log line, as the HTTP endpoint returns it (one JSON object per line).
