@@ -15,7 +15,7 @@ use stagely_api::backoff::Backoff;
 use stagely_api::protocol::{Build, RegistryAuth};
 
 use crate::config::Engine;
-use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, run};
+use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, resolve_inside, run};
 
 /// Builds and pushes `build.image`.
 pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Outcome, JobError> {
@@ -44,8 +44,12 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
         login(ctx, log, auth).await?;
     }
 
-    let context_dir = src.join(&context);
-    let dockerfile = context_dir.join(&dockerfile);
+    // The repository decides what these paths lead to: they must stay in the clone.
+    let context_dir = resolve_inside("context", &src, &src.join(&context))?;
+    let dockerfile = resolve_inside("dockerfile", &src, &src.join(&context).join(&dockerfile))?;
+    if !dockerfile.is_file() {
+        return Err(JobError::Invalid(format!("dockerfile `{}` is not a file", build.dockerfile)));
+    }
     let mut command = ctx.engine_command();
     command.args(build_args(ctx.engine, build, &dockerfile, &context_dir));
     run(log, "build the image", command, None).await?;

@@ -1,11 +1,11 @@
 //! The one WebSocket to the gateway: HELLO with the enrollment token (then the session token
-//! from HELLO_ACK), heartbeats, commands in, logs and statuses out, and reconnection with
-//! exponential backoff and jitter. A frame the agent does not understand (a newer gateway's
+//! from HELLO_ACK, kept on disk so that a restarted agent is let back in, and replaced by each
+//! renewal the gateway sends), heartbeats, commands in, logs and statuses out, and reconnection
+//! with exponential backoff and jitter. A frame the agent does not understand (a newer gateway's
 //! command, a malformed payload) is answered with an ERROR naming its job when it has one, so the
 //! gateway fails that job instead of waiting for it. Also the watchdog that shuts the VM down
 //! when the gateway has been gone too long.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +15,14 @@ use stagely_api::protocol::{
     CAPABILITY_TEST, CONNECT_PATH, ErrorCode, ErrorMessage, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, MESSAGE_TYPES,
     Message, Sensitive, SystemInfo,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite;
 
 use crate::config::AgentConfig;
 use crate::executor::{Executor, now_ms};
 use crate::mask::Masker;
+use crate::outbox::Outbox;
+use crate::session::SessionStore;
 
 /// The optional commands this agent runs, for its HELLO.
 pub const CAPABILITIES: [&str; 1] = [CAPABILITY_TEST];
@@ -113,23 +115,33 @@ fn tls_connector(config: &AgentConfig) -> Result<Option<tokio_tungstenite::Conne
 pub struct Connection {
     config: Arc<AgentConfig>,
     executor: Executor,
-    outbox: mpsc::UnboundedReceiver<Message>,
-    /// Messages taken from the outbox that a dead connection could not send.
-    pending: VecDeque<Message>,
+    outbox: Outbox,
+    session: SessionStore,
     session_token: Option<Sensitive>,
     connected: watch::Sender<bool>,
 }
 
 impl Connection {
-    /// A connection for `executor`, whose messages arrive on `outbox`; `connected` says
-    /// whether the gateway has accepted the agent.
-    pub fn new(
-        config: Arc<AgentConfig>,
-        executor: Executor,
-        outbox: mpsc::UnboundedReceiver<Message>,
-        connected: watch::Sender<bool>,
-    ) -> Self {
-        Self { config, executor, outbox, pending: VecDeque::new(), session_token: None, connected }
+    /// A connection for `executor`, whose messages wait in `outbox`; `connected` says whether
+    /// the gateway has accepted the agent. A session token kept by an earlier run of the agent
+    /// is presented first.
+    pub fn new(config: Arc<AgentConfig>, executor: Executor, outbox: Outbox, connected: watch::Sender<bool>) -> Self {
+        let session = SessionStore::new(&config.session_file, &config.agent_id);
+        let session_token = session.load();
+        if session_token.is_some() {
+            tracing::info!(path = %session.path().display(), "reconnecting with the kept session credential");
+        }
+        Self { config, executor, outbox, session, session_token, connected }
+    }
+
+    /// Takes a session token from a HELLO_ACK and keeps it for the next connection and the
+    /// next start.
+    fn keep_session(&mut self, token: Sensitive) {
+        if let Err(err) = self.session.save(&token) {
+            // Still good for reconnects while this process lives.
+            tracing::error!(%err, "the session credential is not kept; a restart of the agent will need a new VM");
+        }
+        self.session_token = Some(token);
     }
 
     /// Connects, serves, and reconnects, forever.
@@ -191,6 +203,7 @@ impl Connection {
                         {
                             // Next time, the enrollment token (which the gateway may still take).
                             self.session_token = None;
+                            self.session.clear();
                         }
                         return Err(ConnectionError::Refused { code: error.code, message: error.message });
                     }
@@ -203,7 +216,7 @@ impl Connection {
                 Some(Ok(_)) => {}
             }
         };
-        self.session_token = Some(ack.session_token);
+        self.keep_session(ack.session_token);
         backoff.reset();
         self.connected.send_replace(true);
         let interval = Duration::from_secs(u64::from(if ack.heartbeat_interval_seconds == 0 {
@@ -213,12 +226,10 @@ impl Connection {
         }));
         tracing::info!(scope = ?ack.scope, ?interval, "connected to the gateway");
 
-        // What could not be sent before, then every job's latest status: the gateway may have
-        // missed a final one while the agent was away.
-        let mut resend: Vec<Message> = self.pending.drain(..).collect();
-        resend.extend(self.executor.statuses().into_iter().map(Message::Status));
-        for message in resend {
-            ws.send(frame(&message)).await?;
+        // Every job's latest status first: the gateway may have missed a final one while the
+        // agent was away. What the jobs sent meanwhile waits in the outbox.
+        for status in self.executor.statuses() {
+            ws.send(frame(&Message::Status(status))).await?;
         }
 
         let mut heartbeat = tokio::time::interval(interval);
@@ -236,10 +247,9 @@ impl Connection {
                     seq += 1;
                     ws.send(frame(&Message::Heartbeat(Heartbeat { seq, sent_at_ms: now_ms() }))).await?;
                 }
-                outgoing = self.outbox.recv() => {
-                    let Some(message) = outgoing else { return Ok(()) };
+                message = self.outbox.recv() => {
                     if let Err(err) = ws.send(frame(&message)).await {
-                        self.pending.push_back(message);
+                        self.outbox.put_back(message);
                         return Err(err.into());
                     }
                 }
@@ -274,8 +284,11 @@ impl Connection {
                 tracing::info!(kind = message.type_name(), job_id = message.job_id().unwrap_or(""), "command received");
                 self.executor.handle(message);
             }
-            // A second HELLO_ACK changes nothing.
-            Ok(Message::HelloAck(_)) => tracing::debug!("ignoring a repeated HELLO_ACK"),
+            // On a long connection the gateway renews the session before it expires.
+            Ok(Message::HelloAck(ack)) => {
+                tracing::debug!("session renewed");
+                self.keep_session(ack.session_token);
+            }
             Ok(other) => self.refuse(ErrorMessage {
                 code: ErrorCode::BadMessage,
                 message: format!("an agent does not take {} messages", other.type_name()),
@@ -288,7 +301,7 @@ impl Connection {
     /// Answers a frame the agent cannot act on with `error`.
     fn refuse(&self, error: ErrorMessage) {
         tracing::warn!(job_id = error.job_id.as_deref().unwrap_or(""), "refusing a frame: {}", error.message);
-        let _ = self.executor.context().outbox.send(Message::Error(error));
+        self.executor.context().outbox.send(Message::Error(error));
     }
 }
 
