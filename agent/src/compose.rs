@@ -16,7 +16,7 @@
 //! fails the deployment with a message naming it, its exit code and its log's last lines.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -28,8 +28,8 @@ use stagely_api::protocol::{Deploy, GLOBAL_SCOPE, PortMapping, SecretKind, Secre
 
 use crate::config::Engine;
 use crate::executor::{
-    Context, JobError, JobLog, Outcome, TAIL_LINES, check_name, execute, registry_of, relative, resolve_inside, run,
-    with_tail, write_new_file,
+    Context, JobError, JobLog, Outcome, TAIL_LINES, check_name, create_file, execute, registry_of, relative,
+    resolve_inside, run, with_tail, write_new_file,
 };
 
 /// The override's file name, next to the repository's compose file.
@@ -542,13 +542,7 @@ fn create_private_dir(path: &Path) -> Result<(), JobError> {
 
 fn write_secret_file(path: &Path, contents: &str, mode: u32) -> Result<(), JobError> {
     let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(JobError::io("write", path))?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(JobError::io("write", path))?;
+    create_file(path, contents, 0o600)?;
     // The mode is set after the write, so a wider mode never shows a half-written file.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(JobError::io("chmod", path))
 }

@@ -710,7 +710,6 @@ pub fn resolve_inside(what: &str, root: &Path, path: &Path) -> Result<PathBuf, J
 /// Writes `contents` to a new file at `path`, replacing whatever is there without following
 /// it: a symlink the repository placed at that name is removed, not written through.
 pub fn write_new_file(path: &Path, contents: &str) -> Result<(), JobError> {
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => {
             return Err(JobError::Invalid(format!("{} is a directory in the repository", path.display())));
@@ -718,11 +717,17 @@ pub fn write_new_file(path: &Path, contents: &str) -> Result<(), JobError> {
         Ok(_) => std::fs::remove_file(path).map_err(JobError::io("replace", path))?,
         Err(_) => {}
     }
-    // `create_new` (O_EXCL) never follows a symlink, even one that appeared since.
+    create_file(path, contents, 0o644)
+}
+
+/// Writes `contents` to a file at `path` that must not exist yet, with `mode`. `create_new`
+/// (O_EXCL) never follows a symlink, even one that appeared since the caller looked.
+pub fn create_file(path: &Path, contents: &str, mode: u32) -> Result<(), JobError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(mode)
         .open(path)
         .map_err(JobError::io("write", path))?;
     std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(JobError::io("write", path))

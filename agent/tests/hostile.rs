@@ -158,6 +158,18 @@ fn deploy(job_id: &str, repo: &Path, commit: &str, compose_file: &str, secrets: 
     })
 }
 
+/// A TEST whose one command never gets to run (the image's pull comes first).
+fn test_job(job_id: &str, timeout_seconds: u64) -> Message {
+    Message::Test(TestRun {
+        job_id: job_id.into(),
+        image: "127.0.0.1:5000/shop/e2e:1".into(),
+        commands: vec!["true".into()],
+        preview_url: "http://127.0.0.1:1".into(),
+        timeout_seconds,
+        registry_auth: None,
+    })
+}
+
 fn secret(key: &str, kind: SecretKind, path: Option<&str>) -> SecretValue {
     SecretValue {
         key: key.into(),
@@ -284,14 +296,7 @@ async fn a_hung_engine_times_deploy_and_terminate_out_and_terminate_cancels_a_hu
     assert!(secrets.exists(), "the deployment's secrets were written");
 
     // A TEST with an hour to go hangs pulling its image; TERMINATE does not wait behind it.
-    let test = Message::Test(TestRun {
-        job_id: "test-1".into(),
-        image: "127.0.0.1:5000/shop/e2e:1".into(),
-        commands: vec!["true".into()],
-        preview_url: "http://127.0.0.1:1".into(),
-        timeout_seconds: 3600,
-        registry_auth: None,
-    });
+    let test = test_job("test-1", 3600);
     let _hung = fixture.executor.handle(test).expect("a new job starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !fixture.engine_calls().contains("podman pull") {
@@ -311,14 +316,7 @@ async fn a_hung_engine_times_deploy_and_terminate_out_and_terminate_cancels_a_hu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_line_longer_than_a_frame_is_cut_with_a_marker_and_the_next_lines_still_come() {
     let mut fixture = Fixture::new(Engine::LongLine, &[]);
-    let test = Message::Test(TestRun {
-        job_id: "test-1".into(),
-        image: "127.0.0.1:5000/shop/e2e:1".into(),
-        commands: vec!["true".into()],
-        preview_url: "http://127.0.0.1:1".into(),
-        timeout_seconds: 600,
-        registry_auth: None,
-    });
+    let test = test_job("test-1", 600);
     let status = fixture.run(test).await;
     assert_eq!(status.state, JobState::Failed);
     let lines: Vec<String> = fixture

@@ -102,6 +102,17 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Sends TERMINATE `t-1` to `scope`'s agent and asserts it succeeds within two minutes.
+async fn terminate(gateway: &Gateway, scope: &Scope, reason: &str) {
+    let terminate =
+        Message::Terminate(Terminate { job_id: "t-1".into(), reason: reason.into(), grace_period_seconds: 1 });
+    let done = tokio::time::timeout(Duration::from_secs(120), gateway.command(scope, terminate))
+        .await
+        .expect("TERMINATE finishes")
+        .unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+}
+
 /// The session token the agent keeps in `dir` (beside its config file), if any.
 fn kept_session(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("session.json")).ok()?;
@@ -133,13 +144,7 @@ async fn an_agent_killed_and_restarted_is_let_back_in_with_the_session_it_kept()
     wait_connected(running.gateway(), &scope).await;
 
     // And it works: a job runs.
-    let terminate =
-        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "test".into(), grace_period_seconds: 1 });
-    let done = tokio::time::timeout(Duration::from_secs(60), running.gateway().command(&scope, terminate))
-        .await
-        .expect("TERMINATE finishes")
-        .unwrap();
-    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    terminate(running.gateway(), &scope, "test").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,12 +300,6 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
         .unwrap();
     assert_eq!(tested.state, JobState::Succeeded, "{tested:?}");
 
-    let terminate =
-        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "pr_closed".into(), grace_period_seconds: 1 });
-    let terminated = tokio::time::timeout(Duration::from_secs(120), running.gateway().command(&scope, terminate))
-        .await
-        .expect("TERMINATE finishes")
-        .unwrap();
-    assert_eq!(terminated.state, JobState::Succeeded, "{terminated:?}");
+    terminate(running.gateway(), &scope, "pr_closed").await;
     assert!(http_get(port, "/").is_none(), "the app still answers after TERMINATE");
 }

@@ -158,33 +158,36 @@ impl LogStore {
         count: usize,
     ) -> Result<(Vec<StoredLine>, Option<String>), LogError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let mut conn = self.conn.clone();
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(log_key(job_id))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await
-            .map_err(|source| LogError::Redis { action: "read", job_id: job_id.to_owned(), source })?;
+        let reply = self.range("XRANGE", job_id, &start, "+", count).await?;
         let next = reply.ids.last().filter(|_| reply.ids.len() >= count).map(|entry| entry.id.clone());
         Ok((reply.ids.iter().filter_map(stored_line).collect(), next))
     }
 
     /// The last `count` stored lines of `job_id`, oldest first.
     pub async fn tail(&self, job_id: &str, count: usize) -> Result<Vec<StoredLine>, LogError> {
+        let reply = self.range("XREVRANGE", job_id, "+", "-", count).await?;
+        Ok(reply.ids.iter().rev().filter_map(stored_line).collect())
+    }
+
+    /// `command` (XRANGE or XREVRANGE) over `job_id`'s stream from `from` to `to`, `count` at most.
+    async fn range(
+        &self,
+        command: &str,
+        job_id: &str,
+        from: &str,
+        to: &str,
+        count: usize,
+    ) -> Result<StreamRangeReply, LogError> {
         let mut conn = self.conn.clone();
-        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+        redis::cmd(command)
             .arg(log_key(job_id))
-            .arg("+")
-            .arg("-")
+            .arg(from)
+            .arg(to)
             .arg("COUNT")
             .arg(count)
             .query_async(&mut conn)
             .await
-            .map_err(|source| LogError::Redis { action: "read", job_id: job_id.to_owned(), source })?;
-        Ok(reply.ids.iter().rev().filter_map(stored_line).collect())
+            .map_err(|source| LogError::Redis { action: "read", job_id: job_id.to_owned(), source })
     }
 }
 
