@@ -9,11 +9,13 @@
 
 use std::ffi::OsString;
 use std::path::Path;
+use std::time::Duration;
 
+use stagely_api::backoff::Backoff;
 use stagely_api::protocol::{Build, RegistryAuth};
 
 use crate::config::Engine;
-use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, run};
+use crate::executor::{Context, JobError, JobLog, Outcome, check_name, registry_of, relative, resolve_inside, run};
 
 /// Builds and pushes `build.image`.
 pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Outcome, JobError> {
@@ -42,8 +44,12 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
         login(ctx, log, auth).await?;
     }
 
-    let context_dir = src.join(&context);
-    let dockerfile = context_dir.join(&dockerfile);
+    // The repository decides what these paths lead to: they must stay in the clone.
+    let context_dir = resolve_inside("context", &src, &src.join(&context))?;
+    let dockerfile = resolve_inside("dockerfile", &src, &src.join(&context).join(&dockerfile))?;
+    if !dockerfile.is_file() {
+        return Err(JobError::Invalid(format!("dockerfile `{}` is not a file", build.dockerfile)));
+    }
     let mut command = ctx.engine_command();
     command.args(build_args(ctx.engine, build, &dockerfile, &context_dir));
     run(log, "build the image", command, None).await?;
@@ -124,19 +130,17 @@ async fn push_inline_cache(ctx: &Context, log: &JobLog, image: &str, cache_to: &
 /// minute before the job fails.
 pub async fn login(ctx: &Context, log: &JobLog, auth: &RegistryAuth) -> Result<(), JobError> {
     ctx.masker.add(auth.password.expose());
-    let mut delay = std::time::Duration::from_millis(500);
-    let mut attempts = 0;
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         let mut command = ctx.engine_command();
         command.arg("login").arg("--username").arg(&auth.username).arg("--password-stdin").arg(&auth.server);
         match run(log, "log in to the registry", command, Some(auth.password.expose())).await {
             Ok(_) => return Ok(()),
-            Err(err) if attempts < LOGIN_ATTEMPTS => {
-                attempts += 1;
-                log.system(&format!("logging in to the registry failed; trying again in {}s", delay.as_secs_f32()));
-                tracing::debug!(error = %err, attempts, "registry login failed");
+            Err(err) if backoff.attempts() < LOGIN_ATTEMPTS => {
+                let delay = backoff.next_delay();
+                log.system(&format!("logging in to the registry failed; trying again in {:.1}s", delay.as_secs_f32()));
+                tracing::debug!(error = %err, attempts = backoff.attempts(), "registry login failed");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
             }
             Err(err) => return Err(err),
         }

@@ -16,7 +16,7 @@
 //! fails the deployment with a message naming it, its exit code and its log's last lines.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -28,7 +28,8 @@ use stagely_api::protocol::{Deploy, GLOBAL_SCOPE, PortMapping, SecretKind, Secre
 
 use crate::config::Engine;
 use crate::executor::{
-    Context, JobError, JobLog, Outcome, TAIL_LINES, check_name, execute, registry_of, relative, run, with_tail,
+    Context, JobError, JobLog, Outcome, TAIL_LINES, check_name, create_file, execute, registry_of, relative,
+    resolve_inside, run, with_tail, write_new_file,
 };
 
 /// The override's file name, next to the repository's compose file.
@@ -541,15 +542,30 @@ fn create_private_dir(path: &Path) -> Result<(), JobError> {
 
 fn write_secret_file(path: &Path, contents: &str, mode: u32) -> Result<(), JobError> {
     let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(JobError::io("write", path))?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(JobError::io("write", path))?;
+    create_file(path, contents, 0o600)?;
     // The mode is set after the write, so a wider mode never shows a half-written file.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(JobError::io("chmod", path))
+}
+
+/// Fails unless `dir`, where file secret `key` goes in the container, is an absolute path of
+/// plain names: it ends up in a volume specification (`host:target:ro`), where a `:` or `,`
+/// would add options and `..` would climb out.
+pub fn check_container_dir(key: &str, dir: &str) -> Result<(), JobError> {
+    let plain = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && c.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let trimmed = dir.trim_end_matches('/');
+    let ok = dir.starts_with('/') && dir.len() <= 256 && trimmed.split('/').skip(1).all(plain);
+    if ok {
+        Ok(())
+    } else {
+        Err(JobError::Invalid(format!(
+            "file secret `{key}`: `{dir}` must be an absolute path of plain names ([A-Za-z0-9._-])"
+        )))
+    }
 }
 
 /// Writes every secret of `deploy` under `secrets_dir` and returns what the override sets
@@ -585,9 +601,7 @@ pub fn write_secrets(
     for secret in deploy.secrets.iter().filter(|s| s.kind == SecretKind::File) {
         check_name("file secret", &secret.key)?;
         let dir = secret.path.as_deref().unwrap_or(DEFAULT_SECRET_DIR);
-        if !dir.starts_with('/') || dir.contains(':') || dir.split('/').any(|c| c == "..") {
-            return Err(JobError::Invalid(format!("file secret `{}`: `{dir}` must be an absolute path", secret.key)));
-        }
+        check_container_dir(&secret.key, dir)?;
         let scope_dir = secrets_dir.join("files").join(&secret.scope);
         create_private_dir(&scope_dir)?;
         let host = scope_dir.join(&secret.key);
@@ -629,10 +643,18 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
     let dir = ctx.work_dir.join("deploy").join(&deploy.project);
     let src = dir.join("src");
     crate::git::checkout(ctx, log, &deploy.clone_url, deploy.git_token.as_ref(), &deploy.commit, &src).await?;
+    // The repository decides where these lead: they must stay in the clone, and so must the
+    // directory the override is written to.
     let compose_path = src.join(&compose_file);
-    let yaml = std::fs::read_to_string(&compose_path).map_err(JobError::io("read the compose file", &compose_path))?;
+    let resolved = resolve_inside("compose file", &src, &compose_path)?;
+    let compose_dir = resolve_inside("compose file's directory", &src, compose_path.parent().unwrap_or(&src))?;
+    let yaml = std::fs::read_to_string(&resolved).map_err(JobError::io("read the compose file", &compose_path))?;
     let document = parse_compose(&yaml)?;
     let services = services_in(&document)?;
+    for service in &services {
+        // Service names become file names (`secrets/<service>.env`).
+        check_name("compose service", service)?;
+    }
     for hook in &deploy.lifecycle.on_start {
         if !services.contains(&hook.service) {
             return Err(JobError::Invalid(format!(
@@ -641,7 +663,6 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
             )));
         }
     }
-    let compose_dir = compose_path.parent().unwrap_or(&src).to_owned();
     let mut overrides = write_secrets(ctx.engine, deploy, &services, &dir.join("secrets"))?;
     let mut base = compose_path.clone();
     if ctx.config.ephemeral_ports {
@@ -662,13 +683,13 @@ pub async fn deploy(ctx: &mut Context, log: &JobLog, deploy: &Deploy) -> Result<
                     compose_file.display(),
                     serde_yaml::to_string(&with_ports(&document, &ports)).expect("YAML serializes")
                 );
-                std::fs::write(&base, text).map_err(JobError::io("write", &base))?;
+                write_new_file(&base, &text)?;
             }
             Engine::Podman => {}
         }
     }
     let override_path = compose_dir.join(OVERRIDE_FILE);
-    std::fs::write(&override_path, override_yaml(&overrides)).map_err(JobError::io("write", &override_path))?;
+    write_new_file(&override_path, &override_yaml(&overrides))?;
     let files = vec![base, override_path];
     let record = serde_json::to_string(&Deployment { project: deploy.project.clone(), files: files.clone() })
         .expect("deployment serializes");
@@ -873,6 +894,19 @@ async fn read_container_log(ctx: &Context, id: &str) -> std::io::Result<String> 
     };
     child.wait().await?;
     Ok(text)
+}
+
+/// Deletes the secrets of every deployment on this VM (what TERMINATE does whatever else
+/// fails); failures are logged.
+pub fn remove_secrets(ctx: &Context, log: &JobLog) {
+    let Ok(entries) = std::fs::read_dir(ctx.work_dir.join("deploy")) else { return };
+    for secrets in entries.filter_map(Result::ok).map(|e| e.path().join("secrets")) {
+        if let Err(err) = std::fs::remove_dir_all(&secrets)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            log.system(&format!("failed to remove {}: {err}", secrets.display()));
+        }
+    }
 }
 
 /// Stops every deployment on this VM and deletes its secrets and files.

@@ -92,6 +92,9 @@ struct FileConfig {
     ca_file: Option<PathBuf>,
     ops_addr: Option<SocketAddr>,
     ephemeral_ports: Option<bool>,
+    session_file: Option<PathBuf>,
+    deploy_timeout_seconds: Option<u64>,
+    terminate_timeout_seconds: Option<u64>,
 }
 
 /// The agent's settings.
@@ -131,11 +134,20 @@ pub struct AgentConfig {
     /// instead of the written host port: where several previews share one host (the `local`
     /// provider), written host ports would clash. STATUS reports the ports picked.
     pub ephemeral_ports: bool,
+    /// Where the session credential from HELLO_ACK is kept across restarts (mode 0600): by
+    /// default `session.json` beside the configuration file, or in the work directory when
+    /// there is no file.
+    pub session_file: PathBuf,
+    /// How long a DEPLOY may take (clone, pulls, start, health, hooks); default 30 minutes.
+    pub deploy_timeout: Duration,
+    /// How long a TERMINATE may take beyond the grace period it gives the services; default 5
+    /// minutes. The secrets are removed even when it runs out.
+    pub terminate_timeout: Duration,
 }
 
 /// The environment variables that override the file, by field (`STAGELY_OPS_ADDR` and
 /// `STAGELY_AGENT_CONFIG` are read with the command line).
-pub const ENV_VARS: [(&str, &str); 14] = [
+pub const ENV_VARS: [(&str, &str); 17] = [
     ("STAGELY_GATEWAY_URL", "gateway_url"),
     ("STAGELY_AGENT_ID", "agent_id"),
     ("STAGELY_AGENT_TOKEN", "token"),
@@ -150,7 +162,13 @@ pub const ENV_VARS: [(&str, &str); 14] = [
     ("STAGELY_RECONNECT_MAX_MS", "reconnect_max_ms"),
     ("STAGELY_CA_FILE", "ca_file"),
     ("STAGELY_EPHEMERAL_PORTS", "ephemeral_ports"),
+    ("STAGELY_SESSION_FILE", "session_file"),
+    ("STAGELY_DEPLOY_TIMEOUT_SECONDS", "deploy_timeout_seconds"),
+    ("STAGELY_TERMINATE_TIMEOUT_SECONDS", "terminate_timeout_seconds"),
 ];
+
+/// The session credential's file name, beside the configuration file.
+pub const SESSION_FILE: &str = "session.json";
 
 impl AgentConfig {
     /// Loads `path` (if given) and applies the process's environment variables over it.
@@ -236,10 +254,20 @@ impl AgentConfig {
                 }
             });
         }
-        Self::from_file(file)
+        if let Some(v) = number("STAGELY_DEPLOY_TIMEOUT_SECONDS")? {
+            file.deploy_timeout_seconds = Some(v);
+        }
+        if let Some(v) = number("STAGELY_TERMINATE_TIMEOUT_SECONDS")? {
+            file.terminate_timeout_seconds = Some(v);
+        }
+        if let Some(v) = get("STAGELY_SESSION_FILE") {
+            file.session_file = Some(v.into());
+        }
+        let beside_config = path.map(|p| p.parent().unwrap_or(Path::new(".")).join(SESSION_FILE));
+        Self::from_file(file, beside_config)
     }
 
-    fn from_file(file: FileConfig) -> Result<Self, ConfigError> {
+    fn from_file(file: FileConfig, beside_config: Option<PathBuf>) -> Result<Self, ConfigError> {
         let missing = |field: &str, var: &str| {
             ConfigError::Invalid(format!("`{field}` is required (in the config file, or {var})"))
         };
@@ -262,6 +290,8 @@ impl AgentConfig {
         };
         let reconnect_initial = Duration::from_millis(file.reconnect_initial_ms.unwrap_or(500).max(1));
         let reconnect_max = Duration::from_millis(file.reconnect_max_ms.unwrap_or(30_000)).max(reconnect_initial);
+        let work_dir: PathBuf = file.work_dir.unwrap_or_else(|| "/var/lib/stagely".into());
+        let session_file = file.session_file.or(beside_config).unwrap_or_else(|| work_dir.join(SESSION_FILE));
         Ok(Self {
             gateway_url,
             agent_id,
@@ -269,7 +299,7 @@ impl AgentConfig {
             role: file.role.unwrap_or_default(),
             engine,
             compose_command,
-            work_dir: file.work_dir.unwrap_or_else(|| "/var/lib/stagely".into()),
+            work_dir,
             shutdown_command: file.shutdown_command.unwrap_or_else(|| "shutdown -h now".into()),
             disconnect_shutdown: Duration::from_secs(
                 file.disconnect_shutdown_seconds.unwrap_or(u64::from(DISCONNECT_SHUTDOWN_SECS)),
@@ -280,6 +310,9 @@ impl AgentConfig {
             ca_file: file.ca_file,
             ops_addr: file.ops_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9101))),
             ephemeral_ports: file.ephemeral_ports.unwrap_or(false),
+            session_file,
+            deploy_timeout: Duration::from_secs(file.deploy_timeout_seconds.unwrap_or(30 * 60).max(1)),
+            terminate_timeout: Duration::from_secs(file.terminate_timeout_seconds.unwrap_or(5 * 60).max(1)),
         })
     }
 
@@ -319,8 +352,21 @@ mod tests {
         assert_eq!(config.compose_command, ["docker", "compose"]);
         assert_eq!(config.disconnect_shutdown, Duration::from_secs(15 * 60));
         assert_eq!(config.shutdown_command, "shutdown -h now");
+        assert_eq!(
+            (config.deploy_timeout, config.terminate_timeout),
+            (Duration::from_secs(1800), Duration::from_secs(300))
+        );
         assert!(!format!("{config:?}").contains("eyJ.x.y"));
         assert!(!config.ephemeral_ports, "host ports are the written ones unless asked");
+        assert_eq!(config.session_file, file.path().parent().unwrap().join("session.json"), "beside the config");
+        let env = BTreeMap::from([
+            ("STAGELY_GATEWAY_URL".to_owned(), "ws://a".to_owned()),
+            ("STAGELY_AGENT_ID".to_owned(), "a".to_owned()),
+            ("STAGELY_AGENT_TOKEN".to_owned(), "t".to_owned()),
+            ("STAGELY_WORK_DIR".to_owned(), "/w".to_owned()),
+        ]);
+        let config = AgentConfig::load_with(None, &env).unwrap();
+        assert_eq!(config.session_file, Path::new("/w/session.json"), "no file: in the work directory");
     }
 
     #[test]

@@ -1,26 +1,28 @@
 //! The one WebSocket to the gateway: HELLO with the enrollment token (then the session token
-//! from HELLO_ACK), heartbeats, commands in, logs and statuses out, and reconnection with
-//! exponential backoff and jitter. A frame the agent does not understand (a newer gateway's
+//! from HELLO_ACK, kept on disk so that a restarted agent is let back in, and replaced by each
+//! renewal the gateway sends), heartbeats, commands in, logs and statuses out, and reconnection
+//! with exponential backoff and jitter. A frame the agent does not understand (a newer gateway's
 //! command, a malformed payload) is answered with an ERROR naming its job when it has one, so the
 //! gateway fails that job instead of waiting for it. Also the watchdog that shuts the VM down
 //! when the gateway has been gone too long.
 
-use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use stagely_api::backoff::Backoff;
 use stagely_api::protocol::{
     CAPABILITY_TEST, CONNECT_PATH, ErrorCode, ErrorMessage, HEARTBEAT_INTERVAL_SECS, Heartbeat, Hello, MESSAGE_TYPES,
     Message, Sensitive, SystemInfo,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite;
 
 use crate::config::AgentConfig;
 use crate::executor::{Executor, now_ms};
 use crate::mask::Masker;
+use crate::outbox::Outbox;
+use crate::session::SessionStore;
 
 /// The optional commands this agent runs, for its HELLO.
 pub const CAPABILITIES: [&str; 1] = [CAPABILITY_TEST];
@@ -51,43 +53,6 @@ pub enum ConnectionError {
     /// The TLS configuration could not be built.
     #[error("failed to set up TLS: {0}")]
     Tls(String),
-}
-
-/// Exponential backoff with full jitter: each delay is drawn from [d/2, d], d doubling from
-/// `initial` up to `max`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff from `initial` to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, attempt: 0 }
-    }
-
-    /// The next delay.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.initial.saturating_mul(2u32.saturating_pow(self.attempt.min(20))).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        half + half.mul_f64(random_fraction())
-    }
-
-    /// Back to the first delay, after a connection that worked.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// A number in [0, 1) from the process's hash randomness (no RNG crate for one jitter).
-fn random_fraction() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher
-        .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What the VM is.
@@ -150,23 +115,33 @@ fn tls_connector(config: &AgentConfig) -> Result<Option<tokio_tungstenite::Conne
 pub struct Connection {
     config: Arc<AgentConfig>,
     executor: Executor,
-    outbox: mpsc::UnboundedReceiver<Message>,
-    /// Messages taken from the outbox that a dead connection could not send.
-    pending: VecDeque<Message>,
+    outbox: Outbox,
+    session: SessionStore,
     session_token: Option<Sensitive>,
     connected: watch::Sender<bool>,
 }
 
 impl Connection {
-    /// A connection for `executor`, whose messages arrive on `outbox`; `connected` says
-    /// whether the gateway has accepted the agent.
-    pub fn new(
-        config: Arc<AgentConfig>,
-        executor: Executor,
-        outbox: mpsc::UnboundedReceiver<Message>,
-        connected: watch::Sender<bool>,
-    ) -> Self {
-        Self { config, executor, outbox, pending: VecDeque::new(), session_token: None, connected }
+    /// A connection for `executor`, whose messages wait in `outbox`; `connected` says whether
+    /// the gateway has accepted the agent. A session token kept by an earlier run of the agent
+    /// is presented first.
+    pub fn new(config: Arc<AgentConfig>, executor: Executor, outbox: Outbox, connected: watch::Sender<bool>) -> Self {
+        let session = SessionStore::new(&config.session_file, &config.agent_id);
+        let session_token = session.load();
+        if session_token.is_some() {
+            tracing::info!(path = %session.path().display(), "reconnecting with the kept session credential");
+        }
+        Self { config, executor, outbox, session, session_token, connected }
+    }
+
+    /// Takes a session token from a HELLO_ACK and keeps it for the next connection and the
+    /// next start.
+    fn keep_session(&mut self, token: Sensitive) {
+        if let Err(err) = self.session.save(&token) {
+            // Still good for reconnects while this process lives.
+            tracing::error!(%err, "the session credential is not kept; a restart of the agent will need a new VM");
+        }
+        self.session_token = Some(token);
     }
 
     /// Connects, serves, and reconnects, forever.
@@ -228,6 +203,7 @@ impl Connection {
                         {
                             // Next time, the enrollment token (which the gateway may still take).
                             self.session_token = None;
+                            self.session.clear();
                         }
                         return Err(ConnectionError::Refused { code: error.code, message: error.message });
                     }
@@ -240,7 +216,7 @@ impl Connection {
                 Some(Ok(_)) => {}
             }
         };
-        self.session_token = Some(ack.session_token);
+        self.keep_session(ack.session_token);
         backoff.reset();
         self.connected.send_replace(true);
         let interval = Duration::from_secs(u64::from(if ack.heartbeat_interval_seconds == 0 {
@@ -250,12 +226,10 @@ impl Connection {
         }));
         tracing::info!(scope = ?ack.scope, ?interval, "connected to the gateway");
 
-        // What could not be sent before, then every job's latest status: the gateway may have
-        // missed a final one while the agent was away.
-        let mut resend: Vec<Message> = self.pending.drain(..).collect();
-        resend.extend(self.executor.statuses().into_iter().map(Message::Status));
-        for message in resend {
-            ws.send(frame(&message)).await?;
+        // Every job's latest status first: the gateway may have missed a final one while the
+        // agent was away. What the jobs sent meanwhile waits in the outbox.
+        for status in self.executor.statuses() {
+            ws.send(frame(&Message::Status(status))).await?;
         }
 
         let mut heartbeat = tokio::time::interval(interval);
@@ -273,10 +247,9 @@ impl Connection {
                     seq += 1;
                     ws.send(frame(&Message::Heartbeat(Heartbeat { seq, sent_at_ms: now_ms() }))).await?;
                 }
-                outgoing = self.outbox.recv() => {
-                    let Some(message) = outgoing else { return Ok(()) };
+                message = self.outbox.recv() => {
                     if let Err(err) = ws.send(frame(&message)).await {
-                        self.pending.push_back(message);
+                        self.outbox.put_back(message);
                         return Err(err.into());
                     }
                 }
@@ -311,8 +284,11 @@ impl Connection {
                 tracing::info!(kind = message.type_name(), job_id = message.job_id().unwrap_or(""), "command received");
                 self.executor.handle(message);
             }
-            // A second HELLO_ACK changes nothing.
-            Ok(Message::HelloAck(_)) => tracing::debug!("ignoring a repeated HELLO_ACK"),
+            // On a long connection the gateway renews the session before it expires.
+            Ok(Message::HelloAck(ack)) => {
+                tracing::debug!("session renewed");
+                self.keep_session(ack.session_token);
+            }
             Ok(other) => self.refuse(ErrorMessage {
                 code: ErrorCode::BadMessage,
                 message: format!("an agent does not take {} messages", other.type_name()),
@@ -325,7 +301,7 @@ impl Connection {
     /// Answers a frame the agent cannot act on with `error`.
     fn refuse(&self, error: ErrorMessage) {
         tracing::warn!(job_id = error.job_id.as_deref().unwrap_or(""), "refusing a frame: {}", error.message);
-        let _ = self.executor.context().outbox.send(Message::Error(error));
+        self.executor.context().outbox.send(Message::Error(error));
     }
 }
 
@@ -395,18 +371,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_with_jitter_up_to_the_maximum() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100), "{delays:?}");
-        assert!(delays[2] >= Duration::from_millis(200) && delays[2] <= Duration::from_millis(400), "{delays:?}");
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)), "{delays:?}");
-        assert!(delays[7] >= Duration::from_millis(500), "{delays:?}");
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
-    }
-
-    #[test]
     fn connect_urls_get_the_path_when_they_name_none() {
         assert_eq!(connect_url("ws://127.0.0.1:9"), "ws://127.0.0.1:9/v1/agent/connect");
         assert_eq!(connect_url("wss://gw.example.com/"), "wss://gw.example.com/v1/agent/connect");
@@ -444,12 +408,8 @@ mod tests {
         let masker = Masker::new();
         let error = not_understood(text, &err, &masker);
         assert_eq!(error.job_id.as_deref(), Some("d-1"));
-        assert!(
-            error.message.starts_with("invalid DEPLOY message: invalid type: string \"****\""),
-            "{}",
-            error.message
-        );
-        assert_eq!(masker.mask("ghs_secret-token-1"), "****", "the payload's secrets are masked from now on");
+        assert!(error.message.starts_with("invalid DEPLOY message: invalid type: string \"***\""), "{}", error.message);
+        assert_eq!(masker.mask("ghs_secret-token-1"), "***", "the payload's secrets are masked from now on");
     }
 
     #[test]

@@ -1,24 +1,36 @@
 //! Runs the gateway's commands: one job per job id, never twice, one at a time, with every
 //! command's output streamed back as masked LOG lines and the job's progress as STATUS.
+//!
+//! Everything is bounded: BUILD, DEPLOY and TERMINATE each have a deadline; TERMINATE does not
+//! wait behind a hung job but cancels every other job (killing its commands) and runs at once;
+//! a log line is cut at [`LINE_MAX`] bytes with a marker saying so, and a job's command output
+//! stops being sent after [`JOB_OUTPUT_MAX`] bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use stagely_api::protocol::{JobState, JobSummary, Log, LogStream, Message, Status};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::mpsc;
 
 use crate::config::{AgentConfig, Engine};
 use crate::mask::Masker;
+pub use crate::outbox::Outbox;
 
-/// Where the agent's messages to the gateway go; the connection drains it, and holds what it
-/// could not send until the next connection.
-pub type Outbox = mpsc::UnboundedSender<Message>;
+/// Longest log line sent, in bytes; a longer one is cut there and ends with a marker, so that no
+/// line comes near the gateway's frame limit.
+pub const LINE_MAX: usize = 16 << 10;
+
+/// Command output a job sends at most, in bytes; past it, lines are no longer sent (the
+/// failure message's tail still has the last ones).
+pub const JOB_OUTPUT_MAX: usize = 32 << 20;
+
+/// Standard output kept for a command's caller to parse, at most, in bytes (the end is kept).
+const KEPT_MAX: usize = 4 << 20;
 
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
@@ -211,11 +223,14 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A job's log: numbered, masked LOG messages.
+/// A job's log: numbered, masked LOG messages, each line at most [`LINE_MAX`] bytes.
 #[derive(Clone, Debug)]
 pub struct JobLog {
     job_id: String,
     seq: Arc<AtomicU64>,
+    /// Command output sent so far, in bytes.
+    output_bytes: Arc<AtomicUsize>,
+    capped: Arc<AtomicBool>,
     masker: Masker,
     outbox: Outbox,
 }
@@ -226,6 +241,8 @@ impl JobLog {
         Self {
             job_id: job_id.to_owned(),
             seq: Arc::new(AtomicU64::new(0)),
+            output_bytes: Arc::default(),
+            capped: Arc::default(),
             masker: ctx.masker.clone(),
             outbox: ctx.outbox.clone(),
         }
@@ -233,25 +250,46 @@ impl JobLog {
 
     /// Sends one line, masked.
     pub fn line(&self, stream: LogStream, data: &str) {
-        self.send_masked(stream, self.masker.mask(data));
+        self.send_masked(stream, self.masker.mask(data), data.len());
     }
 
-    fn send_masked(&self, stream: LogStream, data: String) {
+    /// Sends one line of a command's output (`data`, masked, of a line `original` bytes long),
+    /// unless the job has sent [`JOB_OUTPUT_MAX`] bytes of output already.
+    fn output(&self, stream: LogStream, data: String, original: usize) {
+        let sent = self.output_bytes.fetch_add(data.len(), Ordering::Relaxed);
+        if sent.saturating_add(data.len()) <= JOB_OUTPUT_MAX {
+            self.send_masked(stream, data, original);
+        } else if !self.capped.swap(true, Ordering::Relaxed) {
+            self.system(&format!("this job's output passed {} MiB; further lines are not sent", JOB_OUTPUT_MAX >> 20));
+        }
+    }
+
+    fn send_masked(&self, stream: LogStream, data: String, original: usize) {
+        let data = cap_line(data, original);
         tracing::debug!(job_id = %self.job_id, ?stream, "{data}");
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let _ = self.outbox.send(Message::Log(Log {
-            job_id: self.job_id.clone(),
-            stream,
-            seq,
-            timestamp_ms: now_ms(),
-            data,
-        }));
+        self.outbox.send(Message::Log(Log { job_id: self.job_id.clone(), stream, seq, timestamp_ms: now_ms(), data }));
     }
 
     /// Sends the agent's own account of what it does.
     pub fn system(&self, data: &str) {
         self.line(LogStream::System, data);
     }
+}
+
+/// `line` (masked; the line it came from was `original` bytes long) cut to [`LINE_MAX`] bytes at
+/// a character boundary, with a marker saying how long it was, when either is longer.
+pub fn cap_line(mut line: String, original: usize) -> String {
+    if line.len() <= LINE_MAX && original <= LINE_MAX {
+        return line;
+    }
+    let mut end = LINE_MAX.min(line.len());
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line.push_str(&format!(" [… line cut: it had {} bytes]", original.max(end)));
+    line
 }
 
 /// Lines of output a failure message carries.
@@ -327,9 +365,13 @@ async fn forward(
     tail: &Mutex<VecDeque<String>>,
     keep: bool,
 ) -> String {
-    let mut lines = BufReader::new(reader).lines();
+    let mut reader = BufReader::new(reader);
     let mut kept = String::new();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut raw = Vec::new();
+    // A secret across the cut is masked whole before the cut, so it must be read whole.
+    let read_max = LINE_MAX + log.masker.longest();
+    while let Ok(Some(original)) = read_line_capped(&mut reader, read_max, &mut raw).await {
+        let line = String::from_utf8_lossy(&raw);
         let masked = log.masker.mask(&line);
         {
             let mut tail = tail.lock().expect("tail lock");
@@ -338,13 +380,53 @@ async fn forward(
             }
             tail.push_back(shorten(&masked));
         }
-        log.send_masked(stream, masked);
+        log.output(stream, masked, original);
         if keep {
+            if kept.len() > 2 * KEPT_MAX {
+                // The end is what callers read (a push's digest is its last line).
+                let mut cut = kept.len() - KEPT_MAX;
+                while !kept.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                let cut = kept[cut..].find('\n').map_or(cut, |i| cut + i + 1);
+                kept.drain(..cut);
+            }
             kept.push_str(&line);
             kept.push('\n');
         }
     }
     kept
+}
+
+/// Reads one line from `reader` into `line` (without its line ending), keeping at most `max`
+/// bytes of it and skipping the rest; returns the line's whole length, or `None` at the end.
+pub async fn read_line_capped(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    max: usize,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<usize>> {
+    line.clear();
+    let mut length = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok((length > 0).then_some(length));
+        }
+        let newline = available.iter().position(|b| *b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        length += chunk.len();
+        let used = newline.map_or(chunk.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            if length <= max && line.last() == Some(&b'\r') {
+                line.pop();
+                length -= 1;
+            }
+            return Ok(Some(length));
+        }
+    }
 }
 
 /// `line` cut to [`TAIL_LINE_MAX`] bytes (at a character boundary).
@@ -387,12 +469,14 @@ pub struct Executor {
     jobs: Arc<Mutex<HashMap<String, Status>>>,
     /// Jobs run one at a time, in the order received.
     queue: Arc<tokio::sync::Mutex<()>>,
+    /// The tasks of the jobs not finished, by job id, for TERMINATE to cancel.
+    running: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
 }
 
 impl Executor {
     /// An executor with `ctx`.
     pub fn new(ctx: Context) -> Self {
-        Self { ctx, jobs: Arc::default(), queue: Arc::default() }
+        Self { ctx, jobs: Arc::default(), queue: Arc::default(), running: Arc::default() }
     }
 
     /// The shared context.
@@ -427,103 +511,150 @@ impl Executor {
             return None;
         }
         // Secrets are masked from the moment they arrive.
-        match &message {
-            Message::Build(build) => {
-                if let Some(token) = &build.git_token {
-                    self.ctx.masker.add(token.expose());
-                }
-                if let Some(auth) = &build.registry_auth {
-                    self.ctx.masker.add(auth.password.expose());
-                }
-            }
-            Message::Deploy(deploy) => {
-                if let Some(token) = &deploy.git_token {
-                    self.ctx.masker.add(token.expose());
-                }
-                if let Some(auth) = &deploy.registry_auth {
-                    self.ctx.masker.add(auth.password.expose());
-                }
-                for secret in &deploy.secrets {
-                    self.ctx.masker.add(secret.value.expose());
-                }
-            }
-            Message::Test(test) => {
-                if let Some(auth) = &test.registry_auth {
-                    self.ctx.masker.add(auth.password.expose());
-                }
-            }
-            _ => {}
-        }
+        self.ctx.masker.add_from(&message);
         {
             let mut jobs = self.jobs.lock().expect("jobs lock");
             if let Some(status) = jobs.get(&job_id) {
                 tracing::info!(%job_id, state = ?status.state, "job already known; not running it again");
-                let _ = self.ctx.outbox.send(Message::Status(status.clone()));
+                self.ctx.outbox.send(Message::Status(status.clone()));
                 return None;
             }
             jobs.insert(job_id.clone(), status_of(&job_id, JobState::Accepted));
         }
         self.send(status_of(&job_id, JobState::Accepted));
         let this = self.clone();
-        Some(tokio::spawn(async move {
-            let _turn = this.queue.lock().await;
-            let started = Instant::now();
-            this.update(status_of(&job_id, JobState::Running));
-            let log = JobLog::new(&job_id, &this.ctx);
-            log.system(&format!("{} {job_id} started", message.type_name()));
-            let mut ctx = this.ctx.clone();
-            let result = match ctx.prepare() {
-                Err(err) => Err(err),
-                Ok(()) => this.dispatch(&mut ctx, &log, message).await,
-            };
-
-            let mut status = status_of(&job_id, JobState::Succeeded);
-            status.duration_seconds = Some(started.elapsed().as_secs_f64());
-            match result {
-                Ok(outcome) => {
-                    status.exit_code = Some(0);
-                    status.message = outcome.message;
-                    status.image_digest = outcome.image_digest;
-                    status.services = outcome.services;
-                    log.system(&format!("job {job_id} succeeded"));
-                }
-                Err(err) => {
-                    status.state = JobState::Failed;
-                    status.exit_code = err.exit_code();
-                    let message = ctx.masker.mask(&err.to_string());
-                    log.system(&format!("job {job_id} failed: {message}"));
-                    status.message = Some(message);
-                }
+        // Held until the task is registered, so that it cannot unregister first.
+        let mut running = self.running.lock().expect("running lock");
+        let task = tokio::spawn(async move {
+            if matches!(message, Message::Terminate(_)) {
+                // A hung job must not keep the VM from being torn down.
+                this.cancel_all_but(&message);
             }
-            tracing::info!(%job_id, state = ?status.state, message = status.message.as_deref().unwrap_or(""), "job finished");
-            this.update(status);
-        }))
+            let turn = this.queue.lock().await;
+            this.run_job(message).await;
+            drop(turn);
+        });
+        running.insert(job_id, task.abort_handle());
+        Some(task)
+    }
+
+    /// Runs one job to its end and reports it.
+    async fn run_job(&self, message: Message) {
+        let job_id = message.job_id().unwrap_or_default().to_owned();
+        let started = Instant::now();
+        self.update(status_of(&job_id, JobState::Running));
+        let log = JobLog::new(&job_id, &self.ctx);
+        log.system(&format!("{} {job_id} started", message.type_name()));
+        let mut ctx = self.ctx.clone();
+        let result = match ctx.prepare() {
+            Err(err) => Err(err),
+            Ok(()) => self.dispatch(&mut ctx, &log, message).await,
+        };
+
+        let mut status = status_of(&job_id, JobState::Succeeded);
+        status.duration_seconds = Some(started.elapsed().as_secs_f64());
+        match result {
+            Ok(outcome) => {
+                status.exit_code = Some(0);
+                status.message = outcome.message;
+                status.image_digest = outcome.image_digest;
+                status.services = outcome.services;
+                log.system(&format!("job {job_id} succeeded"));
+            }
+            Err(err) => {
+                status.state = JobState::Failed;
+                status.exit_code = err.exit_code();
+                let message = ctx.masker.mask(&err.to_string());
+                log.system(&format!("job {job_id} failed: {message}"));
+                status.message = Some(message);
+            }
+        }
+        tracing::info!(%job_id, state = ?status.state, message = status.message.as_deref().unwrap_or(""), "job finished");
+        self.finish(status);
+    }
+
+    /// Cancels every job but `terminate`'s: their tasks are aborted (which kills their
+    /// commands) and they are reported failed.
+    fn cancel_all_but(&self, terminate: &Message) {
+        let own = terminate.job_id().unwrap_or_default();
+        let others: Vec<(String, tokio::task::AbortHandle)> = {
+            let mut running = self.running.lock().expect("running lock");
+            let ids: Vec<String> = running.keys().filter(|id| *id != own).cloned().collect();
+            ids.into_iter().filter_map(|id| running.remove_entry(&id)).collect()
+        };
+        for (job_id, task) in others {
+            task.abort();
+            let mut status = status_of(&job_id, JobState::Failed);
+            status.message = Some(format!("cancelled: {} {own} stops every job on this VM", terminate.type_name()));
+            if self.finish(status) {
+                tracing::warn!(%job_id, "job cancelled by TERMINATE");
+                JobLog::new(&job_id, &self.ctx).system("cancelled by TERMINATE");
+            }
+        }
     }
 
     async fn dispatch(&self, ctx: &mut Context, log: &JobLog, message: Message) -> Result<Outcome, JobError> {
+        let deadline = |seconds: u64| Duration::from_secs(seconds.max(1));
         match message {
             Message::Build(build) => {
-                let limit = build.timeout_seconds.max(1);
-                match tokio::time::timeout(Duration::from_secs(limit), crate::build::build(ctx, log, &build)).await {
+                let limit = deadline(build.timeout_seconds);
+                tokio::time::timeout(limit, crate::build::build(ctx, log, &build))
+                    .await
+                    .unwrap_or(Err(JobError::Timeout(limit.as_secs())))
+            }
+            Message::Deploy(deploy) => {
+                let limit = ctx.config.deploy_timeout;
+                tokio::time::timeout(limit, crate::compose::deploy(ctx, log, &deploy))
+                    .await
+                    .unwrap_or(Err(JobError::Timeout(limit.as_secs())))
+            }
+            Message::Terminate(terminate) => {
+                let limit =
+                    ctx.config.terminate_timeout + Duration::from_secs(u64::from(terminate.grace_period_seconds));
+                match tokio::time::timeout(limit, crate::compose::terminate(ctx, log, &terminate)).await {
                     Ok(result) => result,
-                    Err(_) => Err(JobError::Timeout(limit)),
+                    Err(_) => {
+                        // Whatever the engine does, the secrets do not outlive TERMINATE.
+                        crate::compose::remove_secrets(ctx, log);
+                        Err(JobError::Timeout(limit.as_secs()))
+                    }
                 }
             }
-            Message::Deploy(deploy) => crate::compose::deploy(ctx, log, &deploy).await,
-            Message::Terminate(terminate) => crate::compose::terminate(ctx, log, &terminate).await,
             // TEST keeps its own deadline: it has containers to remove when time runs out.
             Message::Test(test) => crate::testrun::test(ctx, log, &test).await,
             other => Err(JobError::Invalid(format!("{} is not a command", other.type_name()))),
         }
     }
 
+    /// Records an intermediate status, unless the job has ended (it was cancelled).
     fn update(&self, status: Status) {
-        self.jobs.lock().expect("jobs lock").insert(status.job_id.clone(), status.clone());
+        {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            if jobs.get(&status.job_id).is_some_and(|s| s.state.is_final()) {
+                return;
+            }
+            jobs.insert(status.job_id.clone(), status.clone());
+        }
         self.send(status);
     }
 
+    /// Records a final status unless the job already has one (a job cancelled while it was
+    /// finishing keeps the first); returns whether it was recorded.
+    fn finish(&self, status: Status) -> bool {
+        {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            if jobs.get(&status.job_id).is_some_and(|s| s.state.is_final()) {
+                return false;
+            }
+            jobs.insert(status.job_id.clone(), status.clone());
+        }
+        self.running.lock().expect("running lock").remove(&status.job_id);
+        self.send(status);
+        true
+    }
+
     fn send(&self, status: Status) {
-        let _ = self.ctx.outbox.send(Message::Status(status));
+        self.ctx.outbox.send(Message::Status(status));
     }
 }
 
@@ -560,9 +691,75 @@ pub fn relative(what: &str, path: &str) -> Result<PathBuf, JobError> {
     }
 }
 
+/// `path`, which should lie inside `root` (the clone), with every symlink followed: fails
+/// unless it exists and what it leads to is inside `root` too. A repository can hold a symlink
+/// to anywhere on the VM.
+pub fn resolve_inside(what: &str, root: &Path, path: &Path) -> Result<PathBuf, JobError> {
+    let shown = path.strip_prefix(root).unwrap_or(path).display().to_string();
+    let root = root.canonicalize().map_err(JobError::io("resolve", root))?;
+    let resolved = path
+        .canonicalize()
+        .map_err(|_| JobError::Invalid(format!("{what} `{shown}` does not exist in the repository")))?;
+    if resolved.starts_with(&root) {
+        Ok(resolved)
+    } else {
+        Err(JobError::Invalid(format!("{what} `{shown}` leads outside the repository (through a symlink)")))
+    }
+}
+
+/// Writes `contents` to a new file at `path`, replacing whatever is there without following
+/// it: a symlink the repository placed at that name is removed, not written through.
+pub fn write_new_file(path: &Path, contents: &str) -> Result<(), JobError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(JobError::Invalid(format!("{} is a directory in the repository", path.display())));
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(JobError::io("replace", path))?,
+        Err(_) => {}
+    }
+    create_file(path, contents, 0o644)
+}
+
+/// Writes `contents` to a file at `path` that must not exist yet, with `mode`. `create_new`
+/// (O_EXCL) never follows a symlink, even one that appeared since the caller looked.
+pub fn create_file(path: &Path, contents: &str, mode: u32) -> Result<(), JobError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(JobError::io("write", path))?;
+    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(JobError::io("write", path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_resolve_inside_the_clone_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("src"), dir.path().join("outside"));
+        std::fs::create_dir_all(root.join("app")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink("app", root.join("inner")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("app/up")).unwrap();
+        assert!(resolve_inside("context", &root, &root.join("inner")).is_ok());
+        for hostile in ["escape", "app/up", "app/../../outside", "missing"] {
+            let err = resolve_inside("context", &root, &root.join(hostile)).unwrap_err().to_string();
+            assert!(err.contains(&format!("context `{hostile}`")), "{err}");
+        }
+
+        let target = outside.join("victim");
+        std::fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, root.join("override.yml")).unwrap();
+        write_new_file(&root.join("override.yml"), "written").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(std::fs::read_to_string(root.join("override.yml")).unwrap(), "written");
+        assert!(!std::fs::symlink_metadata(root.join("override.yml")).unwrap().is_symlink());
+    }
 
     #[test]
     fn registry_hosts_of_image_references() {
@@ -593,6 +790,53 @@ mod tests {
         let long = "é".repeat(TAIL_LINE_MAX);
         let cut = shorten(&long);
         assert!(cut.len() <= TAIL_LINE_MAX + "…".len() && cut.ends_with('…'), "{}", cut.len());
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_a_marker() {
+        assert_eq!(cap_line("short".into(), 5), "short");
+        let cut = cap_line("é".repeat(LINE_MAX), 2 * LINE_MAX);
+        assert!(cut.len() <= LINE_MAX + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!(" [… line cut: it had {} bytes]", 2 * LINE_MAX)), "{cut}");
+        // Masked to a short line, but read from a longer one: still marked.
+        assert!(cap_line("***".into(), LINE_MAX + 1).starts_with("*** [… line cut"));
+    }
+
+    #[test]
+    fn a_jobs_output_stops_being_sent_past_its_cap() {
+        let env = [("STAGELY_GATEWAY_URL", "ws://a"), ("STAGELY_AGENT_ID", "a"), ("STAGELY_AGENT_TOKEN", "t")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Arc::new(AgentConfig::load_with(None, &env.into_iter().collect()).unwrap());
+        let outbox = Outbox::new(usize::MAX);
+        let log = JobLog::new("j", &Context::new(config, outbox.clone()));
+        let (mut output, mut system) = (0, Vec::new());
+        for _ in 0..(JOB_OUTPUT_MAX / LINE_MAX + 100) {
+            log.output(LogStream::Stdout, "x".repeat(LINE_MAX), LINE_MAX);
+            while let Some(message) = outbox.try_recv() {
+                match message {
+                    Message::Log(line) if line.stream == LogStream::Stdout => output += line.data.len(),
+                    Message::Log(line) => system.push(line.data),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(output, JOB_OUTPUT_MAX);
+        assert_eq!(system, ["this job's output passed 32 MiB; further lines are not sent"]);
+    }
+
+    #[tokio::test]
+    async fn reading_a_line_keeps_at_most_its_limit() {
+        let input = format!("{}\nshort\r\n\nlast", "x".repeat(100_000));
+        let mut reader = BufReader::with_capacity(64, input.as_bytes());
+        let mut line = Vec::new();
+        assert_eq!(read_line_capped(&mut reader, 1000, &mut line).await.unwrap(), Some(100_000));
+        assert_eq!(line.len(), 1000);
+        assert_eq!(read_line_capped(&mut reader, 1000, &mut line).await.unwrap(), Some(5));
+        assert_eq!(line, b"short");
+        assert_eq!(read_line_capped(&mut reader, 1000, &mut line).await.unwrap(), Some(0));
+        assert_eq!(read_line_capped(&mut reader, 1000, &mut line).await.unwrap(), Some(4));
+        assert_eq!(line, b"last");
+        assert_eq!(read_line_capped(&mut reader, 1000, &mut line).await.unwrap(), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! gateway, and builds, deploys and terminates with the container engine.
 //!
 //! [`config`] reads `/etc/stagely/agent.json`; [`connection`] speaks the protocol and
-//! reconnects; [`executor`] runs each job once, streaming masked output ([`mask`]); [`build`],
+//! reconnects, with the session credential [`session`] keeps across restarts; [`executor`] runs
+//! each job once, streaming masked output ([`mask`]) through the bounded [`outbox`]; [`build`],
 //! [`compose`], [`testrun`] and [`git`] are the jobs themselves.
 
 #![forbid(unsafe_code)]
@@ -14,6 +15,8 @@ pub mod connection;
 pub mod executor;
 pub mod git;
 pub mod mask;
+pub mod outbox;
+pub mod session;
 pub mod testrun;
 
 use std::net::SocketAddr;
@@ -86,15 +89,15 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         version = env!("CARGO_PKG_VERSION"),
         "stagely-agent started"
     );
-    let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
-    let executor = executor::Executor::new(executor::Context::new(config.clone(), outbox));
+    let outbox = outbox::Outbox::default();
+    let executor = executor::Executor::new(executor::Context::new(config.clone(), outbox.clone()));
     let (connected, connected_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(connection::shutdown_watchdog(
         connected_rx,
         config.disconnect_shutdown,
         config.shutdown_command.clone(),
     ));
-    let connection = connection::Connection::new(config.clone(), executor, outbox_rx, connected);
+    let connection = connection::Connection::new(config.clone(), executor, outbox, connected);
     tokio::select! {
         served = ops::serve_until_signal(cli.ops_addr.unwrap_or(config.ops_addr), metrics()) => served?,
         connected = connection.run() => connected?,

@@ -1,15 +1,16 @@
-//! Masking of secret values in everything the agent reports: each command's output is masked
-//! line by line before it leaves as LOG, with every secret value the agent has received.
+//! The agent's shared handle on the one secret masker ([`stagely_api::mask`]): every job adds
+//! the secret values it receives, and each command's output is masked line by line with all of
+//! them before it leaves as LOG.
 
 use std::sync::{Arc, RwLock};
 
-/// What a masked value is replaced with.
-pub const MASK: &str = "****";
+pub use stagely_api::mask::MASK;
+use stagely_api::protocol::Message;
 
 /// The known secret values; cheap to clone, shared by every job.
 #[derive(Clone, Default, Debug)]
 pub struct Masker {
-    values: Arc<RwLock<Vec<String>>>,
+    inner: Arc<RwLock<stagely_api::mask::Masker>>,
 }
 
 impl Masker {
@@ -18,33 +19,24 @@ impl Masker {
         Self::default()
     }
 
-    /// Adds a secret value. A multi-line value is also masked line by line, because output is
-    /// masked one line at a time.
+    /// Adds a secret value (a multi-line value also line by line).
     pub fn add(&self, value: &str) {
-        let mut candidates = vec![value.to_owned()];
-        if value.contains('\n') {
-            candidates.extend(value.lines().map(str::trim).filter(|l| l.len() >= 4).map(str::to_owned));
-        }
-        let mut values = self.values.write().expect("masker lock");
-        for candidate in candidates {
-            if !candidate.is_empty() && !values.contains(&candidate) {
-                values.push(candidate);
-            }
-        }
-        // Longest first, so a value containing another is masked whole.
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner()).add(value);
+    }
+
+    /// Adds every secret value `command` carries.
+    pub fn add_from(&self, command: &Message) {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner()).add_from(command);
+    }
+
+    /// The longest known value, in bytes.
+    pub fn longest(&self) -> usize {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).longest()
     }
 
     /// `text` with every known value replaced by [`MASK`].
     pub fn mask(&self, text: &str) -> String {
-        let values = self.values.read().expect("masker lock");
-        let mut out = text.to_owned();
-        for value in values.iter() {
-            if out.contains(value.as_str()) {
-                out = out.replace(value.as_str(), MASK);
-            }
-        }
-        out
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).mask(text).into_owned()
     }
 }
 
@@ -53,22 +45,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masks_every_known_value_longest_first() {
-        let masker = Masker::new();
-        masker.add("hunter2");
-        masker.add("hunter2-extended");
-        masker.add("");
-        assert_eq!(masker.mask("pw=hunter2-extended and hunter2"), "pw=**** and ****");
-        assert_eq!(masker.mask("nothing here"), "nothing here");
-    }
-
-    #[test]
-    fn masks_the_lines_of_a_multi_line_value() {
+    fn clones_share_their_values() {
         let masker = Masker::new();
         masker.add("-----BEGIN KEY-----\nMIIEabcdef\n-----END KEY-----\n");
-        assert_eq!(masker.mask("line: MIIEabcdef"), "line: ****");
+        assert_eq!(masker.mask("line: MIIEabcdef"), "line: ***");
         let clone = masker.clone();
         clone.add("later");
-        assert_eq!(masker.mask("later"), "****", "clones share their values");
+        assert_eq!(masker.mask("later"), "***", "clones share their values");
     }
 }

@@ -167,7 +167,9 @@ pub struct JobSummary {
     pub state: JobState,
 }
 
-/// Gateway → agent: the HELLO was accepted.
+/// Gateway → agent: the HELLO was accepted. Sent again on a long connection, before the
+/// session token expires, with a fresh one; the agent keeps the newest (on disk, so that it is
+/// let back in after a restart). Agents that predate renewal ignore the repeat.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct HelloAck {
     /// Credential for reconnecting; the enrollment token cannot be used twice.
@@ -384,11 +386,13 @@ pub struct Log {
     pub job_id: String,
     /// Which output.
     pub stream: LogStream,
-    /// Sequence number within the job, from 0, so a resent line is stored once.
+    /// Sequence number within the job's run on the agent, from 0. The gateway keeps it for
+    /// readers and drops a line resent after a reconnect, but orders lines itself.
     pub seq: u64,
     /// When the line was written, in milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
-    /// The text, with known secret values masked.
+    /// The text, with known secret values masked; a line longer than 16 KiB is cut there by
+    /// the agent, with a marker saying so.
     pub data: String,
 }
 

@@ -1,7 +1,8 @@
 //! The real agent process against the real gateway on loopback: enrollment with a minted token,
 //! heartbeats landing, reconnection with the session token after the gateway restarts, a
-//! resent command answered without running it twice, and BUILD → DEPLOY → HTTP 200 → TEST with
-//! podman and the distribution registry.
+//! resent command answered without running it twice, an agent killed and started again as
+//! systemd would (let back in with the session it kept, renewed while it was connected), and
+//! BUILD → DEPLOY → HTTP 200 → TEST with podman and the distribution registry.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
@@ -17,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use stagely_api::protocol::{Build, CAPABILITY_TEST, Deploy, JobState, Message, Scope, ScopeKind, Terminate, TestRun};
 use stagely_api::v1alpha1::Platform;
 use stagely_operator::gateway::objects::{BoxFuture, ObjectsError, ScopeObjects};
-use stagely_operator::gateway::token::SigningKey;
+use stagely_operator::gateway::token::{SigningKey, TokenError};
 use stagely_operator::gateway::{Gateway, RunningGateway, Settings};
 use stagely_testenv::registry::Registry;
 use tokio::net::TcpListener;
@@ -39,13 +40,22 @@ impl ScopeObjects for Heartbeats {
 }
 
 async fn gateway(listener: TcpListener, key: &SigningKey, heartbeats: &Heartbeats) -> RunningGateway {
+    gateway_with(listener, key, heartbeats, Settings::default()).await
+}
+
+async fn gateway_with(
+    listener: TcpListener,
+    key: &SigningKey,
+    heartbeats: &Heartbeats,
+    settings: Settings,
+) -> RunningGateway {
     Gateway::builder()
         .signing_key(key.clone())
         .objects(heartbeats.clone())
         .settings(Settings {
             heartbeat_interval_secs: 1,
             heartbeat_write_interval: Duration::from_millis(10),
-            ..Settings::default()
+            ..settings
         })
         .serve(listener)
         .await
@@ -80,11 +90,95 @@ impl Drop for Agent {
 }
 
 async fn wait_connected(gateway: &Gateway, scope: &Scope) {
+    wait_until("the agent to connect", || gateway.is_connected(scope)).await;
+}
+
+/// Polls `done` until it holds, or panics naming `what` after 30 s.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !gateway.is_connected(scope) {
-        assert!(tokio::time::Instant::now() < deadline, "the agent did not connect within 30 s");
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 30 s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends TERMINATE `t-1` to `scope`'s agent and asserts it succeeds within two minutes.
+async fn terminate(gateway: &Gateway, scope: &Scope, reason: &str) {
+    let terminate =
+        Message::Terminate(Terminate { job_id: "t-1".into(), reason: reason.into(), grace_period_seconds: 1 });
+    let done = tokio::time::timeout(Duration::from_secs(120), gateway.command(scope, terminate))
+        .await
+        .expect("TERMINATE finishes")
+        .unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+}
+
+/// The session token the agent keeps in `dir` (beside its config file), if any.
+fn kept_session(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("session.json")).ok()?;
+    let stored: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(stored["session_token"].as_str()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_and_restarted_is_let_back_in_with_the_session_it_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let heartbeats = Heartbeats::default();
+    let running =
+        gateway(TcpListener::bind("127.0.0.1:0").await.unwrap(), &SigningKey::generate().unwrap(), &heartbeats).await;
+    let scope = scope();
+    let token = running.gateway().mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    let agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
+    wait_connected(running.gateway(), &scope).await;
+    wait_until("the session credential to be kept", || kept_session(dir.path()).is_some()).await;
+    let mode = std::fs::metadata(dir.path().join("session.json")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the session credential is private");
+    assert_ne!(kept_session(dir.path()).unwrap(), token.expose(), "the session token, not the enrollment one");
+
+    // SIGKILL, then started again from the same files, as systemd's Restart=always does. The
+    // enrollment token is spent: only the kept session can let the agent back in.
+    drop(agent);
+    wait_until("the gateway to see the agent gone", || !running.gateway().is_connected(&scope)).await;
+    let _agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
+    wait_connected(running.gateway(), &scope).await;
+
+    // And it works: a job runs.
+    terminate(running.gateway(), &scope, "test").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_connection_renews_the_session_so_a_restart_after_its_lifetime_gets_back_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let heartbeats = Heartbeats::default();
+    let settings = Settings {
+        session_ttl: Duration::from_secs(6),
+        session_renewal: Duration::from_millis(500),
+        token_leeway: Duration::ZERO,
+        ..Settings::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = gateway_with(listener, &SigningKey::generate().unwrap(), &heartbeats, settings).await;
+    let scope = scope();
+    let token = running.gateway().mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    let agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
+    wait_connected(running.gateway(), &scope).await;
+    wait_until("the session credential to be kept", || kept_session(dir.path()).is_some()).await;
+    let first = kept_session(dir.path()).unwrap();
+
+    // Connected past the first session token's lifetime, with the renewals kept as they come.
+    wait_until("the first session token to expire", || {
+        matches!(running.gateway().tokens().verify_agent(&first, "agent-1"), Err(TokenError::Expired))
+    })
+    .await;
+    assert!(running.gateway().is_connected(&scope), "the open connection is not cut by the expiry");
+    let kept = kept_session(dir.path()).unwrap();
+    assert_ne!(kept, first, "renewed while connected");
+
+    drop(agent);
+    wait_until("the gateway to see the agent gone", || !running.gateway().is_connected(&scope)).await;
+    let _agent = Agent::start(dir.path(), &running.connect_url(), token.expose(), &[]);
+    wait_connected(running.gateway(), &scope).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,12 +300,6 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
         .unwrap();
     assert_eq!(tested.state, JobState::Succeeded, "{tested:?}");
 
-    let terminate =
-        Message::Terminate(Terminate { job_id: "t-1".into(), reason: "pr_closed".into(), grace_period_seconds: 1 });
-    let terminated = tokio::time::timeout(Duration::from_secs(120), running.gateway().command(&scope, terminate))
-        .await
-        .expect("TERMINATE finishes")
-        .unwrap();
-    assert_eq!(terminated.state, JobState::Succeeded, "{terminated:?}");
+    terminate(running.gateway(), &scope, "pr_closed").await;
     assert!(http_get(port, "/").is_none(), "the app still answers after TERMINATE");
 }

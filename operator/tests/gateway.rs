@@ -213,6 +213,28 @@ async fn the_session_token_reconnects_and_a_second_connection_replaces_the_first
     assert_eq!(expect_close(&mut second).await, 4000);
 }
 
+#[tokio::test]
+async fn a_long_connection_is_sent_a_fresh_session_token_before_the_last_expires() {
+    let settings = Settings {
+        session_ttl: Duration::from_secs(30),
+        session_renewal: Duration::from_millis(200),
+        token_leeway: Duration::ZERO,
+        ..Settings::default()
+    };
+    let gateway = start(builder().settings(settings)).await;
+    let scope = scope("renewal");
+    let (mut ws, first) = enroll(&gateway, "agent-1", &mint(&gateway, &scope, "agent-1"), vec![]).await;
+    let Message::HelloAck(renewed) = recv(&mut ws).await else { panic!("expected a renewing HELLO_ACK") };
+    assert_ne!(renewed.session_token, first.session_token);
+    assert_eq!(renewed.scope, scope);
+    let (claims, _) = gateway.gateway().tokens().verify_agent(renewed.session_token.expose(), "agent-1").unwrap();
+    let (old, _) = gateway.gateway().tokens().verify_agent(first.session_token.expose(), "agent-1").unwrap();
+    assert!(claims.exp >= old.exp, "the renewal lasts at least as long");
+    // The renewed token lets the agent back in.
+    drop(ws);
+    enroll(&gateway, "agent-1", &renewed.session_token, vec![]).await;
+}
+
 // ---- commands ----
 
 #[tokio::test]
@@ -508,10 +530,10 @@ impl Redis {
         let mut all = String::new();
         for key in keys {
             let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
-            let read = if kind == "stream" {
-                redis::cmd("XRANGE").arg(&key).arg("-").arg("+").clone()
-            } else {
-                redis::cmd("GET").arg(&key).clone()
+            let read = match kind.as_str() {
+                "stream" => redis::cmd("XRANGE").arg(&key).arg("-").arg("+").clone(),
+                "set" => redis::cmd("SMEMBERS").arg(&key).clone(),
+                _ => redis::cmd("GET").arg(&key).clone(),
             };
             let entries: redis::Value = read.query_async(&mut conn).await.unwrap();
             all.push_str(&format!("{key} {entries:?}\n"));
@@ -525,13 +547,20 @@ fn log(job_id: &str, seq: u64, data: &str) -> Message {
         job_id: job_id.into(),
         stream: LogStream::Stdout,
         seq,
-        timestamp_ms: 1_000 + seq,
+        timestamp_ms: seq.saturating_add(1_000),
         data: data.into(),
     })
 }
 
 /// GET over plain HTTP/1.1 on loopback; returns (status code, body).
 async fn http_get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let (code, _, body) = http_response(addr, path, bearer).await;
+    (code, body)
+}
+
+/// GET over plain HTTP/1.1 on loopback; returns the status code, the headers (lowercase) and
+/// the body (de-chunked).
+async fn http_response(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
@@ -540,8 +569,39 @@ async fn http_get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) 
     let mut response = String::new();
     tokio::time::timeout(WAIT, stream.read_to_string(&mut response)).await.expect("response in time").unwrap();
     let code = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    (code, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let head = head.to_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    (code, head, body)
+}
+
+/// The data of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut data = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hexadecimal chunk size");
+        if size == 0 {
+            return data;
+        }
+        data.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+/// The lines of `job_id` read through the log endpoint, once there are at least `count`.
+async fn logged(gateway: &RunningGateway, job_id: &str, count: usize) -> Vec<serde_json::Value> {
+    let token = gateway.gateway().mint_log_token(job_id, Duration::from_secs(60)).unwrap();
+    let (addr, path) = (gateway.addr(), format!("/v1/jobs/{job_id}/logs"));
+    let body = eventually(&format!("{count} lines of {job_id}"), WAIT, || {
+        let (token, path) = (token.clone(), path.clone());
+        async move {
+            let (_, body) = http_get(addr, &path, Some(token.expose())).await;
+            (body.lines().count() >= count).then_some(body)
+        }
+    })
+    .await;
+    body.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
 }
 
 #[tokio::test]
@@ -589,7 +649,8 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
     send(&mut ws, &log("build-logs", 0, &format!("cloning with {git_token}"))).await;
     send(&mut ws, &log("build-logs", 1, &format!("login push:{password} ok; db={database_url}"))).await;
     send(&mut ws, &log("build-logs", 2, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC")).await;
-    send(&mut ws, &log("build-logs", 1, "a resent line is stored once")).await;
+    // The last line again, as an agent resends it after a reconnect: stored once.
+    send(&mut ws, &log("build-logs", 2, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC")).await;
     for seq in 3..1000 {
         send(&mut ws, &log("build-logs", seq, &format!("line {seq}"))).await;
     }
@@ -610,8 +671,9 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
     let other = gateway.gateway().mint_log_token("deploy-logs", Duration::from_secs(60)).unwrap();
     assert_eq!(http_get(addr, path, Some(other.expose())).await.0, 403);
     let token = gateway.gateway().mint_log_token("build-logs", Duration::from_secs(60)).unwrap();
-    let (code, body) = http_get(addr, path, Some(token.expose())).await;
+    let (code, head, body) = http_response(addr, path, Some(token.expose())).await;
     assert_eq!(code, 200, "{body}");
+    assert!(head.contains("transfer-encoding: chunked"), "streamed, not built whole: {head}");
     let lines: Vec<serde_json::Value> = body.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert_eq!(lines.len() as u64, len);
     assert_eq!(lines.last().unwrap()["data"], "line 999");
@@ -619,23 +681,14 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
     assert!(lines.iter().all(|line| line["data"] != "line 3"), "the oldest lines are trimmed");
 
     // A short job read in full: each masked line stored once.
+    let _short = gateway.gateway().send(&scope, build("short", None)).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("short"));
     send(&mut ws, &log("short", 0, &format!("token {git_token} then {password}"))).await;
     send(&mut ws, &log("short", 1, database_url)).await;
     send(&mut ws, &log("short", 2, "  MIIEvQIBADANBgkqhkiG9w0BAQEFAASC  ")).await;
-    send(&mut ws, &log("short", 1, "resent")).await;
-    let token = gateway.gateway().mint_log_token("short", Duration::from_secs(60)).unwrap();
-    let body = eventually("the short job's three lines", WAIT, || {
-        let token = token.clone();
-        async move {
-            let (_, body) = http_get(addr, "/v1/jobs/short/logs", Some(token.expose())).await;
-            (body.lines().count() == 3).then_some(body)
-        }
-    })
-    .await;
-    let data: Vec<String> = body
-        .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["data"].as_str().unwrap().to_owned())
-        .collect();
+    send(&mut ws, &log("short", 2, "  MIIEvQIBADANBgkqhkiG9w0BAQEFAASC  ")).await;
+    let data: Vec<String> =
+        logged(&gateway, "short", 3).await.iter().map(|line| line["data"].as_str().unwrap().to_owned()).collect();
     assert_eq!(data, ["token *** then ***", "***", "  ***  "]);
 
     let stored = redis.dump().await;
@@ -645,6 +698,66 @@ async fn logs_are_masked_capped_and_readable_and_secrets_never_reach_the_gateway
         assert!(!stored.contains(secret), "{secret} reached redis");
         assert!(!printed.contains(secret), "{secret} reached the gateway's log");
     }
+}
+
+#[tokio::test]
+async fn an_agent_writes_only_the_logs_of_its_own_jobs_and_cannot_silence_them() {
+    let redis = Redis::start().await;
+    let gateway = start(builder().redis(redis.url())).await;
+    let (mine, theirs) = (scope("log-owner"), scope("log-other"));
+    let (mut ws, _) = enroll(&gateway, "agent-1", &mint(&gateway, &mine, "agent-1"), vec![]).await;
+    let (mut other, _) = enroll(&gateway, "agent-2", &mint(&gateway, &theirs, "agent-2"), vec![]).await;
+    let first_run = gateway.gateway().send(&mine, build("job-mine", None)).unwrap();
+    let _theirs = gateway.gateway().send(&theirs, build("job-theirs", None)).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("job-mine"));
+    assert_eq!(recv(&mut other).await.job_id(), Some("job-theirs"));
+
+    // Lines for another agent's job, or for a job no one sent: refused, once per job.
+    for job in ["job-theirs", "never-sent"] {
+        send(&mut ws, &log(job, 0, "forged line")).await;
+        send(&mut ws, &log(job, 1, "forged line")).await;
+        match recv(&mut ws).await {
+            Message::Error(error) => {
+                assert_eq!(error.code, ErrorCode::UnknownJob, "{}", error.message);
+                assert!(error.message.contains(job), "{}", error.message);
+            }
+            unexpected => panic!("expected an ERROR, got {unexpected:?}"),
+        }
+    }
+    send(&mut ws, &Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 })).await;
+    assert!(matches!(recv(&mut ws).await, Message::Heartbeat(_)), "one ERROR per job, then nothing");
+    assert_eq!(redis.stream_len("job-theirs").await, 0);
+    assert_eq!(redis.stream_len("never-sent").await, 0);
+
+    // A huge sequence number does not silence the lines after it.
+    send(&mut ws, &log("job-mine", u64::MAX - 1, "huge seq")).await;
+    send(&mut ws, &log("job-mine", 1, "after the huge one")).await;
+    // The job runs again under the same id (the agent restarted): its lines start at 0 again,
+    // and the first run's are kept.
+    send(&mut ws, &status("job-mine", JobState::Succeeded, None)).await;
+    tokio::time::timeout(WAIT, first_run.finished()).await.expect("the first run ends").unwrap();
+    let _again = gateway.gateway().send(&mine, build("job-mine", None)).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("job-mine"));
+    send(&mut ws, &log("job-mine", 0, "second run, line 0")).await;
+    send(&mut ws, &log("job-mine", 1, "second run, line 1")).await;
+    let lines: Vec<(u64, String)> = logged(&gateway, "job-mine", 4)
+        .await
+        .iter()
+        .map(|line| (line["seq"].as_u64().unwrap(), line["data"].as_str().unwrap().to_owned()))
+        .collect();
+    let expected =
+        [(u64::MAX - 1, "huge seq"), (1, "after the huge one"), (0, "second run, line 0"), (1, "second run, line 1")]
+            .map(|(seq, data)| (seq, data.to_owned()));
+    assert_eq!(lines, expected);
+
+    // A log longer than a page of the endpoint's reads comes whole and in order.
+    let _long = gateway.gateway().send(&mine, build("job-long", None)).unwrap();
+    assert_eq!(recv(&mut ws).await.job_id(), Some("job-long"));
+    for seq in 0..1234 {
+        send(&mut ws, &log("job-long", seq, &format!("line {seq}"))).await;
+    }
+    let seqs: Vec<u64> = logged(&gateway, "job-long", 1234).await.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..1234).collect::<Vec<u64>>());
 }
 
 // ---- configuration ----

@@ -200,6 +200,21 @@ pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> 
     command
 }
 
+/// The environment an executor's configuration is loaded from in tests: agent `agent-test` of
+/// a gateway no one serves, podman as the engine, `work` as the work directory.
+pub fn agent_env(work: &Path) -> std::collections::BTreeMap<String, String> {
+    [
+        ("STAGELY_GATEWAY_URL", "ws://127.0.0.1:9/v1/agent/connect".to_owned()),
+        ("STAGELY_AGENT_ID", "agent-test".to_owned()),
+        ("STAGELY_AGENT_TOKEN", "enrollment".to_owned()),
+        ("STAGELY_ENGINE", "podman".to_owned()),
+        ("STAGELY_WORK_DIR", work.to_string_lossy().into_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// The `stagely-agent` binary, for tests of other packages (which have no `CARGO_BIN_EXE_` for
 /// it): built if needed, found beside the test executable's `deps/` directory.
 pub fn agent_bin() -> PathBuf {

@@ -1,6 +1,7 @@
 //! One agent connection: the HELLO handshake, then one task that writes the agent's queue and
-//! reads its frames (heartbeats, logs, statuses).
+//! reads its frames (heartbeats, logs, statuses), and renews the agent's session token.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -60,14 +61,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
             return refuse(&mut socket, refusal.0, refusal.1).await;
         }
     };
-    let ack = Message::HelloAck(HelloAck {
-        session_token,
-        heartbeat_interval_seconds: inner.settings.heartbeat_interval_secs,
-        scope: Scope::clone(&scope),
-    });
-    let ack = match serde_json::to_string(&ack) {
-        Ok(ack) => ack,
-        Err(_) => return refuse(&mut socket, ErrorCode::Internal, "failed to answer the HELLO").await,
+    let Some(ack) = hello_ack(&inner, &scope, session_token) else {
+        return refuse(&mut socket, ErrorCode::Internal, "failed to answer the HELLO").await;
     };
     let (id, mut queue, resend, masker) = register(&inner, &scope, &hello);
     tracing::info!(
@@ -76,13 +71,18 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
     );
     // Only the agent id is needed from here on; the rest of the HELLO (its token) goes.
     let agent_id = into_agent_id(hello);
-    let mut open = send(&inner, &mut socket, Utf8Bytes::from(ack)).await;
+    let mut open = send(&inner, &mut socket, ack).await;
     for frame in resend {
         if !open {
             break;
         }
         open = send(&inner, &mut socket, frame).await;
     }
+    let renewal = inner.settings.renewal_interval();
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renewal, renewal);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Jobs whose lines this connection refused, each answered with one ERROR.
+    let mut refused = HashSet::new();
 
     while open {
         tokio::select! {
@@ -90,6 +90,18 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
             _ = shutdown.changed() => {
                 close(&mut socket, CLOSE_GOING_AWAY, "the gateway is shutting down").await;
                 break;
+            }
+            _ = renew.tick() => {
+                // A fresh session token before the last one expires; agents that predate
+                // renewal ignore a second HELLO_ACK.
+                match inner.tokens.mint_session(&scope, &agent_id, inner.settings.session_ttl) {
+                    Ok(token) => {
+                        if let Some(ack) = hello_ack(&inner, &scope, token) {
+                            open = send(&inner, &mut socket, ack).await;
+                        }
+                    }
+                    Err(err) => tracing::warn!(%agent_id, error = %err, "failed to renew an agent's session token"),
+                }
             }
             frame = queue.recv() => match frame {
                 Some(frame) => open = send(&inner, &mut socket, frame).await,
@@ -100,7 +112,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
             },
             incoming = socket.recv() => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
-                    open = Box::pin(handle(&inner, &mut socket, &scope, &masker, text)).await;
+                    open = Box::pin(handle(&inner, &mut socket, &scope, &masker, &mut refused, text)).await;
                 }
                 Some(Ok(WsMessage::Binary(_))) => {
                     open = send_error(&inner, &mut socket, ErrorCode::BadMessage, "frames are JSON text").await;
@@ -119,6 +131,16 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
     }
     drop(agents);
     tracing::info!(%agent_id, namespace = %scope.namespace, name = %scope.name, "agent disconnected");
+}
+
+/// The HELLO_ACK frame carrying `session_token`.
+fn hello_ack(inner: &Inner, scope: &Scope, session_token: stagely_api::protocol::Sensitive) -> Option<Utf8Bytes> {
+    let ack = Message::HelloAck(HelloAck {
+        session_token,
+        heartbeat_interval_seconds: inner.settings.heartbeat_interval_secs,
+        scope: scope.clone(),
+    });
+    serde_json::to_string(&ack).ok().map(Utf8Bytes::from)
 }
 
 /// The agent id, dropping the rest of the HELLO now rather than at the connection's end.
@@ -207,6 +229,7 @@ async fn handle(
     socket: &mut WebSocket,
     scope: &Arc<Scope>,
     masker: &RwLock<Masker>,
+    refused: &mut HashSet<String>,
     text: Utf8Bytes,
 ) -> bool {
     let message = match serde_json::from_str::<Message>(&text) {
@@ -221,6 +244,37 @@ async fn handle(
         }
         Message::Log(mut log) => {
             let Some(logs) = &inner.logs else { return true };
+            let mut check = check_log(inner, scope, &log);
+            if check == LogCheck::Unknown && !refused.contains(&log.job_id) && refused.len() < REFUSED_KEPT {
+                // Sent before this operator started, perhaps.
+                match logs.job_was_sent(&scope.uid, &log.job_id).await {
+                    Ok(true) => {
+                        if let Some(slot) = inner.agents().get_mut(scope) {
+                            slot.remember(&log.job_id);
+                        }
+                        check = check_log(inner, scope, &log);
+                    }
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(error = %err, "failed to look up the job of a log line"),
+                }
+            }
+            match check {
+                LogCheck::Store => {}
+                LogCheck::Resent => return true,
+                LogCheck::Unknown => {
+                    if refused.len() >= REFUSED_KEPT || !refused.insert(log.job_id.clone()) {
+                        return true;
+                    }
+                    // The agent chose this id: only so much of it goes into the operator's log.
+                    let job_id: String = log.job_id.chars().take(128).collect();
+                    tracing::warn!(
+                        namespace = %scope.namespace, name = %scope.name, job_id,
+                        "refusing log lines for a job this agent was not sent"
+                    );
+                    let message = format!("job {job_id} was not sent to this agent: its log lines are refused");
+                    return send_error(inner, socket, ErrorCode::UnknownJob, &message).await;
+                }
+            }
             {
                 let masker = masker.read().unwrap_or_else(|poisoned| poisoned.into_inner());
                 if let std::borrow::Cow::Owned(masked) = masker.mask(&log.data) {
@@ -263,6 +317,34 @@ async fn handle(
             send_error(inner, socket, ErrorCode::BadMessage, "agents send HEARTBEAT, LOG, STATUS or ERROR").await
         }
     }
+}
+
+/// Jobs whose refusal one connection remembers (and answers once each); past them, lines of
+/// unknown jobs are dropped without an answer.
+const REFUSED_KEPT: usize = 1024;
+
+/// What to do with a LOG line.
+#[derive(Debug, PartialEq, Eq)]
+enum LogCheck {
+    /// Store it.
+    Store,
+    /// The line stored last for its job, sent again after a reconnect: drop it.
+    Resent,
+    /// Its job was not sent to this agent (as far as this process knows).
+    Unknown,
+}
+
+/// Whether `log`'s job was sent to `scope`'s agent, and if so records the line as the last.
+fn check_log(inner: &Inner, scope: &Scope, log: &stagely_api::protocol::Log) -> LogCheck {
+    let mut agents = inner.agents();
+    let Some(last) = agents.get_mut(scope).and_then(|slot| slot.sent.get_mut(&log.job_id)) else {
+        return LogCheck::Unknown;
+    };
+    if *last == Some(log.seq) {
+        return LogCheck::Resent;
+    }
+    *last = Some(log.seq);
+    LogCheck::Store
 }
 
 /// A failed STATUS for `job_id` saying `message`.

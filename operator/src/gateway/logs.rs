@@ -1,100 +1,18 @@
-//! Job logs: masking known secret values out of LOG lines, storing them capped per job in a
-//! Redis stream (`stagely:logs:<job_id>`), and reading them back.
+//! Job logs: masking known secret values out of LOG lines (with the one masker, from `api/`),
+//! storing them capped per job in a Redis stream (`stagely:logs:<job_id>`), and reading them back.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamMaxlen, StreamRangeReply};
 use serde::{Deserialize, Serialize};
-use stagely_api::protocol::{Log, LogStream, Message};
+use stagely_api::protocol::{Log, LogStream};
 
-/// What replaces a secret value.
-pub const MASK: &str = "***";
+pub use stagely_api::mask::{MASK, Masker, secret_values};
 
 /// The Redis key of a job's log stream.
 pub fn log_key(job_id: &str) -> String {
     format!("stagely:logs:{job_id}")
-}
-
-/// Known secret values of one scope, and how to blot them out of text.
-#[derive(Default, Clone)]
-pub struct Masker {
-    /// Longest first, so that a secret containing another is masked whole.
-    needles: Vec<String>,
-}
-
-impl std::fmt::Debug for Masker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Masker").field("values", &self.needles.len()).finish()
-    }
-}
-
-/// Lines of a multi-line secret shorter than this are not masked on their own (a PEM key's
-/// closing `=` would otherwise blot out every `=` in the logs).
-const MIN_LINE_LEN: usize = 6;
-
-impl Masker {
-    /// Adds a secret value: the whole value, and for a multi-line value each of its lines, since
-    /// the agent sends output line by line.
-    pub fn add(&mut self, secret: &str) {
-        let mut add = |needle: &str| {
-            if !needle.is_empty() && !self.needles.iter().any(|n| n == needle) {
-                self.needles.push(needle.to_owned());
-            }
-        };
-        add(secret);
-        if secret.contains('\n') {
-            for line in secret.lines().map(str::trim).filter(|line| line.len() >= MIN_LINE_LEN) {
-                add(line);
-            }
-        }
-        self.needles.sort_by_key(|needle| std::cmp::Reverse(needle.len()));
-    }
-
-    /// Adds every secret value `command` carries.
-    pub fn add_from(&mut self, command: &Message) {
-        for secret in secret_values(command) {
-            self.add(secret);
-        }
-    }
-
-    /// Whether no value is known.
-    pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
-    }
-
-    /// `text` with every known value replaced by [`MASK`].
-    pub fn mask<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let mut text = Cow::Borrowed(text);
-        for needle in &self.needles {
-            if text.contains(needle.as_str()) {
-                text = Cow::Owned(text.replace(needle.as_str(), MASK));
-            }
-        }
-        text
-    }
-}
-
-/// The secret values a command carries.
-pub fn secret_values(command: &Message) -> Vec<&str> {
-    let mut values = Vec::new();
-    match command {
-        Message::Build(build) => {
-            values.extend(build.git_token.as_ref().map(|t| t.expose()));
-            values.extend(build.registry_auth.as_ref().map(|a| a.password.expose()));
-        }
-        Message::Deploy(deploy) => {
-            values.extend(deploy.git_token.as_ref().map(|t| t.expose()));
-            values.extend(deploy.registry_auth.as_ref().map(|a| a.password.expose()));
-            values.extend(deploy.secrets.iter().map(|s| s.value.expose()));
-        }
-        Message::Test(test) => {
-            values.extend(test.registry_auth.as_ref().map(|a| a.password.expose()));
-        }
-        _ => {}
-    }
-    values
 }
 
 /// One stored log line, as the HTTP endpoint returns it (one JSON object per line).
@@ -166,11 +84,42 @@ impl LogStore {
         Ok(set.is_some())
     }
 
-    /// Appends a line (already masked). The stream entry id is `0-<seq+1>`, so a line the agent
-    /// resends is refused by Redis and stored once.
+    /// Records that `job_id` was sent to the agent of the scope with `uid`, until
+    /// `retention` after the last job sent to it, so that a restarted operator still takes that
+    /// agent's lines for it.
+    pub async fn record_job(&self, uid: &str, job_id: &str) -> Result<(), LogError> {
+        let key = jobs_key(uid);
+        let mut pipe = redis::pipe();
+        pipe.atomic().sadd(&key, job_id).ignore().expire(&key, self.retention_secs()).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(|source| LogError::Redis {
+            action: "record the job of",
+            job_id: job_id.to_owned(),
+            source,
+        })
+    }
+
+    /// Whether `job_id` was sent to the agent of the scope with `uid` (by this operator or an
+    /// earlier one).
+    pub async fn job_was_sent(&self, uid: &str, job_id: &str) -> Result<bool, LogError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SISMEMBER")
+            .arg(jobs_key(uid))
+            .arg(job_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|source| LogError::Redis { action: "look up the job of", job_id: job_id.to_owned(), source })
+    }
+
+    fn retention_secs(&self) -> i64 {
+        self.retention.as_secs().try_into().unwrap_or(i64::MAX)
+    }
+
+    /// Appends a line (already masked). Redis numbers the entry: what the agent says (`seq`)
+    /// is kept as a field, never trusted as the stream's order, so a bogus or restarted
+    /// sequence cannot hide later lines.
     pub async fn append(&self, log: &Log) -> Result<(), LogError> {
         let key = log_key(&log.job_id);
-        let id = format!("0-{}", log.seq.saturating_add(1));
         let stream = match log.stream {
             LogStream::Stdout => "stdout",
             LogStream::Stderr => "stderr",
@@ -181,66 +130,87 @@ impl LogStore {
             .xadd_maxlen(
                 &key,
                 StreamMaxlen::Approx(self.max_len),
-                &id,
-                &[("stream", stream), ("ts", &log.timestamp_ms.to_string()), ("data", &log.data)],
+                "*",
+                &[
+                    ("stream", stream),
+                    ("seq", &log.seq.to_string()),
+                    ("ts", &log.timestamp_ms.to_string()),
+                    ("data", &log.data),
+                ],
             )
             .ignore()
-            .expire(&key, self.retention.as_secs().try_into().unwrap_or(i64::MAX))
+            .expire(&key, self.retention_secs())
             .ignore();
         let mut conn = self.conn.clone();
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => Ok(()),
-            // A resent line: its id is not above the stream's last one.
-            Err(err) if err.to_string().contains("equal or smaller") => Ok(()),
-            Err(source) => Err(LogError::Redis { action: "append to", job_id: log.job_id.clone(), source }),
-        }
+        pipe.query_async::<()>(&mut conn).await.map_err(|source| LogError::Redis {
+            action: "append to",
+            job_id: log.job_id.clone(),
+            source,
+        })
     }
 
-    /// Every stored line of `job_id`, oldest first.
-    pub async fn read(&self, job_id: &str) -> Result<Vec<StoredLine>, LogError> {
+    /// Up to `count` stored lines of `job_id`, oldest first, after the entry `after` (from the
+    /// start without one); with the id to continue from when there may be more.
+    pub async fn read_page(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<(Vec<StoredLine>, Option<String>), LogError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let reply = self.range("XRANGE", job_id, &start, "+", count).await?;
+        let next = reply.ids.last().filter(|_| reply.ids.len() >= count).map(|entry| entry.id.clone());
+        Ok((reply.ids.iter().filter_map(stored_line).collect(), next))
+    }
+
+    /// The last `count` stored lines of `job_id`, oldest first.
+    pub async fn tail(&self, job_id: &str, count: usize) -> Result<Vec<StoredLine>, LogError> {
+        let reply = self.range("XREVRANGE", job_id, "+", "-", count).await?;
+        Ok(reply.ids.iter().rev().filter_map(stored_line).collect())
+    }
+
+    /// `command` (XRANGE or XREVRANGE) over `job_id`'s stream from `from` to `to`, `count` at most.
+    async fn range(
+        &self,
+        command: &str,
+        job_id: &str,
+        from: &str,
+        to: &str,
+        count: usize,
+    ) -> Result<StreamRangeReply, LogError> {
         let mut conn = self.conn.clone();
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
+        redis::cmd(command)
             .arg(log_key(job_id))
-            .arg("-")
-            .arg("+")
+            .arg(from)
+            .arg(to)
+            .arg("COUNT")
+            .arg(count)
             .query_async(&mut conn)
             .await
-            .map_err(|source| LogError::Redis { action: "read", job_id: job_id.to_owned(), source })?;
-        Ok(reply
-            .ids
-            .into_iter()
-            .filter_map(|entry| {
-                let seq = entry.id.split_once('-')?.1.parse::<u64>().ok()?.checked_sub(1)?;
-                let stream = match entry.get::<String>("stream")?.as_str() {
-                    "stdout" => LogStream::Stdout,
-                    "stderr" => LogStream::Stderr,
-                    _ => LogStream::System,
-                };
-                Some(StoredLine {
-                    seq,
-                    stream,
-                    timestamp_ms: entry.get::<u64>("ts").unwrap_or(0),
-                    data: entry.get::<String>("data").unwrap_or_default(),
-                })
-            })
-            .collect())
+            .map_err(|source| LogError::Redis { action: "read", job_id: job_id.to_owned(), source })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The Redis key of the job ids sent to the agent of the scope with `uid`.
+fn jobs_key(uid: &str) -> String {
+    format!("stagely:jobs:{uid}")
+}
 
-    #[test]
-    fn masks_whole_values_longest_first_and_lines_of_multi_line_values() {
-        let mut masker = Masker::default();
-        masker.add("hunter2");
-        masker.add("hunter2-extended");
-        masker.add("-----BEGIN KEY-----\nMIIEpAIBAAKCAQEA\n=\n-----END KEY-----\n");
-        assert_eq!(masker.mask("pw=hunter2-extended and hunter2"), "pw=*** and ***");
-        assert_eq!(masker.mask("  MIIEpAIBAAKCAQEA\n"), "  ***\n");
-        assert_eq!(masker.mask("a = b"), "a = b");
-        assert!(matches!(masker.mask("nothing here"), Cow::Borrowed(_)));
-        assert!(!format!("{masker:?}").contains("hunter2"));
-    }
+/// A stream entry as a line; entries written before `seq` was a field carry it in their id.
+fn stored_line(entry: &redis::streams::StreamId) -> Option<StoredLine> {
+    let seq = match entry.get::<u64>("seq") {
+        Some(seq) => seq,
+        None => entry.id.split_once('-')?.1.parse::<u64>().ok()?.checked_sub(1)?,
+    };
+    let stream = match entry.get::<String>("stream")?.as_str() {
+        "stdout" => LogStream::Stdout,
+        "stderr" => LogStream::Stderr,
+        _ => LogStream::System,
+    };
+    Some(StoredLine {
+        seq,
+        stream,
+        timestamp_ms: entry.get::<u64>("ts").unwrap_or(0),
+        data: entry.get::<String>("data").unwrap_or_default(),
+    })
 }

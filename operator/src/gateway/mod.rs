@@ -9,9 +9,11 @@
 //! HELLO's capabilities ([`Gateway::capabilities`]). Each agent has a bounded
 //! send queue; one that does not keep up is disconnected, never waited for. HEARTBEATs are
 //! echoed back as the ack and recorded on the object's `status.lastHeartbeat`, coalesced to one
-//! write per object per interval. LOG lines are masked for the secret values sent to that
-//! scope, then stored in Redis and served at `GET /v1/jobs/{job_id}/logs` to a bearer of a
-//! log-read token ([`Gateway::mint_log_token`]).
+//! write per object per interval. On a long connection the gateway sends HELLO_ACK again with a
+//! fresh session token before the last one expires. LOG lines are taken only for jobs sent to
+//! that agent, masked for the secret values sent to that scope, then stored in Redis and
+//! streamed at `GET /v1/jobs/{job_id}/logs` to a bearer of a log-read token
+//! ([`Gateway::mint_log_token`]).
 
 mod config;
 mod connection;
@@ -20,7 +22,7 @@ pub mod objects;
 mod outbox;
 pub mod token;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -94,6 +96,9 @@ pub struct Settings {
     pub hello_timeout: Duration,
     /// Lifetime of the session token in HELLO_ACK.
     pub session_ttl: Duration,
+    /// How often a connected agent is sent a fresh session token (at most half the lifetime,
+    /// so that an agent connected for longer than the lifetime can still reconnect).
+    pub session_renewal: Duration,
     /// Clock skew allowed on token expiry.
     pub token_leeway: Duration,
     /// How long shutdown waits for connections to close.
@@ -113,6 +118,7 @@ impl Default for Settings {
             write_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             session_ttl: Duration::from_secs(48 * 3600),
+            session_renewal: Duration::from_secs(12 * 3600),
             token_leeway: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             read_buffer_size: 1024,
@@ -298,13 +304,46 @@ struct Inner {
     drained: Notify,
 }
 
+impl Settings {
+    /// How often a connected agent gets a fresh session token.
+    pub fn renewal_interval(&self) -> Duration {
+        self.session_renewal.min(self.session_ttl / 2).max(Duration::from_millis(100))
+    }
+}
+
+/// Jobs remembered per scope for accepting their log lines (the newest; older ones are looked
+/// up in Redis).
+const SENT_JOBS_KEPT: usize = 256;
+
 /// Everything the gateway holds for one scope.
 #[derive(Default)]
 struct AgentSlot {
     connection: Option<Connection>,
     /// Commands without a final STATUS yet, by job id.
     pending: HashMap<String, PendingJob>,
+    /// Jobs sent to this scope's agent, whose log lines it may send: the sequence number of
+    /// the last line stored for each (a line resent after a reconnect is stored once).
+    sent: HashMap<String, Option<u64>>,
+    /// The order `sent` was filled in, to forget the oldest.
+    sent_order: VecDeque<String>,
     masker: Arc<RwLock<Masker>>,
+}
+
+impl AgentSlot {
+    /// Remembers that `job_id` was sent to this scope's agent; whether it is new to this slot.
+    fn remember(&mut self, job_id: &str) -> bool {
+        if self.sent.contains_key(job_id) {
+            return false;
+        }
+        self.sent.insert(job_id.to_owned(), None);
+        self.sent_order.push_back(job_id.to_owned());
+        while self.sent_order.len() > SENT_JOBS_KEPT {
+            if let Some(oldest) = self.sent_order.pop_front() {
+                self.sent.remove(&oldest);
+            }
+        }
+        true
+    }
 }
 
 struct Connection {
@@ -420,6 +459,17 @@ impl Gateway {
         }
         let Some(slot) = agents.get_mut(scope) else { unreachable!("inserted above") };
         slot.masker.write().unwrap_or_else(|poisoned| poisoned.into_inner()).add_from(&command);
+        if slot.remember(&job_id)
+            && let Some(logs) = &self.inner.logs
+        {
+            // Outlives this process: a restarted operator still takes the job's lines.
+            let (logs, uid, job) = (logs.clone(), scope.uid.clone(), job_id.clone());
+            tokio::spawn(async move {
+                if let Err(err) = logs.record_job(&uid, &job).await {
+                    tracing::warn!(error = %err, "failed to record a job sent to an agent");
+                }
+            });
+        }
         if let Some(pending) = slot.pending.get(&job_id) {
             return Ok(Job { job_id, status: pending.status.subscribe() });
         }
@@ -475,11 +525,8 @@ impl Gateway {
     /// Redis or when the log cannot be read.
     pub async fn log_tail(&self, job_id: &str, lines: usize) -> Vec<String> {
         let Some(logs) = &self.inner.logs else { return Vec::new() };
-        match logs.read(job_id).await {
-            Ok(stored) => {
-                let skip = stored.len().saturating_sub(lines);
-                stored.into_iter().skip(skip).map(|line| line.data).collect()
-            }
+        match logs.tail(job_id, lines).await {
+            Ok(stored) => stored.into_iter().map(|line| line.data).collect(),
             Err(err) => {
                 tracing::warn!(job_id, error = %err, "failed to read a job's log tail");
                 Vec::new()
@@ -579,19 +626,42 @@ async fn read_logs(State(inner): State<Arc<Inner>>, Path(job_id): Path<String>, 
     let Some(logs) = &inner.logs else {
         return (StatusCode::SERVICE_UNAVAILABLE, "log storage is not configured\n").into_response();
     };
-    match logs.read(&job_id).await {
-        Ok(lines) => {
-            let mut body = String::new();
-            for line in lines {
-                // Serializing a plain struct cannot fail.
-                body.push_str(&serde_json::to_string(&line).unwrap_or_default());
-                body.push('\n');
-            }
-            ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
-        }
+    // Page by page, so a long log is never held whole: the first page is read before
+    // answering (a failure is a 503), the rest while the body is written.
+    let first = match logs.read_page(&job_id, None, LOG_PAGE).await {
+        Ok(page) => page,
         Err(err) => {
             tracing::warn!(error = %err, "failed to read job logs");
-            (StatusCode::SERVICE_UNAVAILABLE, "failed to read the logs\n").into_response()
+            return (StatusCode::SERVICE_UNAVAILABLE, "failed to read the logs\n").into_response();
         }
-    }
+    };
+    let logs = logs.clone();
+    let pages = futures_util::stream::unfold(Some(Ok(first)), move |state| {
+        let (logs, job_id) = (logs.clone(), job_id.clone());
+        async move {
+            let (lines, next) = match state? {
+                Ok(page) => page,
+                Err(err) => {
+                    // The status is sent: the body ends early, without its last lines.
+                    tracing::warn!(error = %err, "failed to read job logs");
+                    return Some((Err(err), None));
+                }
+            };
+            let mut body = String::new();
+            for line in &lines {
+                // Serializing a plain struct cannot fail.
+                body.push_str(&serde_json::to_string(line).unwrap_or_default());
+                body.push('\n');
+            }
+            let next = match next {
+                Some(after) => Some(logs.read_page(&job_id, Some(after.as_str()), LOG_PAGE).await),
+                None => None,
+            };
+            Some((Ok::<_, LogError>(body), next))
+        }
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(pages)).into_response()
 }
+
+/// Log lines read from Redis at a time by the log endpoint.
+const LOG_PAGE: usize = 500;
