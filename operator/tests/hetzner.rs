@@ -68,7 +68,9 @@ async fn create_status_list_terminate_and_terminate_again() {
     assert_eq!(instance.tags["stagely-owner-uid"], "uid-1");
     assert_eq!(instance.tags["stagely-role"], "preview");
     assert_eq!(instance.tags["stagely-managed-by"], "stagely");
-    assert_eq!(instance.tags["stagely-idempotency-key"], "uid-1-run-1", "sanitised to Hetzner's label rules");
+    let key = &instance.tags["stagely-idempotency-key"];
+    assert!(key.starts_with("uid-1-run-1-"), "sanitised to Hetzner's label rules, with a hash suffix: {key}");
+    assert_eq!(key, &stagely_operator::providers::hetzner::label_value("uid-1/run:1"));
 
     let sent = &stack().fake.servers(token)[0];
     assert_eq!((sent.location.as_str(), sent.image.as_str()), ("fsn1", "ubuntu-24.04"));

@@ -13,7 +13,7 @@ use stagely_api::keys::cloud_tags;
 use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 use tokio::sync::Mutex;
 
-use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit, sizes};
+use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit, names, sizes};
 
 const PROVIDER: &str = "AWS";
 
@@ -126,14 +126,21 @@ impl Aws {
             .client
             .describe_instances()
             .filters(filter(&format!("tag:{IDEMPOTENCY_TAG}"), key))
-            .filters(filter("instance-state-name", "pending"))
-            .filters(filter("instance-state-name", "running"))
+            // One filter with both values: EC2 ANDs separate filters, and no instance is in two
+            // states at once.
+            .filters(filter_any("instance-state-name", &["pending", "running"]))
             .send()
             .await
             .map_err(api_error)?;
         Ok(found.reservations().iter().flat_map(|r| r.instances()).map(convert).next())
     }
 
+    /// Creates the instance, or adopts the one an earlier attempt made: first by the idempotency
+    /// tag (which also covers an attempt that fell back from spot to on-demand, whose ClientToken
+    /// differs), then by ClientToken, which EC2 keeps for a while. What stays racy: EC2's
+    /// DescribeInstances is eventually consistent, so a retry within moments of a crash that
+    /// followed a spot-to-on-demand fallback may not see the first instance and start a second;
+    /// the owner tag on both lets the orphan sweep find it.
     async fn create_instance(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
         cloudinit::check_size(&spec.user_data, ProviderType::Aws)?;
         if let Some(existing) = self.find_by_key(&spec.idempotency_key).await? {
@@ -207,13 +214,16 @@ fn is_capacity_error(code: Option<&str>) -> bool {
 /// get their own, since EC2 ties a token to the original parameters.
 fn client_token(key: &str, spot: bool) -> String {
     let suffix = if spot { "-s" } else { "-o" };
-    let mut token: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(62).collect();
-    token.push_str(suffix);
-    token
+    names::fit(key, 62, |c| c.is_ascii_alphanumeric() || c == '-', '-') + suffix
 }
 
 fn filter(name: &str, value: &str) -> Filter {
-    Filter::builder().name(name).values(value).build()
+    filter_any(name, &[value])
+}
+
+/// A filter matching any of `values` (EC2 ORs the values of one filter, and ANDs filters).
+fn filter_any(name: &str, values: &[&str]) -> Filter {
+    Filter::builder().name(name).set_values(Some(values.iter().map(|v| (*v).to_owned()).collect())).build()
 }
 
 fn convert(instance: &aws_sdk_ec2::types::Instance) -> Instance {

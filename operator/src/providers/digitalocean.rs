@@ -15,6 +15,7 @@ use stagely_api::protocol::Sensitive;
 use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 
 use super::http::{JsonApi, RetryPolicy};
+use super::names;
 use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit, sizes};
 
 const PROVIDER: &str = "DigitalOcean";
@@ -168,24 +169,15 @@ impl DigitalOcean {
     }
 }
 
-/// A DigitalOcean tag: `key:value`, with what tags may not hold (anything but letters, digits,
-/// `:`, `-`, `_`) replaced by `_`, at most 255 characters.
+/// A DigitalOcean tag: `key:value` in what tags may hold (letters, digits, `:`, `-`, `_`), at
+/// most 255 characters; one that had to change gets a hash suffix ([`names::fit`]).
 pub fn tag(key: &str, value: &str) -> String {
-    format!("{key}:{value}")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_') { c } else { '_' })
-        .take(255)
-        .collect()
+    names::fit(&format!("{key}:{value}"), 255, |c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_'), '_')
 }
 
 /// A droplet name: letters, digits, `.` and `-`, starting and ending with a letter or digit.
 fn droplet_name(name: &str) -> String {
-    let name: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
-        .take(255)
-        .collect();
-    name.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
+    names::fit(name, 255, |c| c.is_ascii_alphanumeric() || c == '.' || c == '-', '-')
 }
 
 /// Tags back into a map: `key:value` splits at the first colon; a bare tag maps to "".
@@ -296,7 +288,9 @@ mod tests {
     #[test]
     fn tags_are_key_colon_value_in_the_allowed_characters() {
         assert_eq!(tag("stagely-owner-uid", "0b7e-11"), "stagely-owner-uid:0b7e-11");
-        assert_eq!(tag("stagely-idempotency-key", "uid/run 2"), "stagely-idempotency-key:uid_run_2");
+        let sanitised = tag("stagely-idempotency-key", "uid/run 2");
+        assert!(sanitised.starts_with("stagely-idempotency-key:uid_run_2-"), "{sanitised}");
+        assert_ne!(sanitised, tag("stagely-idempotency-key", "uid_run_2"), "keys that sanitise alike stay apart");
         let map = untag(&["stagely-role:builder".into(), "plain".into(), "a:b:c".into()]);
         assert_eq!(map["stagely-role"], "builder");
         assert_eq!(map["plain"], "");
@@ -305,8 +299,9 @@ mod tests {
 
     #[test]
     fn names_fit_the_droplet_pattern() {
-        assert_eq!(droplet_name("stagely-env_42.b"), "stagely-env-42.b");
-        assert_eq!(droplet_name("-x-"), "x");
+        assert_eq!(droplet_name("stagely-env-42.b"), "stagely-env-42.b");
+        assert!(droplet_name("stagely-env_42.b").starts_with("stagely-env-42.b-"));
+        assert!(droplet_name("-x-").starts_with("x-"));
     }
 
     #[test]

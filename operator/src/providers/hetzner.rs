@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 
 use super::digitalocean::parse_time;
 use super::http::{JsonApi, RetryPolicy};
+use super::names;
 use super::sizes::{self, HetznerServerType};
 use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, cloudinit};
 
@@ -263,25 +264,14 @@ impl Hetzner {
 }
 
 /// A label value: at most 63 of letters, digits, `-`, `_` and `.`, starting and ending with a
-/// letter or digit (other characters become `-`).
+/// letter or digit; one that had to change gets a hash suffix ([`names::fit`]).
 pub fn label_value(value: &str) -> String {
-    let value: String = value
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
-        .collect();
-    let trimmed = value.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    let cut: String = trimmed.chars().take(63).collect();
-    cut.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
+    names::fit(value, 63, |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'), '-')
 }
 
-/// A server name: a valid hostname (letters, digits, `-`, `.`).
+/// A server name: a valid hostname (letters, digits, `-`, `.`), at most 63 characters.
 fn server_name(name: &str) -> String {
-    let name: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
-        .take(63)
-        .collect();
-    name.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
+    names::fit(name, 63, |c| c.is_ascii_alphanumeric() || c == '-' || c == '.', '-')
 }
 
 fn convert(server: Server) -> Instance {
@@ -375,10 +365,12 @@ mod tests {
     #[test]
     fn label_values_fit_hetzners_rules() {
         assert_eq!(label_value("team-a"), "team-a");
-        assert_eq!(label_value("uid/run:2"), "uid-run-2");
-        assert_eq!(label_value("-x_"), "x");
+        assert!(label_value("uid/run:2").starts_with("uid-run-2-"), "changed, so hash-suffixed");
+        assert_ne!(label_value("uid/run:2"), label_value("uid-run-2"), "keys that sanitise alike stay apart");
+        assert!(label_value("-x_").starts_with("x-"));
         let long = label_value(&"a-".repeat(40));
-        assert!(long.len() <= 63 && long.ends_with('a'), "{long}");
+        assert!(long.len() <= 63 && long.chars().last().unwrap().is_ascii_alphanumeric(), "{long}");
+        assert_ne!(long, label_value(&format!("{}b", "a-".repeat(40))), "cut values stay apart");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod digitalocean;
 pub mod hetzner;
 pub mod http;
 pub mod local;
+pub mod names;
 pub mod sizes;
 
 use std::collections::BTreeMap;
