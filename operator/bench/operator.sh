@@ -9,7 +9,7 @@
 # Knobs: N (Environments), PER_NAMESPACE (Environments per team), UNTIL (ready|built|auto),
 # KEEP (a directory to keep the operator's and the control plane's logs in), OPERATOR_WRAPPER (a
 # profiler to run the operator under, e.g. `heaptrack -o /tmp/operator`; its RSS is then not the
-# operator's).
+# operator's, and the process the wrapper starts outlives the bench: kill it when the bench ends).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
