@@ -10,6 +10,7 @@ use aws_sdk_ec2::types::{
     ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
 };
 use stagely_api::keys::cloud_tags;
+use stagely_api::protocol::Sensitive;
 use stagely_api::v1alpha1::{Platform, ProviderType, Size};
 use tokio::sync::Mutex;
 
@@ -31,8 +32,8 @@ pub struct AwsSettings {
     pub region: String,
     /// Access key id.
     pub access_key_id: String,
-    /// Secret access key.
-    pub secret_access_key: String,
+    /// Secret access key; its `Debug` never shows it.
+    pub secret_access_key: Sensitive,
     /// Another endpoint (tests point this at moto).
     pub endpoint: Option<String>,
     /// Subnet to start instances in.
@@ -53,7 +54,7 @@ impl AwsSettings {
         Self {
             region: region.to_owned(),
             access_key_id: access_key_id.to_owned(),
-            secret_access_key: secret_access_key.to_owned(),
+            secret_access_key: Sensitive(secret_access_key.to_owned()),
             endpoint: None,
             subnet_id: None,
             security_group_ids: Vec::new(),
@@ -75,7 +76,8 @@ impl Aws {
     /// A client for `settings`. Throttled and transient failures are retried by the SDK with
     /// exponential backoff.
     pub fn new(settings: AwsSettings) -> Self {
-        let credentials = Credentials::new(&settings.access_key_id, &settings.secret_access_key, None, None, "stagely");
+        let credentials =
+            Credentials::new(&settings.access_key_id, settings.secret_access_key.expose(), None, None, "stagely");
         let mut config = aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(settings.region.clone()))
@@ -361,4 +363,17 @@ pub async fn wait_until_ready(aws: &Aws, id: &str, deadline: Duration) -> Result
 fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret_key() {
+        let settings = AwsSettings::new("eu-west-1", "AKIAEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+        assert!(!format!("{settings:?}").contains("wJalrXUtnFEMI"), "{settings:?}");
+        let aws = Aws::new(settings);
+        assert!(!format!("{:?}", aws.settings).contains("wJalrXUtnFEMI"));
+    }
 }
