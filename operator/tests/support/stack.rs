@@ -103,6 +103,9 @@ impl Stack {
         command
             .env("KUBECONFIG", self.plane.kubeconfig())
             .env("RUST_LOG", "info,stagely_operator=debug")
+            // Inherited by the local provider's agents: when the test process (and with it the
+            // operator) is gone, the previews a test left stop within a minute, not fifteen.
+            .env("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "60")
             .envs(self.podman.env.iter().map(|(k, v)| (k, v)))
             .arg("--ops-addr")
             .arg(format!("127.0.0.1:{}", free_port()))
