@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use stagely_api::ops;
-use stagely_api::v1alpha1::BuildJob;
 
 /// Command-line and environment configuration.
 #[derive(Parser, Debug, Clone)]
@@ -243,7 +242,7 @@ async fn run_operator(
                 Duration::from_secs(pipeline.agent_connect_timeout_secs),
             );
     let build_jobs = controllers::buildjob::Context::new(
-        client.clone(),
+        client,
         gateway.clone(),
         registry.clone(),
         endpoints,
@@ -263,16 +262,11 @@ async fn run_operator(
     let ops_metrics = metrics.register(env!("CARGO_PKG_VERSION"));
     let serve_ops = async { ops::serve_until_signal(config.ops_addr, ops_metrics).await.map_err(RunError::from) };
     let run_controllers = async {
-        // One BuildJob watch and cache for the two controllers that read BuildJobs.
-        let (mut jobs, watch_jobs) =
-            controllers::shared::watch(kube::Api::<BuildJob>::all(client.clone()), 2, ops::shutdown_signal());
-        let (jobs_for_builds, jobs_for_environments) = (jobs.remove(1), jobs.remove(0));
         tokio::join!(
-            watch_jobs,
             controllers::cloudprovider::run(Arc::new(cloud_providers), ops::shutdown_signal()),
             controllers::project::run(Arc::new(projects), ops::shutdown_signal()),
-            controllers::environment::run(environments, jobs_for_environments, ops::shutdown_signal()),
-            controllers::buildjob::run(Arc::new(build_jobs), jobs_for_builds, ops::shutdown_signal()),
+            controllers::environment::run(environments, ops::shutdown_signal()),
+            controllers::buildjob::run(Arc::new(build_jobs), ops::shutdown_signal()),
         );
         Ok(())
     };

@@ -23,7 +23,6 @@ use stagely_api::keys;
 use stagely_api::v1alpha1::{BuildJob, BuildJobPhase, BuildJobSpec, CloudProvider, Project, find_condition};
 use stagely_operator::controllers::buildjob::{self, Context, Timings};
 use stagely_operator::controllers::capacity::Capacity;
-use stagely_operator::controllers::shared;
 use stagely_operator::controllers::vm::{self, AgentSettings};
 use stagely_operator::gateway::objects::KubeObjects;
 use stagely_operator::gateway::token::SigningKey;
@@ -177,15 +176,9 @@ impl Harness {
         )
         .namespaced(&self.namespace);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let stopped = futures_util::FutureExt::shared(async {
+        let task = tokio::spawn(buildjob::run(Arc::new(ctx), async {
             let _ = stopped.await;
-        });
-        let (mut jobs, watch) =
-            shared::watch(Api::<BuildJob>::namespaced(self.client.clone(), &self.namespace), 1, stopped.clone());
-        let jobs = jobs.remove(0);
-        let task = tokio::spawn(async move {
-            tokio::join!(watch, buildjob::run(Arc::new(ctx), jobs, stopped));
-        });
+        }));
         self.controller = Some((stop, task));
     }
 

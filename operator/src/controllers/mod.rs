@@ -8,7 +8,6 @@ pub mod environment;
 pub mod events;
 pub mod follow;
 pub mod project;
-pub mod shared;
 pub mod vm;
 
 use std::sync::Arc;

@@ -43,7 +43,6 @@ pub use self::plan::Timings;
 use self::plan::{CreateFailure, Observed, ProviderView, Step, VmView, live_vm};
 use crate::controllers::capacity::Capacity;
 use crate::controllers::events::Recorder;
-use crate::controllers::shared::Reader;
 use crate::controllers::vm::{self, AgentSettings, VmError};
 use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::gateway::{Gateway, GatewayError};
@@ -823,17 +822,20 @@ fn request(object: ObjectRef<BuildJob>, reason: &str) -> Result<ReconcileRequest
 
 /// Runs the controller until `shutdown` resolves: every BuildJob, woken by its agent's STATUS,
 /// by a freed capacity slot, and (while queued) by changes to CloudProviders and Projects.
-pub async fn run(
-    ctx: Arc<Context>,
-    jobs: Reader<BuildJob>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let mut shutdown = Box::pin(shutdown);
     if !seed(&ctx, &mut shutdown).await {
         return;
     }
-    let (store, changes) = jobs.changes();
-    let jobs = trigger_self(changes, ());
+    let (store, writer) = reflector::store::<BuildJob>();
+    let jobs = trigger_self(
+        watcher(ctx.api::<BuildJob>(), watcher::Config::default())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer)
+            .applied_objects(),
+        (),
+    );
     let (provider_cache, provider_writer) = reflector::store::<CloudProvider>();
     let (project_cache, project_writer) = reflector::store::<Project>();
     *lock(&ctx.caches) = Some(Caches { projects: project_cache, providers: provider_cache });

@@ -29,7 +29,6 @@ use stagely_api::v1alpha1::{BuildJob, CloudProvider, Environment, EnvironmentPha
 
 use self::plan::{ConfigState, Observed};
 use crate::controllers::events::Recorder;
-use crate::controllers::shared::Reader;
 use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -214,6 +213,27 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
     });
     ctx.metrics.reconciled("environment", result.as_ref().map_or_else(Error::reason, |_| "ok"));
     result
+}
+
+/// Keeps of a BuildJob what this controller reads (its commit, service, platform and image; its
+/// phase, digest and message; its owner, deletion and cancel annotation): the BuildJob
+/// controller's own cache has the rest, and this one holds every BuildJob of the cluster.
+fn slim_job(job: &mut BuildJob) {
+    strip(job);
+    job.metadata.labels = None;
+    if let Some(annotations) = &mut job.metadata.annotations {
+        annotations.retain(|key, _| key == keys::CANCEL);
+    }
+    let spec = &mut job.spec;
+    spec.build_args = Default::default();
+    spec.cache_from = Vec::new();
+    spec.cache_to = None;
+    spec.context = String::new();
+    spec.dockerfile = String::new();
+    if let Some(status) = &mut job.status {
+        status.conditions = Vec::new();
+        status.vm = None;
+    }
 }
 
 /// What of an Environment a reconcile acts on: all but `status.lastHeartbeat`, which the gateway
@@ -478,13 +498,15 @@ fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Actio
 
 /// Runs the controller until `shutdown` resolves: every Environment, woken by its BuildJobs and
 /// by changes to its Project's spec. Projects and CloudProviders are read from watch caches.
-pub async fn run(
-    mut ctx: Context,
-    jobs: Reader<BuildJob>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    ctx.jobs = Some(jobs.store);
+    let (jobs, jobs_writer) = reflector::store::<BuildJob>();
+    ctx.jobs = Some(jobs);
+    let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(slim_job)
+        .reflect(jobs_writer)
+        .touched_objects();
     let (projects, projects_writer) = reflector::store::<Project>();
     ctx.projects = Some(projects.clone());
     let project_events = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
@@ -569,7 +591,7 @@ pub async fn run(
         None => futures_util::stream::empty().boxed(),
     };
     controller
-        .owns_shared_stream(jobs.changes)
+        .owns_stream(job_events)
         .watches_stream(provider_events, |_: CloudProvider| std::iter::empty::<ObjectRef<Environment>>())
         .watches_stream(project_events, move |project: Project| by_project(project.namespace(), project.name_any()))
         .watches_stream(secret_events, by_secret)
