@@ -383,7 +383,7 @@ async fn forward(
         log.output(stream, masked, original);
         if keep {
             if kept.len() > 2 * KEPT_MAX {
-                // The end is what callers read (a push's digest is its last line).
+                // The end is what callers read.
                 let mut cut = kept.len() - KEPT_MAX;
                 while !kept.is_char_boundary(cut) {
                     cut += 1;
