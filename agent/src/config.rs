@@ -143,6 +143,11 @@ pub struct AgentConfig {
     /// How long a TERMINATE may take beyond the grace period it gives the services; default 5
     /// minutes. The secrets are removed even when it runs out.
     pub terminate_timeout: Duration,
+    /// The CLI plugin directory (`docker compose`) of the user the agent runs as:
+    /// `$DOCKER_CONFIG/cli-plugins`, else `$HOME/.docker/cli-plugins`. The agent's docker commands
+    /// keep their registry credentials in a configuration directory of the agent's own, which
+    /// would hide it from docker; the agent names it there as an extra plugin directory.
+    pub docker_plugin_dir: Option<PathBuf>,
 }
 
 /// The environment variables that override the file, by field (`STAGELY_OPS_ADDR` and
@@ -167,18 +172,27 @@ pub const ENV_VARS: [(&str, &str); 17] = [
     ("STAGELY_TERMINATE_TIMEOUT_SECONDS", "terminate_timeout_seconds"),
 ];
 
+/// The environment variables docker reads that tell where its plugins are, by which
+/// [`AgentConfig::docker_plugin_dir`] is found.
+pub const DOCKER_ENV_VARS: [&str; 2] = ["DOCKER_CONFIG", "HOME"];
+
 /// The session credential's file name, beside the configuration file.
 pub const SESSION_FILE: &str = "session.json";
 
 impl AgentConfig {
     /// Loads `path` (if given) and applies the process's environment variables over it.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: BTreeMap<String, String> =
-            ENV_VARS.iter().filter_map(|(var, _)| std::env::var(var).ok().map(|v| ((*var).to_owned(), v))).collect();
+        let env: BTreeMap<String, String> = ENV_VARS
+            .iter()
+            .map(|(var, _)| *var)
+            .chain(DOCKER_ENV_VARS)
+            .filter_map(|var| std::env::var(var).ok().map(|v| (var.to_owned(), v)))
+            .collect();
         Self::load_with(path, &env)
     }
 
-    /// Loads `path` (if given) and applies `env` (variable name → value) over it.
+    /// Loads `path` (if given) and applies `env` (variable name → value: [`ENV_VARS`] and
+    /// [`DOCKER_ENV_VARS`]) over it.
     pub fn load_with(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let mut file = match path {
             Some(path) => {
@@ -264,7 +278,12 @@ impl AgentConfig {
             file.session_file = Some(v.into());
         }
         let beside_config = path.map(|p| p.parent().unwrap_or(Path::new(".")).join(SESSION_FILE));
-        Self::from_file(file, beside_config)
+        let docker_config = get("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| get("HOME").map(|home| Path::new(&home).join(".docker")));
+        let mut config = Self::from_file(file, beside_config)?;
+        config.docker_plugin_dir = docker_config.map(|dir| dir.join("cli-plugins"));
+        Ok(config)
     }
 
     fn from_file(file: FileConfig, beside_config: Option<PathBuf>) -> Result<Self, ConfigError> {
@@ -313,6 +332,7 @@ impl AgentConfig {
             session_file,
             deploy_timeout: Duration::from_secs(file.deploy_timeout_seconds.unwrap_or(30 * 60).max(1)),
             terminate_timeout: Duration::from_secs(file.terminate_timeout_seconds.unwrap_or(5 * 60).max(1)),
+            docker_plugin_dir: None,
         })
     }
 
@@ -367,6 +387,21 @@ mod tests {
         ]);
         let config = AgentConfig::load_with(None, &env).unwrap();
         assert_eq!(config.session_file, Path::new("/w/session.json"), "no file: in the work directory");
+    }
+
+    #[test]
+    fn dockers_plugins_are_where_the_users_docker_finds_them() {
+        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t"}"#);
+        let load = |vars: &[(&str, &str)]| {
+            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            AgentConfig::load_with(Some(file.path()), &env).unwrap().docker_plugin_dir
+        };
+        assert_eq!(load(&[("HOME", "/root")]), Some("/root/.docker/cli-plugins".into()));
+        assert_eq!(
+            load(&[("HOME", "/root"), ("DOCKER_CONFIG", "/etc/docker-cli")]),
+            Some("/etc/docker-cli/cli-plugins".into())
+        );
+        assert_eq!(load(&[]), None);
     }
 
     #[test]
