@@ -499,11 +499,8 @@ mod tests {
     }
 
     fn ca_pem(name: &str) -> (String, Vec<u8>) {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
-        (cert.pem(), cert.der().to_vec())
+        let ca = stagely_testenv::pki::TestCa::new(name).unwrap();
+        (ca.pem(), ca.der().to_vec())
     }
 
     #[test]
