@@ -867,7 +867,7 @@ mod tests {
 
     #[test]
     fn a_jobs_output_stops_being_sent_past_its_cap() {
-        let env = [("STAGELY_GATEWAY_URL", "ws://a"), ("STAGELY_AGENT_ID", "a"), ("STAGELY_AGENT_TOKEN", "t")]
+        let env = [("STAGELY_GATEWAY_URL", "wss://a"), ("STAGELY_AGENT_ID", "a"), ("STAGELY_AGENT_TOKEN", "t")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let config = Arc::new(AgentConfig::load_with(None, &env.into_iter().collect()).unwrap());
         let outbox = Outbox::new(usize::MAX);

@@ -259,14 +259,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 /// The agent `bin` started as on a VM: `dir/agent.json` written as cloud-init writes it (mode
-/// 0600) for agent `agent-1` of `gateway_url` with `token`, podman as the engine, its work
-/// directory under `dir`, no fixed ops port, and quick reconnects.
+/// 0600) for agent `agent-1` of the plain `ws://` `gateway_url` on loopback (so `insecure`) with
+/// `token`, podman as the engine, its work directory under `dir`, no fixed ops port, and quick
+/// reconnects.
 pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> Command {
+    let json = serde_json::json!({"gateway_url": gateway_url, "agent_id": "agent-1", "token": token,
+        "role": "preview", "insecure": true});
+    agent_command_with(bin, dir, &json.to_string())
+}
+
+/// Like [`agent_command`], with `config` as the whole of `dir/agent.json`.
+pub fn agent_command_with(bin: &Path, dir: &Path, config_json: &str) -> Command {
     use std::os::unix::fs::PermissionsExt;
     let config = dir.join("agent.json");
-    let json =
-        serde_json::json!({"gateway_url": gateway_url, "agent_id": "agent-1", "token": token, "role": "preview"});
-    std::fs::write(&config, json.to_string()).unwrap();
+    std::fs::write(&config, config_json).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut command = Command::new(bin);
     command
@@ -280,10 +286,12 @@ pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> 
 }
 
 /// The environment an executor's configuration is loaded from in tests: agent `agent-test` of
-/// a gateway no one serves, podman as the engine, `work` as the work directory.
+/// a plain gateway on loopback that no one serves, podman as the engine, `work` as the work
+/// directory.
 pub fn agent_env(work: &Path) -> std::collections::BTreeMap<String, String> {
     [
         ("STAGELY_GATEWAY_URL", "ws://127.0.0.1:9/v1/agent/connect".to_owned()),
+        ("STAGELY_INSECURE", "1".to_owned()),
         ("STAGELY_AGENT_ID", "agent-test".to_owned()),
         ("STAGELY_AGENT_TOKEN", "enrollment".to_owned()),
         ("STAGELY_ENGINE", "podman".to_owned()),
