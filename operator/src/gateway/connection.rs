@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use futures_util::future::BoxFuture;
 use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
 
 use super::logs::Masker;
@@ -43,34 +44,14 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
         return;
     }
 
-    let hello = match tokio::time::timeout(inner.settings.hello_timeout, socket.recv()).await {
-        Ok(Some(Ok(WsMessage::Text(text)))) => match serde_json::from_str::<Message>(&text) {
-            Ok(Message::Hello(hello)) => hello,
-            _ => return refuse(&mut socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
-        },
-        Ok(Some(Ok(_))) => return refuse(&mut socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
-        Ok(_) => return,
-        Err(_) => return refuse(&mut socket, ErrorCode::BadMessage, "no HELLO in time").await,
+    // The handshake is boxed, as the frame handler and every write are: a connection's task is
+    // as large as the largest future it awaits inline, and holds that size for its whole, mostly
+    // idle, life.
+    let Some(Admitted { scope, agent_id, id, mut queue, ack, resend, masker }) =
+        Box::pin(handshake(&inner, &mut socket, peer)).await
+    else {
+        return;
     };
-    // The handshake's and the frame handler's futures are boxed: inline, their size (Redis
-    // calls) would be held by every idle connection's task for its whole life.
-    let (scope, session_token) = match Box::pin(admit(&inner, &hello)).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(%peer, agent_id = %hello.agent_id, code = ?refusal.0, "agent refused");
-            return refuse(&mut socket, refusal.0, refusal.1).await;
-        }
-    };
-    let Some(ack) = hello_ack(&inner, &scope, session_token) else {
-        return refuse(&mut socket, ErrorCode::Internal, "failed to answer the HELLO").await;
-    };
-    let (id, mut queue, resend, masker) = register(&inner, &scope, &hello);
-    tracing::info!(
-        %peer, agent_id = %hello.agent_id, kind = ?scope.kind, namespace = %scope.namespace, name = %scope.name,
-        version = %hello.version, capabilities = ?hello.capabilities, resent = resend.len(), "agent connected"
-    );
-    // Only the agent id is needed from here on; the rest of the HELLO (its token) goes.
-    let agent_id = into_agent_id(hello);
     let mut open = send(&inner, &mut socket, ack).await;
     for frame in resend {
         if !open {
@@ -133,6 +114,50 @@ pub(crate) async fn run(inner: Arc<Inner>, mut socket: WebSocket, peer: SocketAd
     tracing::info!(%agent_id, namespace = %scope.namespace, name = %scope.name, "agent disconnected");
 }
 
+/// What an admitted agent's connection goes on with.
+struct Admitted {
+    scope: Arc<Scope>,
+    agent_id: String,
+    id: u64,
+    queue: Receiver,
+    /// The HELLO_ACK, sent first.
+    ack: Utf8Bytes,
+    /// Pending commands to send again, after the HELLO_ACK.
+    resend: Vec<Utf8Bytes>,
+    masker: Arc<RwLock<Masker>>,
+}
+
+/// Reads the HELLO, admits the agent and registers its connection; refuses it (and answers
+/// `None`) when it cannot be admitted.
+async fn handshake(inner: &Inner, socket: &mut WebSocket, peer: SocketAddr) -> Option<Admitted> {
+    let hello = match tokio::time::timeout(inner.settings.hello_timeout, socket.recv()).await {
+        Ok(Some(Ok(WsMessage::Text(text)))) => match serde_json::from_str::<Message>(&text) {
+            Ok(Message::Hello(hello)) => hello,
+            _ => return refused(socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
+        },
+        Ok(Some(Ok(_))) => return refused(socket, ErrorCode::BadMessage, "the first frame must be a HELLO").await,
+        Ok(_) => return None,
+        Err(_) => return refused(socket, ErrorCode::BadMessage, "no HELLO in time").await,
+    };
+    let (scope, session_token) = match admit(inner, &hello).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            tracing::info!(%peer, agent_id = %hello.agent_id, code = ?refusal.0, "agent refused");
+            return refused(socket, refusal.0, refusal.1).await;
+        }
+    };
+    let Some(ack) = hello_ack(inner, &scope, session_token) else {
+        return refused(socket, ErrorCode::Internal, "failed to answer the HELLO").await;
+    };
+    let (id, queue, resend, masker) = register(inner, &scope, &hello);
+    tracing::info!(
+        %peer, agent_id = %hello.agent_id, kind = ?scope.kind, namespace = %scope.namespace, name = %scope.name,
+        version = %hello.version, capabilities = ?hello.capabilities, resent = resend.len(), "agent connected"
+    );
+    // Only the agent id is kept; the rest of the HELLO (its token) goes.
+    Some(Admitted { scope, agent_id: hello.agent_id, id, queue, ack, resend, masker })
+}
+
 /// The HELLO_ACK frame carrying `session_token`.
 fn hello_ack(inner: &Inner, scope: &Scope, session_token: stagely_api::protocol::Sensitive) -> Option<Utf8Bytes> {
     let ack = Message::HelloAck(HelloAck {
@@ -141,11 +166,6 @@ fn hello_ack(inner: &Inner, scope: &Scope, session_token: stagely_api::protocol:
         scope: scope.clone(),
     });
     serde_json::to_string(&ack).ok().map(Utf8Bytes::from)
-}
-
-/// The agent id, dropping the rest of the HELLO now rather than at the connection's end.
-fn into_agent_id(hello: Hello) -> String {
-    hello.agent_id
 }
 
 /// Checks a HELLO's token and scope; returns the scope and a fresh session token.
@@ -379,30 +399,42 @@ fn record_status(inner: &Inner, scope: &Scope, status: Status) {
     }
 }
 
+// The writes below return boxed futures, as the handshake and the frame handler are: a
+// connection's task is as large as the largest future it ever awaits inline, and it holds that
+// size for its whole, mostly idle, life; boxed, a write costs its size only while it runs.
+
 /// Writes one frame; false if the agent is gone or too slow.
-async fn send(inner: &Inner, socket: &mut WebSocket, frame: Utf8Bytes) -> bool {
-    matches!(tokio::time::timeout(inner.settings.write_timeout, socket.send(WsMessage::Text(frame))).await, Ok(Ok(())))
+fn send<'a>(inner: &'a Inner, socket: &'a mut WebSocket, frame: Utf8Bytes) -> BoxFuture<'a, bool> {
+    Box::pin(async move {
+        let write = socket.send(WsMessage::Text(frame));
+        matches!(tokio::time::timeout(inner.settings.write_timeout, write).await, Ok(Ok(())))
+    })
 }
 
-async fn send_error(inner: &Inner, socket: &mut WebSocket, code: ErrorCode, message: &str) -> bool {
+fn send_error<'a>(inner: &'a Inner, socket: &'a mut WebSocket, code: ErrorCode, message: &str) -> BoxFuture<'a, bool> {
     let frame = Message::Error(ErrorMessage { code, message: message.to_owned(), job_id: None });
     match serde_json::to_string(&frame) {
-        Ok(frame) => send(inner, socket, Utf8Bytes::from(frame)).await,
-        Err(_) => true,
+        Ok(frame) => send(inner, socket, Utf8Bytes::from(frame)),
+        Err(_) => Box::pin(std::future::ready(true)),
     }
 }
 
-/// Sends an ERROR and closes the connection.
-async fn refuse(socket: &mut WebSocket, code: ErrorCode, message: &str) {
+/// Refuses the connection in the handshake: sends an ERROR and closes; no connection to go on
+/// with.
+async fn refused(socket: &mut WebSocket, code: ErrorCode, message: &str) -> Option<Admitted> {
     let frame = Message::Error(ErrorMessage { code, message: message.to_owned(), job_id: None });
     if let Ok(frame) = serde_json::to_string(&frame) {
         let send = socket.send(WsMessage::Text(Utf8Bytes::from(frame)));
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
     }
     close(socket, CLOSE_REFUSED, message).await;
+    None
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+fn close<'a>(socket: &'a mut WebSocket, code: u16, reason: &str) -> BoxFuture<'a, ()> {
     let frame = CloseFrame { code, reason: Utf8Bytes::from(reason.to_owned()) };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(WsMessage::Close(Some(frame)))).await;
+    Box::pin(async move {
+        let close = socket.send(WsMessage::Close(Some(frame)));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+    })
 }

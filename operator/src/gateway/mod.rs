@@ -129,7 +129,7 @@ impl Default for Settings {
             session_renewal: Duration::from_secs(12 * 3600),
             token_leeway: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
-            read_buffer_size: 1024,
+            read_buffer_size: 256,
             max_message_size: 1 << 20,
             tls_reload_interval: Duration::from_secs(5),
         }
