@@ -15,8 +15,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use stagely_api::v1alpha1::Project;
 
-use crate::github::Envelope;
-
 /// The key of a credentials Secret holding the webhook secret.
 pub const WEBHOOK_SECRET_KEY: &str = "webhookSecret";
 
@@ -100,19 +98,14 @@ impl Cache {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// The Projects bound to the delivery's repository (compared as GitHub does, ignoring
-    /// case); for an organization's webhook without a repository (its `ping`), those of the
-    /// organization's repositories.
-    pub fn candidates(&self, envelope: &Envelope) -> Vec<Candidate> {
-        let projects = match (&envelope.repository, &envelope.organization) {
-            (Some(repository), _) => {
-                self.projects.state_filter(|p| p.spec.repository.eq_ignore_ascii_case(&repository.full_name))
-            }
+    /// The Projects bound to `repository` (compared as GitHub does, ignoring case); for an
+    /// organization's webhook without a repository (its `ping`), those of `organization`'s
+    /// repositories.
+    pub fn candidates(&self, repository: Option<&str>, organization: Option<&str>) -> Vec<Candidate> {
+        let projects = match (repository, organization) {
+            (Some(repository), _) => self.projects.state_filter(|p| p.spec.repository.eq_ignore_ascii_case(repository)),
             (None, Some(organization)) => self.projects.state_filter(|p| {
-                p.spec
-                    .repository
-                    .split_once('/')
-                    .is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(&organization.login))
+                p.spec.repository.split_once('/').is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(organization))
             }),
             (None, None) => Vec::new(),
         };

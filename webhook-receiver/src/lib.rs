@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "STAGELY_DELIVERIES_REMEMBERED", default_value_t = 50_000)]
     pub deliveries_remembered: usize,
 
+    /// Least milliseconds between two writes of one pull request's Environment; deliveries
+    /// meanwhile coalesce into the newest.
+    #[arg(long, env = "STAGELY_MIN_WRITE_INTERVAL_MS", default_value_t = 1000)]
+    pub min_write_interval_ms: u64,
+
     /// Seconds each apiserver call of a worker may take before it is retried.
     #[arg(long, env = "STAGELY_CALL_TIMEOUT_SECS", default_value_t = 10)]
     pub call_timeout_secs: u64,
@@ -162,6 +167,7 @@ pub async fn serve(
             workers: config.workers,
             call_timeout: Duration::from_secs(config.call_timeout_secs.max(1)),
             give_up_after: Duration::from_secs(config.give_up_after_secs),
+            min_interval: Duration::from_millis(config.min_write_interval_ms),
         },
     );
     let receiver = Arc::new(Receiver {

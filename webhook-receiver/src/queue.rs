@@ -2,8 +2,9 @@
 //! Project, the newest; one worker at a time on a pull request.
 //!
 //! A burst of deliveries about one pull request (a force-push storm, a redelivery of everything)
-//! costs one write, and the queue holds at most one job per pull request, however many
-//! deliveries arrive; it is bounded by the number of pull requests waiting.
+//! costs one write (the workers also space a pull request's writes), and the queue holds at most
+//! one job per pull request, however many deliveries arrive; it is bounded by the number of pull
+//! requests waiting.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;

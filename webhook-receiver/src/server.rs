@@ -158,26 +158,34 @@ impl Receiver {
             Ok(json) => json,
             Err(err) => return Answer::bad_request(err),
         };
-        let envelope: Envelope = match github::parse(&json) {
-            Ok(envelope) => envelope,
+        // Parsed once, before the signature is checked: the repository says whose secret to try.
+        let payload = if event == "pull_request" {
+            github::parse(&json).map(|event| Payload::PullRequest(Box::new(event)))
+        } else {
+            github::parse(&json).map(Payload::Other)
+        };
+        let payload = match payload {
+            Ok(payload) => payload,
             Err(err) => return Answer::bad_request(format!("the body is not a webhook payload: {err}")),
         };
-        let Some(subject) = envelope
-            .repository
-            .as_ref()
-            .map(|r| r.full_name.as_str())
-            .or(envelope.organization.as_ref().map(|o| o.login.as_str()))
-        else {
+        let (repository, organization) = match &payload {
+            Payload::PullRequest(event) => (Some(event.repository.full_name.as_str()), None),
+            Payload::Other(envelope) => (
+                envelope.repository.as_ref().map(|r| r.full_name.as_str()),
+                envelope.organization.as_ref().map(|o| o.login.as_str()),
+            ),
+        };
+        let Some(subject) = repository.or(organization) else {
             return Answer::bad_request("repository.full_name is missing: the payload names no repository");
         };
-        let candidates = self.cache.candidates(&envelope);
+        let candidates = self.cache.candidates(repository, organization);
         let verified = self.verify(&signature, &body, candidates);
         if verified.is_empty() {
             return Answer::unauthorized(format!(
                 "the signature does not verify with the webhook secret of any Project bound to {subject}"
             ));
         }
-        let mut answer = self.dispatch(event, delivery, &json, &verified);
+        let mut answer = self.dispatch(event, delivery, payload, &verified);
         answer.delivery = Some(delivery.to_owned());
         answer
     }
@@ -218,26 +226,22 @@ impl Receiver {
     }
 
     /// What a verified delivery gets, by event.
-    fn dispatch(&self, event: &str, delivery: &str, body: &[u8], projects: &[Candidate]) -> Answer {
+    fn dispatch(&self, event: &str, delivery: &str, payload: Payload, projects: &[Candidate]) -> Answer {
         let event_label = label_token(event);
-        let mut answer = match event {
-            "ping" => Answer::new(
+        let mut answer = match (event, payload) {
+            ("ping", _) => Answer::new(
                 StatusCode::OK,
                 Outcome::Pong,
                 format!("pong: the webhook reaches {}", project_list(projects)),
             ),
-            "pull_request" => self.pull_request(delivery, body, projects),
+            (_, Payload::PullRequest(pull_request)) => self.pull_request(delivery, &pull_request, projects),
             _ => Answer::new(StatusCode::ACCEPTED, Outcome::Ignored, format!("{event} events are ignored")),
         };
         answer.labels.0 = event_label;
         answer
     }
 
-    fn pull_request(&self, delivery: &str, body: &[u8], projects: &[Candidate]) -> Answer {
-        let event: PullRequestEvent = match github::parse(body) {
-            Ok(event) => event,
-            Err(err) => return Answer::bad_request(format!("the pull_request payload is malformed: {err}")),
-        };
+    fn pull_request(&self, delivery: &str, event: &PullRequestEvent, projects: &[Candidate]) -> Answer {
         let action_label = label_token(&event.action);
         let with_action = |mut answer: Answer| {
             answer.labels.1 = action_label.clone();
@@ -251,7 +255,7 @@ impl Receiver {
         let mut jobs = Vec::new();
         for candidate in projects {
             let trigger = &candidate.project.spec.trigger;
-            let intent = match plan::intent(&event, action, trigger) {
+            let intent = match plan::intent(event, action, trigger) {
                 Ok(Some(intent)) => intent,
                 Ok(None) => continue,
                 Err(err) => {
@@ -306,6 +310,14 @@ impl Receiver {
         answer.environments = planned;
         with_action(answer)
     }
+}
+
+/// A payload, as far as the receiver reads it.
+enum Payload {
+    /// A `pull_request` event.
+    PullRequest(Box<PullRequestEvent>),
+    /// Any other event: whom it is about.
+    Other(Envelope),
 }
 
 /// The headers a delivery needs, each `None` when missing or unreadable.

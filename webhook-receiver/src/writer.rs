@@ -33,6 +33,8 @@ const REMOVAL_MEMORY: SignedDuration = SignedDuration::from_hours(7 * 24);
 const CONFLICT_ATTEMPTS: u32 = 5;
 /// How often a job waits for an Environment being deleted to be gone.
 const TERMINATING_POLL: Duration = Duration::from_secs(2);
+/// The outcomes that wrote something.
+const WRITES: [&str; 4] = ["created", "applied", "deleted", "removal_recorded"];
 
 /// How the workers behave.
 #[derive(Clone, Debug)]
@@ -43,6 +45,9 @@ pub struct WriterSettings {
     pub call_timeout: Duration,
     /// How long a failing job is retried before it is dropped.
     pub give_up_after: Duration,
+    /// Least time between two writes of one pull request's Environment: the deliveries of a
+    /// burst (a force-push storm, a redelivery of everything) coalesce into the newest meanwhile.
+    pub min_interval: Duration,
 }
 
 /// What the workers share.
@@ -116,8 +121,14 @@ impl Writer {
             );
             let done = self.attempt(&key, &job).instrument(span.clone()).await;
             let _entered = span.enter();
+            let mut hold = Duration::ZERO;
             match done {
-                Done::Finished(outcome) => self.metrics.wrote(outcome, started.elapsed()),
+                Done::Finished(outcome) => {
+                    self.metrics.wrote(outcome, started.elapsed());
+                    if WRITES.contains(&outcome) {
+                        hold = self.settings.min_interval.saturating_sub(started.elapsed());
+                    }
+                }
                 Done::Failed => self.give_up(&job, started),
                 Done::Later(outcome, delay) => {
                     let retry = job.retry.get_or_insert_with(|| Retry {
@@ -142,7 +153,17 @@ impl Writer {
                     }
                 }
             }
-            self.queue.done(&key);
+            if hold.is_zero() {
+                self.queue.done(&key);
+            } else {
+                // The pull request stays taken (its next job waits, replaced by newer ones) while
+                // this worker moves on.
+                let queue = self.queue.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    queue.done(&key);
+                });
+            }
             self.metrics.queue_depth.set(self.queue.len() as i64);
         }
     }

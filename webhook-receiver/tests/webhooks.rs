@@ -260,6 +260,15 @@ async fn an_older_synchronize_after_a_newer_one_never_rolls_the_head_back() {
     .await;
     let env = team.environment("shop-pr-4").await.unwrap();
     assert_eq!(env.spec.pull_request.head_sha, sha(5));
+
+    // A burst of twenty commits: the newest lands, in fewer writes than deliveries.
+    let before = receiver.writes().await.values().sum::<u64>();
+    for n in 0..20 {
+        assert_eq!(send("synchronize", pr.at(100 + n, 100 + i64::from(n))).await.status, 202);
+    }
+    team.wait_for_head("shop-pr-4", &sha(119)).await;
+    let writes = receiver.writes().await.values().sum::<u64>() - before;
+    assert!(writes < 20, "{writes} writes for 20 deliveries about one pull request");
 }
 
 #[tokio::test]
@@ -331,31 +340,11 @@ async fn signatures_are_verified_with_the_projects_secret() {
         assert_eq!(answer.json()["outcome"], "unauthorized");
     }
     // Signed for the other Project's repository with our secret: that Project's secret differs.
-    let theirs = payloads::pull_request("opened", &Pr::new("acme/other", 2)).to_string();
-    let cross = receiver
-        .post(
-            &[
-                ("X-GitHub-Event", "pull_request"),
-                ("X-GitHub-Delivery", &delivery()),
-                ("X-Hub-Signature-256", &sign(b"signed-secret", theirs.as_bytes())),
-            ],
-            theirs.as_bytes(),
-        )
-        .await;
-    assert_eq!(cross.status, 401);
+    let theirs = payloads::pull_request("opened", &Pr::new("acme/other", 2));
+    assert_eq!(receiver.deliver("pull_request", &delivery(), "signed-secret", &theirs).await.status, 401);
     // A repository no Project is bound to.
-    let unbound = payloads::pull_request("opened", &Pr::new("acme/nobody", 2)).to_string();
-    let nobody = receiver
-        .post(
-            &[
-                ("X-GitHub-Event", "pull_request"),
-                ("X-GitHub-Delivery", &delivery()),
-                ("X-Hub-Signature-256", &sign(b"signed-secret", unbound.as_bytes())),
-            ],
-            unbound.as_bytes(),
-        )
-        .await;
-    assert_eq!(nobody.status, 401);
+    let unbound = payloads::pull_request("opened", &Pr::new("acme/nobody", 2));
+    assert_eq!(receiver.deliver("pull_request", &delivery(), "signed-secret", &unbound).await.status, 401);
 
     let failures = receiver.metric("stagely_webhook_signature_failures_total").await;
     let count = |reason: &str| failures.get(&format!("{{reason=\"{reason}\"}}")).copied().unwrap_or_default();
@@ -414,6 +403,9 @@ async fn bad_bodies_get_4xx_never_5xx() {
     let mut no_repository = valid.clone();
     no_repository.as_object_mut().unwrap().remove("repository");
     let answer = send(no_repository.to_string().into_bytes(), "pull_request").await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.json()["message"].as_str().unwrap().contains("missing field `repository`"), "{}", answer.body);
+    let answer = send(br#"{"zen": "no repository"}"#.to_vec(), "ping").await;
     assert_eq!(
         (answer.status, answer.json()["message"].as_str().unwrap()),
         (400, "repository.full_name is missing: the payload names no repository")

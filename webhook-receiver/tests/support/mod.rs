@@ -9,7 +9,7 @@ pub mod payloads;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -117,15 +117,8 @@ impl Team {
 }
 
 /// Calls `check` until it returns `Some`, for at most [`DEADLINE`].
-pub async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+pub async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, check: impl FnMut() -> F) -> T {
+    stagely_testenv::server::eventually(what, DEADLINE, check).await
 }
 
 /// A receiver running in this test's runtime; stopped when dropped.
