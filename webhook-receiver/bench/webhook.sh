@@ -4,15 +4,14 @@
 # on this machine's cores, then holds 70% of it and measures the ack latency. Prints last:
 #   webhook_max_rps=… webhook_ack_p99_ms=…
 # Target (ARCHITECTURE.md): p99 ≤ 10 ms at 70% of the maximum rate.
-# Knobs: SECONDS_EACH (each measurement), CONNECTIONS (back to back, for the maximum),
-# LOAD_CONNECTIONS (sharing the held rate), FRACTION (of the maximum held), KEEP (a directory to
-# keep the receiver's log in).
+# Knobs: SECONDS_EACH (each measurement), CONNECTIONS (each about a pull request of its own, in
+# both measurements), FRACTION (of the maximum held), KEEP (a directory to keep the receiver's
+# log in).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SECONDS_EACH=${SECONDS_EACH:-15}
-CONNECTIONS=${CONNECTIONS:-16}
-LOAD_CONNECTIONS=${LOAD_CONNECTIONS:-64}
+CONNECTIONS=${CONNECTIONS:-64}
 FRACTION=${FRACTION:-0.7}
 
 STAGELY_TESTENV_BIN=${STAGELY_TESTENV_BIN:-$(testenv/build.sh)}
@@ -22,5 +21,5 @@ cargo build -q --release -p stagely-webhook-receiver --bin stagely-webhook-recei
 target="${CARGO_TARGET_DIR:-target}/release"
 
 "$target/examples/webhook-bench" --receiver-bin "$target/stagely-webhook-receiver" \
-    --seconds "$SECONDS_EACH" --connections "$CONNECTIONS" --load-connections "$LOAD_CONNECTIONS" \
+    --seconds "$SECONDS_EACH" --connections "$CONNECTIONS" \
     --fraction "$FRACTION" ${KEEP:+--keep "$KEEP"}
