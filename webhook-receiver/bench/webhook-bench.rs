@@ -4,14 +4,13 @@
 //! `webhook-bench --receiver-bin PATH` starts testenv's control plane (etcd, kube-apiserver),
 //! creates a Project and its credentials Secret, starts the receiver binary (a release build)
 //! against it, and sends signed `pull_request` `synchronize` deliveries over kept-alive
-//! HTTP/1.1 connections, each connection about a pull request of its own, each delivery a new
-//! commit (a new delivery id, head sha and `updated_at`, so none is a duplicate):
+//! HTTP/1.1 connections about `--pull-requests` pull requests, each delivery a new commit (a new
+//! delivery id, head sha and `updated_at`, so none is a duplicate):
 //!
 //! 1. **Maximum rate**: `--connections` connections send back to back for `--seconds` (after a
 //!    warm-up); the deliveries answered per second are the maximum rate.
-//! 2. **Held rate**: as many connections (as many pull requests, so the receiver's background
-//!    writes are the same) send on a fixed schedule at `--fraction` (70%) of that rate for
-//!    `--seconds`. A delivery's ack latency runs to the end
+//! 2. **Held rate**: the same connections (so the receiver's background writes are the same)
+//!    send on a fixed schedule at `--fraction` (70%) of that rate for `--seconds`. A delivery's ack latency runs to the end
 //!    of its answer from the moment the schedule says it is sent when the receiver was still
 //!    busy with the connection's previous delivery then (so a slow answer counts for every
 //!    delivery it held up: no coordinated omission), else from the moment it was written (so
@@ -67,9 +66,13 @@ struct Args {
     /// Seconds of each measurement.
     #[arg(long, default_value_t = 15)]
     seconds: u64,
-    /// Connections (each about a pull request of its own), in both measurements.
+    /// Connections, in both measurements.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Pull requests the deliveries are about (connection `i` sends about pull request
+    /// `i % pull_requests`): the receiver writes each one's Environment at most once a second.
+    #[arg(long, default_value_t = 16)]
+    pull_requests: usize,
     /// The held rate, as a fraction of the maximum.
     #[arg(long, default_value_t = 0.7)]
     fraction: f64,
@@ -102,10 +105,10 @@ async fn main() -> anyhow::Result<()> {
 
     let deliveries = Arc::new(Deliveries::new());
     // Warm up (connections, caches, the apiserver's first writes), then measure.
-    closed_loop(addr, &deliveries, args.connections, Duration::from_secs(3)).await?;
+    let load = Load { addr, connections: args.connections, pull_requests: args.pull_requests.max(1) };
+    closed_loop(&load, &deliveries, Duration::from_secs(3)).await?;
     let cpu_before = cpu_seconds(receiver.id())?;
-    let (answered, errors) =
-        closed_loop(addr, &deliveries, args.connections, Duration::from_secs(args.seconds)).await?;
+    let (answered, errors) = closed_loop(&load, &deliveries, Duration::from_secs(args.seconds)).await?;
     let max_rps = answered as f64 / args.seconds as f64;
     let cpu = cpu_seconds(receiver.id())? - cpu_before;
     eprintln!(
@@ -121,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
     let driver_cpu_before = cpu_seconds(std::process::id())?;
     let plane_cpu = || plane.pids().into_iter().map(|pid| cpu_seconds(pid).unwrap_or_default()).sum::<f64>();
     let plane_cpu_before = plane_cpu();
-    let mut latencies = open_loop(addr, &deliveries, args.connections, rate, Duration::from_secs(args.seconds)).await?;
+    let mut latencies = open_loop(&load, &deliveries, rate, Duration::from_secs(args.seconds)).await?;
     latencies.sort();
     anyhow::ensure!(!latencies.is_empty(), "no delivery was answered at the held rate");
     let percentile = |p: f64| {
@@ -129,10 +132,11 @@ async fn main() -> anyhow::Result<()> {
         latencies[index].as_secs_f64() * 1000.0
     };
     eprintln!(
-        "held {rate:.0}/s ({:.0}% of the maximum) for {}s over {} connections: {} answered, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "held {rate:.0}/s ({:.0}% of the maximum) for {}s over {} connections about {} pull requests: {} answered, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         args.fraction * 100.0,
         args.seconds,
         args.connections,
+        args.pull_requests,
         latencies.len(),
         percentile(0.5),
         percentile(0.99),
@@ -247,20 +251,28 @@ impl Deliveries {
     }
 }
 
-/// `connections` connections sending back to back for `duration`: deliveries answered 202,
-/// and those answered otherwise.
-async fn closed_loop(
+/// Where the deliveries go, over how many connections, about how many pull requests.
+struct Load {
     addr: SocketAddr,
-    deliveries: &Arc<Deliveries>,
     connections: usize,
-    duration: Duration,
-) -> anyhow::Result<(u64, u64)> {
+    pull_requests: usize,
+}
+
+impl Load {
+    /// The payload template of connection `index`'s pull request.
+    fn template(&self, index: usize) -> Template {
+        Deliveries::template(1000 + (index % self.pull_requests) as i64)
+    }
+}
+
+/// The connections sending back to back for `duration`: deliveries answered 202, and those
+/// answered otherwise.
+async fn closed_loop(load: &Load, deliveries: &Arc<Deliveries>, duration: Duration) -> anyhow::Result<(u64, u64)> {
     let end = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for index in 0..connections {
-        let deliveries = deliveries.clone();
+    for index in 0..load.connections {
+        let (deliveries, template, addr) = (deliveries.clone(), load.template(index), load.addr);
         tasks.spawn(async move {
-            let template = Deliveries::template(1000 + index as i64);
             let mut connection = Connection::open(addr).await?;
             let (mut ok, mut other) = (0u64, 0u64);
             while Instant::now() < end {
@@ -282,24 +294,22 @@ async fn closed_loop(
     Ok((ok, other))
 }
 
-/// `rate` deliveries per second for `duration`, shared by `connections` connections on a fixed
-/// schedule: the ack latency of each, from its scheduled moment.
+/// `rate` deliveries per second for `duration`, shared by the connections on a fixed schedule:
+/// the ack latency of each (see the module documentation).
 async fn open_loop(
-    addr: SocketAddr,
+    load: &Load,
     deliveries: &Arc<Deliveries>,
-    connections: usize,
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<Vec<Duration>> {
-    let period = Duration::from_secs_f64(connections as f64 / rate.max(1.0));
+    let period = Duration::from_secs_f64(load.connections as f64 / rate.max(1.0));
     let start = tokio::time::Instant::now() + Duration::from_millis(500);
     let end = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for index in 0..connections {
-        let deliveries = deliveries.clone();
+    for index in 0..load.connections {
+        let (deliveries, template, addr) = (deliveries.clone(), load.template(index), load.addr);
         let offset = Duration::from_secs_f64(index as f64 / rate.max(1.0));
         tasks.spawn(async move {
-            let template = Deliveries::template(1000 + index as i64);
             let mut connection = Connection::open(addr).await?;
             let mut latencies = Vec::new();
             let mut next = start + offset;
