@@ -14,7 +14,7 @@ TESTENV_BIN = $(shell testenv/build.sh)
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
 
-deps: ## Install what the tests need and the machine lacks (redis-server, nginx, wrk, moto, Prism, webhook schemas; idempotent).
+deps: ## Install what the tests need and the machine lacks (redis-server, podman, Docker and its compose plugin, nginx, wrk, moto, Prism, webhook schemas; idempotent).
 	@scripts/install-deps.sh
 
 testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).

@@ -34,6 +34,10 @@ command -v podman-compose >/dev/null || missing+=(podman-compose)
 command -v jq >/dev/null || missing+=(jq)
 command -v openssl >/dev/null || missing+=(openssl)
 if ! $demo; then
+  # The agent's tests run the same images a second time on Docker as production VMs run it:
+  # Debian's docker.io (a private dockerd per test, on a bridge of its own made with `ip`).
+  { command -v dockerd && command -v docker; } >/dev/null || missing+=(docker.io)
+  command -v ip >/dev/null || missing+=(iproute2)
   command -v python3 >/dev/null || missing+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   # The edge proxy's benchmark compares with nginx under wrk.
@@ -117,4 +121,32 @@ if [ ! -x "$arm64_dir/bin/busybox" ]; then
   mkdir -p "$arm64_dir.tmp"
   dpkg-deb -x "$tmp"/busybox-static_*_arm64.deb "$arm64_dir.tmp"
   rm -rf "$arm64_dir" "$tmp" && mv "$arm64_dir.tmp" "$arm64_dir"
+fi
+
+# `docker compose` for the agent's Docker tests: the Compose v2 plugin built from its Go module,
+# pinned in tools/compose (go.mod, go.sum), into a directory keyed by those files, so a new pin
+# builds once and an unchanged one never. The tests' docker commands find it through a
+# DOCKER_CONFIG directory of their own whose cli-plugins/ links here; ~/.docker is not touched.
+compose_mod="$(cd "$(dirname "$0")/.." && pwd)/tools/compose"
+cache=${STAGELY_CACHE:-$HOME/.cache/stagely}
+compose_key=$(cat "$compose_mod/go.mod" "$compose_mod/go.sum" | sha256sum | cut -c1-16)
+compose_bin="$cache/compose-$compose_key/docker-compose"
+if [ ! -x "$compose_bin" ]; then
+  compose_version=$(grep -E '^\s*github.com/docker/compose/v2 v' "$compose_mod/go.mod" | awk '{print $2}')
+  echo "install-deps: building the docker compose plugin $compose_version (cold: about 10 minutes)"
+  tmp="$(dirname "$compose_bin").tmp.$$"
+  mkdir -p "$tmp"
+  (
+    cd "$compose_mod"
+    export GOCACHE=${GOCACHE:-$cache/go-build} GOMODCACHE=${GOMODCACHE:-$cache/go-mod} GOFLAGS=-mod=mod
+    go build -trimpath -ldflags "-s -w -X github.com/docker/compose/v2/internal.Version=$compose_version" \
+      -o "$tmp/docker-compose" github.com/docker/compose/v2/cmd
+  )
+  rm -rf "$(dirname "$compose_bin")" && mv "$tmp" "$(dirname "$compose_bin")"
+fi
+mkdir -p "$cache/docker/cli-plugins"
+ln -sfn "$compose_bin" "$cache/docker/cli-plugins/docker-compose"
+if ! DOCKER_CONFIG="$cache/docker" docker compose version >/dev/null; then
+  echo "install-deps: \`docker compose version\` fails with the plugin in $cache/docker/cli-plugins" >&2
+  exit 1
 fi

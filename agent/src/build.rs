@@ -61,10 +61,16 @@ pub async fn build(ctx: &mut Context, log: &JobLog, build: &Build) -> Result<Out
         command.arg("--digestfile").arg(&digest_file);
     }
     command.arg(&build.image);
-    let pushed = run(log, "push the image", command, None).await?;
+    run(log, "push the image", command, None).await?;
+    // The digest comes from what the engine recorded of the push, not from its progress output.
     let digest = match ctx.engine {
         Engine::Podman => std::fs::read_to_string(&digest_file).map_err(JobError::io("read", &digest_file))?,
-        Engine::Docker => digest_from_push_output(&pushed).unwrap_or_default(),
+        Engine::Docker => {
+            let mut command = ctx.engine_command();
+            command.args(["image", "inspect", "--format", "{{json .RepoDigests}}", &build.image]);
+            let repo_digests = run(log, "read the pushed image's digest", command, None).await?;
+            pushed_digest(&repo_digests, &build.image)?
+        }
     };
     let digest = digest.trim().to_owned();
     if !digest.starts_with("sha256:") {
@@ -150,12 +156,48 @@ pub async fn login(ctx: &Context, log: &JobLog, auth: &RegistryAuth) -> Result<(
 /// Logins tried again after the first fails (about a minute with the backoff).
 const LOGIN_ATTEMPTS: u32 = 8;
 
-/// `docker push` prints `<tag>: digest: sha256:… size: …` last.
-pub fn digest_from_push_output(output: &str) -> Option<String> {
-    output.lines().rev().find_map(|line| {
-        let rest = &line[line.find("digest: ")? + "digest: ".len()..];
-        Some(rest.split_whitespace().next()?.to_owned())
-    })
+/// The digest docker recorded when it pushed `image`: its entry in the image's `RepoDigests`
+/// (`repo_digests`, as JSON) for `image`'s repository. Fails unless there is exactly one: with
+/// several (the same image pushed to that repository before as another manifest) there is no
+/// telling which this push wrote.
+pub fn pushed_digest(repo_digests: &str, image: &str) -> Result<String, JobError> {
+    let entries: Option<Vec<String>> = serde_json::from_str(repo_digests.trim()).map_err(|err| {
+        JobError::Invalid(format!("failed to parse the RepoDigests of {image} ({err}): {}", repo_digests.trim()))
+    })?;
+    let repository = familiar(repository_of(image));
+    let mut digests: Vec<&str> = entries
+        .iter()
+        .flatten()
+        .filter_map(|entry| entry.split_once('@'))
+        .filter(|(name, _)| familiar(name) == repository)
+        .map(|(_, digest)| digest)
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    match digests[..] {
+        [digest] => Ok(digest.to_owned()),
+        [] => Err(JobError::Invalid(format!("docker recorded no digest of {image} for {repository} after the push"))),
+        _ => Err(JobError::Invalid(format!(
+            "docker knows several digests of {image} in {repository} ({}): cannot tell which the push wrote",
+            digests.join(", ")
+        ))),
+    }
+}
+
+/// `image` without its tag and digest.
+fn repository_of(image: &str) -> &str {
+    let name = image.split_once('@').map_or(image, |(name, _)| name);
+    match name.rsplit_once(':') {
+        // A colon before the last slash is a registry's port, not a tag.
+        Some((repository, tag)) if !tag.contains('/') => repository,
+        _ => name,
+    }
+}
+
+/// A repository as docker shows it: Docker Hub's `docker.io/` and `library/` left out.
+fn familiar(repository: &str) -> &str {
+    let repository = repository.strip_prefix("docker.io/").unwrap_or(repository);
+    repository.strip_prefix("library/").unwrap_or(repository)
 }
 
 #[cfg(test)]
@@ -167,10 +209,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digest_from_docker_push() {
-        let output = "The push refers to repository [r/a]\n5f70bf18a086: Pushed\n1: digest: sha256:abc size: 528\n";
-        assert_eq!(digest_from_push_output(output).as_deref(), Some("sha256:abc"));
-        assert_eq!(digest_from_push_output("nothing"), None);
+    fn the_pushed_digest_is_the_repositorys_entry_in_repo_digests() {
+        let digests = r#"["127.0.0.1:5000/shop/web-cache@sha256:ccc","127.0.0.1:5000/shop/web@sha256:abc"]"#;
+        for image in ["127.0.0.1:5000/shop/web:pr-1", "127.0.0.1:5000/shop/web", "127.0.0.1:5000/shop/web:1@sha256:0"] {
+            assert_eq!(pushed_digest(digests, image).unwrap(), "sha256:abc", "{image}");
+        }
+        assert_eq!(pushed_digest(r#"["team/app@sha256:abc"]"#, "docker.io/team/app:1").unwrap(), "sha256:abc");
+        assert_eq!(pushed_digest(r#"["busybox@sha256:abc"]"#, "docker.io/library/busybox:1").unwrap(), "sha256:abc");
+
+        let err = pushed_digest(digests, "127.0.0.1:5000/shop/api:1").unwrap_err().to_string();
+        assert!(err.contains("no digest") && err.contains("127.0.0.1:5000/shop/api"), "{err}");
+        let two = r#"["r:5000/a@sha256:111","r:5000/a@sha256:222","r:5000/a@sha256:111"]"#;
+        let err = pushed_digest(two, "r:5000/a:1").unwrap_err().to_string();
+        assert!(err.contains("sha256:111, sha256:222"), "{err}");
+        assert!(pushed_digest("[]", "r:5000/a:1").is_err());
+        assert!(pushed_digest("null", "r:5000/a:1").is_err());
+        assert!(pushed_digest("Error: No such image", "r:5000/a:1").unwrap_err().to_string().contains("parse"));
     }
 
     fn job(cache_from: &[&str], cache_to: Option<&str>) -> Build {

@@ -247,8 +247,13 @@ pub fn override_yaml(overrides: &BTreeMap<String, ServiceOverride>) -> String {
     )
 }
 
-/// An env file for `secrets`. Docker compose unquotes values; podman passes the line as is, so
-/// it cannot hold a value with a line break.
+/// An env file for `secrets` that gives each value to the container byte for byte.
+///
+/// Docker compose reads env files as dotenv: it unquotes values and interpolates `$` outside
+/// single quotes, and in single quotes still takes a backslash before the closing quote as an
+/// escape. So every value is double-quoted with `\`, `"`, `$` and line breaks escaped, which
+/// compose turns back into exactly those bytes. Podman passes what follows the `=` as is, so a
+/// value needs no quoting, and cannot hold a line break.
 pub fn env_file(engine: Engine, secrets: &[&SecretValue]) -> Result<String, JobError> {
     let mut out = String::new();
     for secret in secrets {
@@ -260,22 +265,34 @@ pub fn env_file(engine: Engine, secrets: &[&SecretValue]) -> Result<String, JobE
         }
         let value = secret.value.expose();
         let line = match engine {
-            Engine::Podman if value.contains('\n') => {
+            Engine::Podman if value.contains(['\n', '\r']) => {
                 return Err(JobError::Invalid(format!(
                     "environment secret `{key}` has a line break, which podman's env files cannot hold; make it a file secret"
                 )));
             }
             Engine::Podman => format!("{key}={value}"),
-            Engine::Docker if !value.contains('\'') && !value.contains('\n') => format!("{key}='{value}'"),
-            Engine::Docker => {
-                let escaped = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-                format!("{key}=\"{escaped}\"")
-            }
+            Engine::Docker => format!("{key}=\"{}\"", dotenv_escape(value)),
         };
         out.push_str(&line);
         out.push('\n');
     }
     Ok(out)
+}
+
+/// `value` escaped for a double-quoted dotenv value, as compose's parser unescapes it.
+fn dotenv_escape(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '$' => escaped.push_str("\\$"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 /// One container of a deployment, as the engine reports it.
@@ -968,8 +985,15 @@ mod tests {
     fn env_files_quote_for_each_engine() {
         let a = secret("A", "x y$Z", GLOBAL_SCOPE, SecretKind::Env, None);
         let b = secret("B", "it's\nmulti", GLOBAL_SCOPE, SecretKind::Env, None);
-        assert_eq!(env_file(Engine::Docker, &[&a, &b]).unwrap(), "A='x y$Z'\nB=\"it's\\nmulti\"\n");
-        assert_eq!(env_file(Engine::Podman, &[&a]).unwrap(), "A=x y$Z\n");
+        let c = secret("C", r#"${HOME} $$ "q" \n \"#, GLOBAL_SCOPE, SecretKind::Env, None);
+        assert_eq!(
+            env_file(Engine::Docker, &[&a, &b, &c]).unwrap(),
+            r#"A="x y\$Z"
+B="it's\nmulti"
+C="\${HOME} \$\$ \"q\" \\n \\"
+"#
+        );
+        assert_eq!(env_file(Engine::Podman, &[&a, &c]).unwrap(), "A=x y$Z\nC=${HOME} $$ \"q\" \\n \\\n");
         assert!(env_file(Engine::Podman, &[&b]).unwrap_err().to_string().contains("file secret"));
         let bad = secret("1-A", "v", GLOBAL_SCOPE, SecretKind::Env, None);
         assert!(env_file(Engine::Docker, &[&bad]).is_err());

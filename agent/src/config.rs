@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use stagely_api::protocol::{DISCONNECT_SHUTDOWN_SECS, Sensitive};
 
@@ -90,6 +92,8 @@ struct FileConfig {
     reconnect_initial_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
     ca_file: Option<PathBuf>,
+    ca_pem: Option<String>,
+    insecure: Option<bool>,
     ops_addr: Option<SocketAddr>,
     ephemeral_ports: Option<bool>,
     session_file: Option<PathBuf>,
@@ -100,7 +104,8 @@ struct FileConfig {
 /// The agent's settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// WebSocket URL of the gateway (`ws://` or `wss://`), including the connect path.
+    /// WebSocket URL of the gateway, including the connect path: `wss://`, or `ws://` only when
+    /// [`AgentConfig::insecure`] says so.
     pub gateway_url: String,
     /// This agent's id.
     pub agent_id: String,
@@ -126,8 +131,13 @@ pub struct AgentConfig {
     pub reconnect_initial: Duration,
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
-    /// Extra CA certificate (PEM) trusted for a `wss://` gateway.
-    pub ca_file: Option<PathBuf>,
+    /// The CA certificates a `wss://` gateway's certificate must chain to, from `ca_pem` (which
+    /// cloud-init writes) or `ca_file`: when given, they are the only ones trusted (the gateway
+    /// is pinned to them); without them, the system's root certificates are.
+    pub gateway_ca: Option<Vec<CertificateDer<'static>>>,
+    /// Whether a plain `ws://` gateway is allowed: only the `local` provider and tests, whose
+    /// gateway is on loopback, set it. It never relaxes the checks of a `wss://` gateway.
+    pub insecure: bool,
     /// Address of `/healthz` and `/metrics`.
     pub ops_addr: SocketAddr,
     /// Publish every port a compose file publishes on 127.0.0.1 and a port the engine picks,
@@ -143,11 +153,16 @@ pub struct AgentConfig {
     /// How long a TERMINATE may take beyond the grace period it gives the services; default 5
     /// minutes. The secrets are removed even when it runs out.
     pub terminate_timeout: Duration,
+    /// The CLI plugin directory (`docker compose`) of the user the agent runs as:
+    /// `$DOCKER_CONFIG/cli-plugins`, else `$HOME/.docker/cli-plugins`. The agent's docker commands
+    /// keep their registry credentials in a configuration directory of the agent's own, which
+    /// would hide it from docker; the agent names it there as an extra plugin directory.
+    pub docker_plugin_dir: Option<PathBuf>,
 }
 
 /// The environment variables that override the file, by field (`STAGELY_OPS_ADDR` and
 /// `STAGELY_AGENT_CONFIG` are read with the command line).
-pub const ENV_VARS: [(&str, &str); 17] = [
+pub const ENV_VARS: [(&str, &str); 18] = [
     ("STAGELY_GATEWAY_URL", "gateway_url"),
     ("STAGELY_AGENT_ID", "agent_id"),
     ("STAGELY_AGENT_TOKEN", "token"),
@@ -161,11 +176,16 @@ pub const ENV_VARS: [(&str, &str); 17] = [
     ("STAGELY_RECONNECT_INITIAL_MS", "reconnect_initial_ms"),
     ("STAGELY_RECONNECT_MAX_MS", "reconnect_max_ms"),
     ("STAGELY_CA_FILE", "ca_file"),
+    ("STAGELY_INSECURE", "insecure"),
     ("STAGELY_EPHEMERAL_PORTS", "ephemeral_ports"),
     ("STAGELY_SESSION_FILE", "session_file"),
     ("STAGELY_DEPLOY_TIMEOUT_SECONDS", "deploy_timeout_seconds"),
     ("STAGELY_TERMINATE_TIMEOUT_SECONDS", "terminate_timeout_seconds"),
 ];
+
+/// The environment variables docker reads that tell where its plugins are, by which
+/// [`AgentConfig::docker_plugin_dir`] is found.
+pub const DOCKER_ENV_VARS: [&str; 2] = ["DOCKER_CONFIG", "HOME"];
 
 /// The session credential's file name, beside the configuration file.
 pub const SESSION_FILE: &str = "session.json";
@@ -173,12 +193,17 @@ pub const SESSION_FILE: &str = "session.json";
 impl AgentConfig {
     /// Loads `path` (if given) and applies the process's environment variables over it.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: BTreeMap<String, String> =
-            ENV_VARS.iter().filter_map(|(var, _)| std::env::var(var).ok().map(|v| ((*var).to_owned(), v))).collect();
+        let env: BTreeMap<String, String> = ENV_VARS
+            .iter()
+            .map(|(var, _)| *var)
+            .chain(DOCKER_ENV_VARS)
+            .filter_map(|var| std::env::var(var).ok().map(|v| (var.to_owned(), v)))
+            .collect();
         Self::load_with(path, &env)
     }
 
-    /// Loads `path` (if given) and applies `env` (variable name → value) over it.
+    /// Loads `path` (if given) and applies `env` (variable name → value: [`ENV_VARS`] and
+    /// [`DOCKER_ENV_VARS`]) over it.
     pub fn load_with(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let mut file = match path {
             Some(path) => {
@@ -240,19 +265,25 @@ impl AgentConfig {
         if let Some(v) = number("STAGELY_RECONNECT_MAX_MS")? {
             file.reconnect_max_ms = Some(v);
         }
+        let flag = |name: &str| -> Result<Option<bool>, ConfigError> {
+            get(name)
+                .map(|v| match v.as_str() {
+                    "1" | "true" | "yes" => Ok(true),
+                    "0" | "false" | "no" => Ok(false),
+                    other => Err(ConfigError::Invalid(format!("{name} must be 1 or 0 (true or false), not `{other}`"))),
+                })
+                .transpose()
+        };
         if let Some(v) = get("STAGELY_CA_FILE") {
+            // Replaces whichever CA the file names.
             file.ca_file = Some(v.into());
+            file.ca_pem = None;
         }
-        if let Some(v) = get("STAGELY_EPHEMERAL_PORTS") {
-            file.ephemeral_ports = Some(match v.as_str() {
-                "1" | "true" | "yes" => true,
-                "0" | "false" | "no" => false,
-                other => {
-                    return Err(ConfigError::Invalid(format!(
-                        "STAGELY_EPHEMERAL_PORTS must be 1 or 0 (true or false), not `{other}`"
-                    )));
-                }
-            });
+        if let Some(v) = flag("STAGELY_INSECURE")? {
+            file.insecure = Some(v);
+        }
+        if let Some(v) = flag("STAGELY_EPHEMERAL_PORTS")? {
+            file.ephemeral_ports = Some(v);
         }
         if let Some(v) = number("STAGELY_DEPLOY_TIMEOUT_SECONDS")? {
             file.deploy_timeout_seconds = Some(v);
@@ -264,7 +295,12 @@ impl AgentConfig {
             file.session_file = Some(v.into());
         }
         let beside_config = path.map(|p| p.parent().unwrap_or(Path::new(".")).join(SESSION_FILE));
-        Self::from_file(file, beside_config)
+        let docker_config = get("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| get("HOME").map(|home| Path::new(&home).join(".docker")));
+        let mut config = Self::from_file(file, beside_config)?;
+        config.docker_plugin_dir = docker_config.map(|dir| dir.join("cli-plugins"));
+        Ok(config)
     }
 
     fn from_file(file: FileConfig, beside_config: Option<PathBuf>) -> Result<Self, ConfigError> {
@@ -272,11 +308,20 @@ impl AgentConfig {
             ConfigError::Invalid(format!("`{field}` is required (in the config file, or {var})"))
         };
         let gateway_url = file.gateway_url.ok_or_else(|| missing("gateway_url", "STAGELY_GATEWAY_URL"))?;
-        if !(gateway_url.starts_with("ws://") || gateway_url.starts_with("wss://")) {
+        let insecure = file.insecure.unwrap_or(false);
+        if gateway_url.starts_with("ws://") {
+            if !insecure {
+                return Err(ConfigError::Invalid(format!(
+                    "gateway_url `{gateway_url}` is plain ws://, which is refused: use wss://, or set \
+                     `insecure: true` (STAGELY_INSECURE=1) for a gateway on loopback"
+                )));
+            }
+        } else if !gateway_url.starts_with("wss://") {
             return Err(ConfigError::Invalid(format!(
-                "gateway_url must start with ws:// or wss://, not `{gateway_url}`"
+                "gateway_url must start with wss:// (or ws://), not `{gateway_url}`"
             )));
         }
+        let gateway_ca = gateway_ca(file.ca_pem, file.ca_file)?;
         let agent_id = file.agent_id.ok_or_else(|| missing("agent_id", "STAGELY_AGENT_ID"))?;
         let token = file.token.ok_or_else(|| missing("token", "STAGELY_AGENT_TOKEN"))?;
         let engine = file.engine.unwrap_or_default();
@@ -307,12 +352,14 @@ impl AgentConfig {
             insecure_registries: file.insecure_registries.unwrap_or_default(),
             reconnect_initial,
             reconnect_max,
-            ca_file: file.ca_file,
+            gateway_ca,
+            insecure,
             ops_addr: file.ops_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9101))),
             ephemeral_ports: file.ephemeral_ports.unwrap_or(false),
             session_file,
             deploy_timeout: Duration::from_secs(file.deploy_timeout_seconds.unwrap_or(30 * 60).max(1)),
             terminate_timeout: Duration::from_secs(file.terminate_timeout_seconds.unwrap_or(5 * 60).max(1)),
+            docker_plugin_dir: None,
         })
     }
 
@@ -326,6 +373,32 @@ impl AgentConfig {
             || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
             || self.insecure_registries.iter().any(|r| r == server || r == host)
     }
+}
+
+/// The CA certificates the gateway is pinned to: those of `ca_pem`, or of the file `ca_file`.
+fn gateway_ca(
+    ca_pem: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> Result<Option<Vec<CertificateDer<'static>>>, ConfigError> {
+    let (pem, from) = match (ca_pem, ca_file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid("give the gateway's CA as ca_pem or as ca_file, not both".into()));
+        }
+        (Some(pem), None) => (pem.into_bytes(), "ca_pem".to_owned()),
+        (None, Some(path)) => {
+            let pem = std::fs::read(&path)
+                .map_err(|err| ConfigError::Invalid(format!("failed to read ca_file {}: {err}", path.display())))?;
+            (pem, format!("ca_file {}", path.display()))
+        }
+    };
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| ConfigError::Invalid(format!("{from} is not PEM certificates: {err}")))?;
+    if certs.is_empty() {
+        return Err(ConfigError::Invalid(format!("{from} holds no CERTIFICATE block")));
+    }
+    Ok(Some(certs))
 }
 
 #[cfg(test)]
@@ -361,6 +434,7 @@ mod tests {
         assert_eq!(config.session_file, file.path().parent().unwrap().join("session.json"), "beside the config");
         let env = BTreeMap::from([
             ("STAGELY_GATEWAY_URL".to_owned(), "ws://a".to_owned()),
+            ("STAGELY_INSECURE".to_owned(), "1".to_owned()),
             ("STAGELY_AGENT_ID".to_owned(), "a".to_owned()),
             ("STAGELY_AGENT_TOKEN".to_owned(), "t".to_owned()),
             ("STAGELY_WORK_DIR".to_owned(), "/w".to_owned()),
@@ -370,10 +444,25 @@ mod tests {
     }
 
     #[test]
-    fn ephemeral_ports_are_switched_on_by_the_file_or_the_environment() {
-        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t","ephemeral_ports":true}"#);
-        assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap().ephemeral_ports);
+    fn dockers_plugins_are_where_the_users_docker_finds_them() {
         let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t"}"#);
+        let load = |vars: &[(&str, &str)]| {
+            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            AgentConfig::load_with(Some(file.path()), &env).unwrap().docker_plugin_dir
+        };
+        assert_eq!(load(&[("HOME", "/root")]), Some("/root/.docker/cli-plugins".into()));
+        assert_eq!(
+            load(&[("HOME", "/root"), ("DOCKER_CONFIG", "/etc/docker-cli")]),
+            Some("/etc/docker-cli/cli-plugins".into())
+        );
+        assert_eq!(load(&[]), None);
+    }
+
+    #[test]
+    fn ephemeral_ports_are_switched_on_by_the_file_or_the_environment() {
+        let file = write(r#"{"gateway_url":"wss://a","agent_id":"a","token":"t","ephemeral_ports":true}"#);
+        assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap().ephemeral_ports);
+        let file = write(r#"{"gateway_url":"wss://a","agent_id":"a","token":"t"}"#);
         for (value, expected) in [("1", true), ("true", true), ("0", false), ("false", false)] {
             let env = BTreeMap::from([("STAGELY_EPHEMERAL_PORTS".to_owned(), value.to_owned())]);
             assert_eq!(AgentConfig::load_with(Some(file.path()), &env).unwrap().ephemeral_ports, expected, "{value}");
@@ -385,7 +474,8 @@ mod tests {
 
     #[test]
     fn environment_variables_override_the_file() {
-        let file = write(r#"{"gateway_url":"ws://a/v1/agent/connect","agent_id":"vm-1","token":"t","role":"preview"}"#);
+        let file =
+            write(r#"{"gateway_url":"wss://a/v1/agent/connect","agent_id":"vm-1","token":"t","role":"preview"}"#);
         let env = BTreeMap::from([
             ("STAGELY_ENGINE".to_owned(), "podman".to_owned()),
             ("STAGELY_AGENT_ID".to_owned(), "vm-2".to_owned()),
@@ -408,16 +498,72 @@ mod tests {
 
     #[test]
     fn missing_and_bad_fields_are_named() {
-        let file = write(r#"{"gateway_url":"ws://a","token":"t","role":"preview"}"#);
+        let file = write(r#"{"gateway_url":"wss://a","token":"t","role":"preview"}"#);
         let err = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap_err().to_string();
         assert!(err.contains("agent_id"), "{err}");
         let file = write(r#"{"gateway_url":"http://a","agent_id":"a","token":"t"}"#);
         let err = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap_err().to_string();
-        assert!(err.contains("ws://"), "{err}");
-        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t","added_later":true}"#);
+        assert!(err.contains("wss://"), "{err}");
+        let file = write(r#"{"gateway_url":"wss://a","agent_id":"a","token":"t","added_later":true}"#);
         assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).is_ok());
         let env = BTreeMap::from([("STAGELY_ENGINE".to_owned(), "lxc".to_owned())]);
         let err = AgentConfig::load_with(Some(file.path()), &env).unwrap_err().to_string();
         assert!(err.contains("lxc"), "{err}");
+    }
+
+    #[test]
+    fn a_plain_ws_gateway_is_refused_unless_the_config_says_insecure() {
+        let plain = r#""gateway_url":"ws://10.0.0.5:8443/v1/agent/connect","agent_id":"a","token":"t""#;
+        let file = write(&format!("{{{plain}}}"));
+        let err = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("plain ws://") && err.contains("`insecure: true`"), "{err}");
+
+        let file = write(&format!(r#"{{{plain},"insecure":true}}"#));
+        assert!(AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap().insecure);
+        let env = |value: &str| BTreeMap::from([("STAGELY_INSECURE".to_owned(), value.to_owned())]);
+        let config = AgentConfig::load_with(Some(file.path()), &env("0"));
+        assert!(config.unwrap_err().to_string().contains("plain ws://"), "the environment overrides the file");
+        let file = write(&format!("{{{plain}}}"));
+        assert!(AgentConfig::load_with(Some(file.path()), &env("1")).unwrap().insecure);
+        let err = AgentConfig::load_with(Some(file.path()), &env("sure")).unwrap_err().to_string();
+        assert!(err.contains("STAGELY_INSECURE") && err.contains("sure"), "{err}");
+
+        let file = write(r#"{"gateway_url":"wss://gw.example.com","agent_id":"a","token":"t"}"#);
+        let config = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap();
+        assert!(!config.insecure && config.gateway_ca.is_none(), "wss:// needs neither");
+    }
+
+    fn ca_pem(name: &str) -> (String, Vec<u8>) {
+        let ca = stagely_testenv::pki::TestCa::new(name).unwrap();
+        (ca.pem(), ca.der().to_vec())
+    }
+
+    #[test]
+    fn the_ca_cloud_init_writes_is_the_one_the_gateway_is_pinned_to() {
+        let (pem, der) = ca_pem("gateway CA");
+        let config =
+            serde_json::json!({"gateway_url": "wss://gw.example.com", "agent_id": "a", "token": "t", "ca_pem": pem});
+        let file = write(&config.to_string());
+        let config = AgentConfig::load_with(Some(file.path()), &BTreeMap::new()).unwrap();
+        let pinned: Vec<&[u8]> = config.gateway_ca.as_deref().unwrap().iter().map(|c| c.as_ref()).collect();
+        assert_eq!(pinned, [der.as_slice()]);
+
+        // The same from a file, which the environment can name instead of the file's CA.
+        let (other_pem, other_der) = ca_pem("another CA");
+        let ca_file = write(&other_pem);
+        let env = BTreeMap::from([("STAGELY_CA_FILE".to_owned(), ca_file.path().to_string_lossy().into_owned())]);
+        let config = AgentConfig::load_with(Some(file.path()), &env).unwrap();
+        assert_eq!(config.gateway_ca.unwrap()[0].as_ref(), other_der.as_slice());
+
+        let both = serde_json::json!({"gateway_url": "wss://gw", "agent_id": "a", "token": "t", "ca_pem": pem,
+            "ca_file": ca_file.path()});
+        let err = AgentConfig::load_with(Some(write(&both.to_string()).path()), &BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let garbage = serde_json::json!({"gateway_url": "wss://gw", "agent_id": "a", "token": "t", "ca_pem": "nope"});
+        let err = AgentConfig::load_with(Some(write(&garbage.to_string()).path()), &BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("ca_pem holds no CERTIFICATE block"), "{err}");
+        let env = BTreeMap::from([("STAGELY_CA_FILE".to_owned(), "/nonexistent/ca.pem".to_owned())]);
+        let err = AgentConfig::load_with(Some(file.path()), &env).unwrap_err().to_string();
+        assert!(err.contains("failed to read ca_file /nonexistent/ca.pem"), "{err}");
     }
 }

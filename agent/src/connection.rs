@@ -53,6 +53,14 @@ pub enum ConnectionError {
     /// The TLS configuration could not be built.
     #[error("failed to set up TLS: {0}")]
     Tls(String),
+    /// The TLS handshake with the gateway failed, e.g. its certificate is not signed by a trusted CA.
+    #[error("failed the TLS handshake with the gateway, {trusting}: {source}")]
+    Handshake {
+        /// Which CAs the agent trusts.
+        trusting: &'static str,
+        /// The cause.
+        source: rustls::Error,
+    },
 }
 
 /// What the VM is.
@@ -86,21 +94,24 @@ pub fn connect_url(gateway_url: &str) -> String {
     }
 }
 
+/// The TLS client of a `wss://` gateway (none for `ws://`, which the configuration allows only
+/// when it says `insecure`): it trusts only the configured CA when there is one, else the
+/// system's roots.
 fn tls_connector(config: &AgentConfig) -> Result<Option<tokio_tungstenite::Connector>, ConnectionError> {
     if !config.gateway_url.starts_with("wss://") {
         return Ok(None);
     }
-    use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(ca) = &config.ca_file {
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
-            .map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?
-        {
-            let cert = cert.map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?;
-            roots.add(cert).map_err(|err| ConnectionError::Tls(format!("{}: {err}", ca.display())))?;
+    match &config.gateway_ca {
+        Some(pinned) => {
+            for cert in pinned {
+                roots.add(cert.clone()).map_err(|err| ConnectionError::Tls(format!("the gateway's CA: {err}")))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -109,6 +120,16 @@ fn tls_connector(config: &AgentConfig) -> Result<Option<tokio_tungstenite::Conne
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Some(tokio_tungstenite::Connector::Rustls(Arc::new(tls))))
+}
+
+/// The TLS error behind a failed connection, if that is why it failed (tokio-tungstenite
+/// reports a rustls handshake failure as an I/O error wrapping it).
+fn tls_failure(err: &tungstenite::Error) -> Option<rustls::Error> {
+    match err {
+        tungstenite::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>().cloned(),
+        tungstenite::Error::Tls(tungstenite::error::TlsError::Rustls(tls)) => Some((**tls).clone()),
+        _ => None,
+    }
 }
 
 /// The agent's side of the protocol, across connections.
@@ -168,12 +189,23 @@ impl Connection {
         backoff: &mut Backoff,
     ) -> Result<(), ConnectionError> {
         const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
-        let (mut ws, _) = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             ANSWER_TIMEOUT,
             tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector),
         )
         .await
-        .map_err(|_| ConnectionError::Timeout(ANSWER_TIMEOUT))??;
+        .map_err(|_| ConnectionError::Timeout(ANSWER_TIMEOUT))?;
+        let (mut ws, _) = connected.map_err(|err| match tls_failure(&err) {
+            Some(source) => ConnectionError::Handshake {
+                trusting: if self.config.gateway_ca.is_some() {
+                    "trusting only the CA in the agent's configuration"
+                } else {
+                    "trusting the system's root CAs"
+                },
+                source,
+            },
+            None => err.into(),
+        })?;
         let using_session = self.session_token.is_some();
         let token = self.session_token.clone().unwrap_or_else(|| self.config.token.clone());
         let hello = Message::Hello(Hello {

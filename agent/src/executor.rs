@@ -146,7 +146,7 @@ impl Context {
     }
 
     /// Creates the work directory and the agent's registry credentials file (podman wants
-    /// it to exist).
+    /// it to exist; docker's names the user's plugin directory too).
     pub fn prepare(&self) -> Result<(), JobError> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new()
@@ -164,7 +164,39 @@ impl Context {
                 Err(err) => return Err(JobError::Io { what: "write", path, source: err }),
             }
         }
+        if self.engine == Engine::Docker
+            && let Some(plugins) = &self.config.docker_plugin_dir
+        {
+            self.add_docker_plugin_dir(plugins)?;
+        }
         Ok(())
+    }
+
+    /// Names `plugins` in the agent's docker configuration (`cliPluginsExtraDirs`), keeping the
+    /// credentials `docker login` wrote there: docker looks for plugins in its configuration
+    /// directory and its system directories, and the agent's own configuration directory
+    /// would otherwise hide a `docker compose` installed for the user.
+    fn add_docker_plugin_dir(&self, plugins: &Path) -> Result<(), JobError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.work_dir.join("docker");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(JobError::io("create", &dir))?;
+        let path = dir.join("config.json");
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                .map_err(|err| JobError::Invalid(format!("failed to parse {}: {err}", path.display())))?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => serde_json::Map::new(),
+            Err(source) => return Err(JobError::Io { what: "read", path, source }),
+        };
+        let dirs = serde_json::json!([plugins]);
+        if config.get("cliPluginsExtraDirs") == Some(&dirs) {
+            return Ok(());
+        }
+        config.insert("cliPluginsExtraDirs".into(), dirs);
+        // Written aside and renamed: the file holds the registry credentials.
+        let staged = dir.join("config.json.new");
+        let _ = std::fs::remove_file(&staged);
+        create_file(&staged, &serde_json::to_string_pretty(&config).expect("JSON serializes"), 0o600)?;
+        std::fs::rename(&staged, &path).map_err(JobError::io("replace", &path))
     }
 
     /// A command for `program` with the context's environment.
@@ -383,7 +415,7 @@ async fn forward(
         log.output(stream, masked, original);
         if keep {
             if kept.len() > 2 * KEPT_MAX {
-                // The end is what callers read (a push's digest is its last line).
+                // The end is what callers read.
                 let mut cut = kept.len() - KEPT_MAX;
                 while !kept.is_char_boundary(cut) {
                     cut += 1;
@@ -762,6 +794,37 @@ mod tests {
     }
 
     #[test]
+    fn dockers_configuration_names_the_users_plugins_and_keeps_the_logins() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("STAGELY_GATEWAY_URL", "ws://a".to_owned()),
+            ("STAGELY_AGENT_ID", "a".to_owned()),
+            ("STAGELY_AGENT_TOKEN", "t".to_owned()),
+            ("STAGELY_WORK_DIR", dir.path().join("work").to_string_lossy().into_owned()),
+            ("HOME", "/home/stagely".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v));
+        let config = Arc::new(AgentConfig::load_with(None, &env.into_iter().collect()).unwrap());
+        let ctx = Context::new(config, Outbox::default());
+        let path = dir.path().join("work/docker/config.json");
+        let read = || serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        ctx.prepare().unwrap();
+        assert_eq!(read(), serde_json::json!({"cliPluginsExtraDirs": ["/home/stagely/.docker/cli-plugins"]}));
+
+        // What `docker login` wrote stays.
+        std::fs::write(&path, r#"{"auths":{"r:5000":{"auth":"dTpw"}}}"#).unwrap();
+        ctx.prepare().unwrap();
+        assert_eq!(
+            read(),
+            serde_json::json!({"auths": {"r:5000": {"auth": "dTpw"}}, "cliPluginsExtraDirs": ["/home/stagely/.docker/cli-plugins"]})
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(ctx.prepare().unwrap_err().to_string().contains("config.json"));
+    }
+
+    #[test]
     fn registry_hosts_of_image_references() {
         assert_eq!(registry_of("127.0.0.1:5000/shop/api:1").as_deref(), Some("127.0.0.1:5000"));
         assert_eq!(registry_of("registry.example.com/a@sha256:00").as_deref(), Some("registry.example.com"));
@@ -804,7 +867,7 @@ mod tests {
 
     #[test]
     fn a_jobs_output_stops_being_sent_past_its_cap() {
-        let env = [("STAGELY_GATEWAY_URL", "ws://a"), ("STAGELY_AGENT_ID", "a"), ("STAGELY_AGENT_TOKEN", "t")]
+        let env = [("STAGELY_GATEWAY_URL", "wss://a"), ("STAGELY_AGENT_ID", "a"), ("STAGELY_AGENT_TOKEN", "t")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let config = Arc::new(AgentConfig::load_with(None, &env.into_iter().collect()).unwrap());
         let outbox = Outbox::new(usize::MAX);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use stagely_api::protocol::{PREVIEW_URL_ENV, TestRun};
 use tokio::time::Instant;
 
+use crate::config::Engine;
 use crate::executor::{Context, JobError, JobLog, Outcome, check_name, execute, registry_of, run, with_tail};
 
 /// Runs `test`'s commands against its preview.
@@ -92,10 +93,20 @@ pub fn run_args(name: &str, preview_url: &str, image: &str, command: &str) -> Ve
 
 async fn remove_container(ctx: &Context, log: &JobLog, name: &str) {
     let mut remove = ctx.engine_command();
-    remove.args(["rm", "-f", "-t", "0", name]);
+    remove.args(remove_args(ctx.engine, name));
     match tokio::time::timeout(Duration::from_secs(60), execute(log, remove, None)).await {
         Ok(Ok(finished)) if finished.status.success() => {}
         _ => log.system(&format!("failed to remove the test container {name}; it may still be running")),
+    }
+}
+
+/// The engine's arguments that kill and remove a container at once. Docker's `rm -f` kills;
+/// podman's stops with the container's grace period unless given none (`-t 0`), which docker's
+/// `rm` does not take.
+pub fn remove_args(engine: Engine, name: &str) -> Vec<&str> {
+    match engine {
+        Engine::Docker => vec!["rm", "-f", name],
+        Engine::Podman => vec!["rm", "-f", "-t", "0", name],
     }
 }
 
@@ -132,5 +143,11 @@ mod tests {
                 "curl -f $STAGELY_PREVIEW_URL/health",
             ]
         );
+    }
+
+    #[test]
+    fn a_container_is_killed_and_removed_in_each_engines_words() {
+        assert_eq!(remove_args(Engine::Docker, "c"), ["rm", "-f", "c"]);
+        assert_eq!(remove_args(Engine::Podman, "c"), ["rm", "-f", "-t", "0", "c"]);
     }
 }

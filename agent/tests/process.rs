@@ -1,6 +1,7 @@
 //! The real `stagely-agent` process: the shutdown after losing the gateway, reconnection with
-//! the session token against a gateway that appears late and drops the connection, and the
-//! ERROR answering a frame it does not understand.
+//! the session token against a gateway that appears late and drops the connection, the ERROR
+//! answering a frame it does not understand, and a plain `ws://` gateway refused unless the
+//! configuration says `insecure`.
 
 mod support;
 
@@ -14,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use stagely_api::protocol::{
     CONNECT_PATH, ErrorCode, ErrorMessage, HelloAck, JobState, Message, Scope, ScopeKind, Terminate,
 };
-use support::{agent_command, free_port, wait_for};
+use support::{agent_command, agent_command_with, free_port, wait_for};
 use tokio_tungstenite::tungstenite;
 
 /// The agent process, killed when dropped; its log lines arrive on `lines`.
@@ -75,6 +76,34 @@ fn the_vm_shuts_down_when_the_gateway_stays_away() {
     );
     wait_for("the shutdown command's marker file", Duration::from_secs(30), || marker.exists().then_some(()));
     assert!(agent.child.try_wait().unwrap().is_none(), "the agent keeps trying to reconnect");
+}
+
+#[test]
+fn a_plain_ws_gateway_without_insecure_stops_the_agent_with_a_config_error_before_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}{CONNECT_PATH}", gateway.local_addr().unwrap());
+    let config = serde_json::json!({"gateway_url": url, "agent_id": "agent-1", "token": "t", "role": "preview"});
+    let bin = Path::new(env!("CARGO_BIN_EXE_stagely-agent"));
+    let mut child = agent_command_with(bin, dir.path(), &config.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the agent to exit", Duration::from_secs(30), || child.try_wait().unwrap());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the agent must refuse to start: {stderr}");
+    assert!(
+        stderr.contains("invalid agent configuration") && stderr.contains("plain ws://") && stderr.contains("insecure"),
+        "{stderr}"
+    );
+    gateway.set_nonblocking(true).unwrap();
+    let attempt = gateway.accept();
+    assert!(
+        matches!(&attempt, Err(err) if err.kind() == std::io::ErrorKind::WouldBlock),
+        "the agent connected to the gateway: {attempt:?}"
+    );
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

@@ -3,8 +3,9 @@
 //! annotation and finalizer keys, and the mechanisms two binaries share (the secret masker,
 //! the retry backoff, derived names).
 //!
-//! Apart from the `ops` module (feature `ops`, the binaries' shared operations endpoints),
-//! this crate does no I/O. It re-exports the `kube` and `k8s-openapi` versions it was built
+//! Apart from the `ops` module (feature `ops`, the binaries' shared operations endpoints) and
+//! the `tls` module (feature `tls`, a certificate served from files and reloaded), this crate
+//! does no I/O. It re-exports the `kube` and `k8s-openapi` versions it was built
 //! against, so components agree on one version of each.
 
 #![forbid(unsafe_code)]
@@ -18,6 +19,8 @@ pub mod names;
 pub mod ops;
 pub mod protocol;
 pub mod route;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod v1alpha1;
 
 pub use k8s_openapi;

@@ -3,7 +3,7 @@
 //! A request's host names an environment; its route record (cached in process, invalidated
 //! through Redis) says whether to show the "Building…" page or to proxy to the preview VM.
 //! See [`proxy`] for the per-request path, [`fast`] for its lean HTTP/1.1 form, [`routes`] for
-//! the cache, [`tls`] for certificates.
+//! the cache; certificates are served and reloaded by [`stagely_api::tls`].
 
 #![forbid(unsafe_code)]
 
@@ -16,7 +16,6 @@ pub mod ratelimit;
 pub mod routes;
 pub mod send_timeout;
 pub mod server;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,12 +24,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use stagely_api::ops;
+use stagely_api::tls::{self, CertStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;
 use crate::routes::{RouteTable, RouteTableConfig};
-use crate::tls::CertStore;
 
 /// Command-line and environment configuration.
 #[derive(Parser, Debug, Clone)]
@@ -208,8 +207,12 @@ pub async fn serve(
     if let Some(https) = listeners.https {
         let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Err(Error::NoListener) };
         let store = Arc::new(CertStore::load(cert, key)?);
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(store.clone().server_config()));
-        tasks.spawn(store.watch(Duration::from_secs(config.tls_reload_secs.max(1)), metrics.clone(), stopping.clone()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(store.clone().server_config(&[b"h2", b"http/1.1"])));
+        let reload_errors = metrics.tls_reload_errors.clone();
+        let failed = move |_: &tls::TlsError| {
+            reload_errors.inc();
+        };
+        tasks.spawn(store.watch(Duration::from_secs(config.tls_reload_secs.max(1)), failed, stopping.clone()));
         tracing::info!(addr = ?https.local_addr().ok(), "serving HTTPS");
         sockets.push((https.into_std().map_err(Error::Serve)?, Some(acceptor)));
     }

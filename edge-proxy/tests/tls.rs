@@ -9,35 +9,26 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use stagely_api::route::RouteStatus;
+use stagely_testenv::pki::TestCa;
 use support::*;
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
+struct Ca(TestCa);
 
 impl Ca {
     fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+        Self(TestCa::new("test CA").unwrap())
     }
 
-    /// A wildcard certificate for `*.{DOMAIN}` and its key, as PEM.
-    fn wildcard(&self, serial: u64) -> (String, String) {
-        let mut params = CertificateParams::new(vec![format!("*.{DOMAIN}")]).unwrap();
-        params.serial_number = Some(serial.into());
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+    /// A wildcard certificate for `*.{DOMAIN}` with a fresh key, both PEM.
+    fn wildcard(&self) -> (String, String) {
+        self.0.serving(&[&format!("*.{DOMAIN}")]).unwrap()
     }
 
     fn connector(&self) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.issuer.der().clone()).unwrap();
+        roots.add(CertificateDer::from(self.0.der().to_vec())).unwrap();
         let mut config =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -75,7 +66,7 @@ async fn serves_https_and_reloads_the_certificate_without_dropping_connections()
     let dir = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     let ca = Ca::new();
-    let (cert, key) = ca.wildcard(1);
+    let (cert, key) = ca.wildcard();
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
 
@@ -106,7 +97,7 @@ async fn serves_https_and_reloads_the_certificate_without_dropping_connections()
     get_h2(&mut during, "secure1").await;
 
     // A new certificate (as a Secret update writes it) is served to new connections…
-    let (cert, key) = ca.wildcard(2);
+    let (cert, key) = ca.wildcard();
     std::fs::write(&key_path, &key).unwrap();
     std::fs::write(&cert_path, &cert).unwrap();
     let (mut new_conn, _) =

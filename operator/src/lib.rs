@@ -56,9 +56,16 @@ pub struct Config {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineConfig {
     /// The WebSocket URL new VMs' agents connect to, e.g. `wss://agents.stagely.example.com/v1/agent/connect`
-    /// (default: the gateway address on loopback, right only for the `local` provider).
+    /// (default: the gateway address on loopback, `wss://` when it serves TLS, right only for
+    /// the `local` provider). Cloud VMs' agents refuse a plain `ws://` URL.
     #[arg(long, env = "STAGELY_AGENT_GATEWAY_URL")]
     pub agent_gateway_url: Option<String>,
+
+    /// PEM file of the CA certificate(s) the gateway's certificate chains to (e.g. a mounted
+    /// cert-manager Secret's `ca.crt`): handed to every new VM in its cloud-init, and its agent then
+    /// trusts no other CA. Read again for each VM. Without it, agents trust their system's roots.
+    #[arg(long, env = "STAGELY_AGENT_GATEWAY_CA_FILE")]
+    pub agent_gateway_ca_file: Option<std::path::PathBuf>,
 
     /// Where cloud VMs download the agent binary (`local` VMs run `--local-agent-bin`).
     #[arg(long, env = "STAGELY_AGENT_DOWNLOAD_URL", default_value = "")]
@@ -109,6 +116,30 @@ pub struct CloudsConfig {
     pub local_state_dir: std::path::PathBuf,
 }
 
+impl Config {
+    /// How new VMs find their agent and the gateway: the gateway URL (by default the gateway's
+    /// own address on loopback, `wss://` when it serves TLS) and its CA, checked now so that a bad
+    /// file stops the operator at startup rather than failing every VM.
+    pub fn agent_settings(&self) -> Result<controllers::vm::AgentSettings, RunError> {
+        let pipeline = &self.pipeline;
+        if let Some(path) = &pipeline.agent_gateway_ca_file {
+            providers::cloudinit::read_gateway_ca(path)?;
+        }
+        let scheme = if self.gateway.gateway_tls_cert.is_some() { "wss" } else { "ws" };
+        let port = self.gateway.gateway_addr.port();
+        Ok(controllers::vm::AgentSettings {
+            gateway_url: pipeline
+                .agent_gateway_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://127.0.0.1:{port}{}", stagely_api::protocol::CONNECT_PATH)),
+            agent_url: pipeline.agent_download_url.clone(),
+            agent_sha256: pipeline.agent_sha256.clone(),
+            enrollment_ttl: std::time::Duration::from_secs(pipeline.agent_connect_timeout_secs.max(60)),
+            gateway_ca_file: pipeline.agent_gateway_ca_file.clone(),
+        })
+    }
+}
+
 impl CloudsConfig {
     /// The endpoints the controllers use.
     pub fn endpoints(&self) -> providers::account::Endpoints {
@@ -142,6 +173,9 @@ pub enum RunError {
     /// Redis could not be reached for routes.
     #[error(transparent)]
     Routes(#[from] routes::RouteError),
+    /// The CA handed to agents is unusable.
+    #[error(transparent)]
+    GatewayCa(#[from] providers::cloudinit::GatewayCaError),
     /// The agent gateway's address could not be bound.
     #[error("failed to listen on {addr} for the agent gateway: {source}")]
     GatewayListen {
@@ -194,6 +228,7 @@ async fn run_operator(
 
     // kube's rustls needs a process-wide provider; the AWS SDK compiles in a second one.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let agents = config.agent_settings()?;
     let client = kube::Client::try_default().await.map_err(RunError::Kube)?;
     let gateway = config.gateway.build(client.clone()).await?;
     let registry = config.registry.build()?;
@@ -211,15 +246,6 @@ async fn run_operator(
     let addr = config.gateway.gateway_addr;
     let endpoints = providers::account::Endpoints { factory, ..config.clouds.endpoints() };
     let pipeline = &config.pipeline;
-    let agents = controllers::vm::AgentSettings {
-        gateway_url: pipeline
-            .agent_gateway_url
-            .clone()
-            .unwrap_or_else(|| format!("ws://127.0.0.1:{}{}", addr.port(), stagely_api::protocol::CONNECT_PATH)),
-        agent_url: pipeline.agent_download_url.clone(),
-        agent_sha256: pipeline.agent_sha256.clone(),
-        enrollment_ttl: Duration::from_secs(pipeline.agent_connect_timeout_secs.max(60)),
-    };
     let timings = controllers::buildjob::Timings {
         agent_connect: Duration::from_secs(pipeline.agent_connect_timeout_secs),
         vm_check: Duration::from_secs(pipeline.vm_check_interval_secs.max(1)),
@@ -255,7 +281,16 @@ async fn run_operator(
     let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default();
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
-    tracing::info!(addr = %config.ops_addr, gateway_addr = %addr, version = env!("CARGO_PKG_VERSION"), "stagely-operator started");
+    if !gateway.is_tls() {
+        tracing::warn!("the agent gateway serves plain ws:// (no --gateway-tls-cert): only local agents accept it");
+    }
+    tracing::info!(
+        addr = %config.ops_addr,
+        gateway_addr = %addr,
+        gateway_tls = gateway.is_tls(),
+        version = env!("CARGO_PKG_VERSION"),
+        "stagely-operator started"
+    );
     let serve_gateway = async {
         gateway.serve_with(listener, extra, ops::shutdown_signal()).await.map_err(|err| RunError::Gateway(err.into()))
     };

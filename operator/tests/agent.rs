@@ -1,8 +1,10 @@
 //! The real agent process against the real gateway on loopback: enrollment with a minted token,
 //! heartbeats landing, reconnection with the session token after the gateway restarts, a
 //! resent command answered without running it twice, an agent killed and started again as
-//! systemd would (let back in with the session it kept, renewed while it was connected), and
-//! BUILD → DEPLOY → HTTP 200 → TEST with podman and the distribution registry.
+//! systemd would (let back in with the session it kept, renewed while it was connected),
+//! BUILD → DEPLOY → HTTP 200 → TEST with podman and the distribution registry, and `wss://`: an
+//! agent pinned by its cloud-init to the gateway's generated CA is admitted, one pinned to another
+//! CA is not.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
@@ -13,13 +15,17 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_support::{Podman, agent_bin, agent_command, app_repo, free_port, http_get, wait_for};
+use agent_support::{Podman, agent_bin, agent_command, agent_command_with, app_repo, free_port, http_get, wait_for};
 use k8s_openapi::jiff::Timestamp;
 use stagely_api::protocol::{Build, CAPABILITY_TEST, Deploy, JobState, Message, Scope, ScopeKind, Terminate, TestRun};
+use stagely_api::tls::CertStore;
 use stagely_api::v1alpha1::Platform;
 use stagely_operator::gateway::objects::{BoxFuture, ObjectsError, ScopeObjects};
 use stagely_operator::gateway::token::{SigningKey, TokenError};
 use stagely_operator::gateway::{Gateway, RunningGateway, Settings};
+use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
+use stagely_operator::providers::{Role, local};
+use stagely_testenv::pki::TestCa;
 use stagely_testenv::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -76,6 +82,18 @@ impl Agent {
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// Started from `config` (the whole of `dir/agent.json`), logging to `dir/agent.log`.
+    fn from_config(dir: &Path, config: &str) -> Self {
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = agent_command_with(&agent_bin(), dir, config)
+            .env("STAGELY_RECONNECT_MAX_MS", "500")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
         Self(child)
@@ -302,4 +320,62 @@ async fn build_then_deploy_through_the_gateway_serves_the_app() {
 
     terminate(running.gateway(), &scope, "pr_closed").await;
     assert!(http_get(port, "/").is_none(), "the app still answers after TERMINATE");
+}
+
+/// The agent configuration a VM's cloud-init writes, for agent `agent_id` of the gateway at
+/// `url` with `token`, pinned to the CA in `ca_file`: rendered as the operator renders it, and
+/// read out of the user data as the `local` provider reads it.
+fn cloud_init_config(url: &str, agent_id: &str, token: &str, ca_file: &Path) -> String {
+    let ca = cloudinit::read_gateway_ca(ca_file).unwrap();
+    let bootstrap = AgentBootstrap::new(url, agent_id, token, Role::Preview, "https://unused.invalid", &"0".repeat(64))
+        .with_gateway_ca(Some(ca));
+    local::agent_config(&cloudinit::render(&bootstrap)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_pinned_to_the_gateways_ca_by_cloud_init_is_admitted_over_wss_and_one_of_another_ca_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway_ca, other_ca) = (TestCa::new("gateway CA").unwrap(), TestCa::new("another CA").unwrap());
+    let (cert, key) = gateway_ca.serving(&["127.0.0.1"]).unwrap();
+    let file = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key) = (file("tls.crt", cert), file("tls.key", key));
+    let (gateway_ca_file, other_ca_file) =
+        (file("gateway-ca.crt", gateway_ca.pem()), file("other-ca.crt", other_ca.pem()));
+    let running = Gateway::builder()
+        .signing_key(SigningKey::generate().unwrap())
+        .objects(Heartbeats::default())
+        .settings(Settings { heartbeat_interval_secs: 1, ..Settings::default() })
+        .tls(CertStore::load(&cert, &key).unwrap())
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .await
+        .expect("the gateway starts");
+    let url = running.connect_url();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+
+    let scope = scope();
+    let token = running.gateway().mint_enrollment_token(&scope, "agent-1", Duration::from_secs(600)).unwrap();
+    let pinned = dir.path().join("pinned");
+    std::fs::create_dir(&pinned).unwrap();
+    let _pinned = Agent::from_config(&pinned, &cloud_init_config(&url, "agent-1", token.expose(), &gateway_ca_file));
+    wait_connected(running.gateway(), &scope).await;
+    terminate(running.gateway(), &scope, "test").await;
+
+    let other = Scope { name: "shop-pr-2".into(), uid: "uid-2".into(), ..scope.clone() };
+    let token = running.gateway().mint_enrollment_token(&other, "agent-2", Duration::from_secs(600)).unwrap();
+    let refused = dir.path().join("refused");
+    std::fs::create_dir(&refused).unwrap();
+    let _refused = Agent::from_config(&refused, &cloud_init_config(&url, "agent-2", token.expose(), &other_ca_file));
+    let log = refused.join("agent.log");
+    wait_until("the agent to log why it refused the gateway", || {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        log.contains("failed the TLS handshake with the gateway, trusting only the CA in the agent's configuration")
+            && log.contains("invalid peer certificate")
+            && log.contains("UnknownIssuer")
+    })
+    .await;
+    assert!(!running.gateway().is_connected(&other), "an agent of another CA got in");
 }

@@ -163,6 +163,7 @@ impl Harness {
             agent_url: "http://unused.invalid/stagely-agent".into(),
             agent_sha256: "0".repeat(64),
             enrollment_ttl: Duration::from_secs(600),
+            gateway_ca_file: None,
         };
         let ctx = Context::new(
             self.client.clone(),

@@ -1,23 +1,28 @@
 //! The agent gateway on loopback, driven by real WebSocket clients: the HELLO handshake and its
 //! refusals, session reconnects, command delivery and resend, heartbeats recorded on a real
-//! Environment (stagely-testenv's kube-apiserver), slow agents, and logs masked into a real
-//! redis-server.
+//! Environment (stagely-testenv's kube-apiserver), slow agents, logs masked into a real
+//! redis-server, and `wss://` with a generated CA, its certificate renewed in place.
 
 #[path = "support/logs.rs"]
 mod logs;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use stagely_api::protocol::*;
+use stagely_api::tls::CertStore;
 use stagely_api::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, Platform, PullRequest};
 use stagely_operator::gateway::objects::KubeObjects;
 use stagely_operator::gateway::token::{AgentClaims, SigningKey};
 use stagely_operator::gateway::{Gateway, GatewayBuilder, GatewayError, RunningGateway, Settings};
+use stagely_testenv::pki::TestCa;
 use stagely_testenv::server::{Server, eventually};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -62,12 +67,12 @@ fn hello(agent_id: &str, token: &Sensitive, jobs: Vec<JobSummary>) -> Message {
     })
 }
 
-async fn send(ws: &mut Ws, message: &Message) {
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, message: &Message) {
     ws.send(WsMessage::text(serde_json::to_string(message).unwrap())).await.expect("send");
 }
 
 /// The next protocol message (skipping pings), or a panic naming what came instead.
-async fn recv(ws: &mut Ws) -> Message {
+async fn recv<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Message {
     loop {
         let frame = tokio::time::timeout(WAIT, ws.next()).await.expect("a frame in time");
         match frame {
@@ -760,6 +765,81 @@ async fn an_agent_writes_only_the_logs_of_its_own_jobs_and_cannot_silence_them()
     assert_eq!(seqs, (0..1234).collect::<Vec<u64>>());
 }
 
+// ---- TLS ----
+
+/// Writes a serving certificate for 127.0.0.1 signed by `ca`, and its key, to `dir` as a
+/// mounted Secret holds them; returns their paths.
+fn write_certificate(dir: &Path, ca: &TestCa) -> (PathBuf, PathBuf) {
+    let (cert, key) = ca.serving(&["127.0.0.1"]).unwrap();
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    // The key first: until the certificate follows, the pair does not match and is not taken.
+    std::fs::write(&key_path, key).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    (cert_path, key_path)
+}
+
+type Wss = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A `wss://` connection to `gateway` by a client that trusts only `ca`, or why it failed.
+async fn connect_tls(gateway: &RunningGateway, ca: &TestCa) -> Result<Wss, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(ca.der().to_vec())).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(gateway.addr()).await.expect("tcp connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    let tls = tokio::time::timeout(WAIT, handshake).await.expect("a handshake in time").map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(gateway.connect_url(), tls).await.map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+#[tokio::test]
+async fn over_tls_a_renewed_certificate_reaches_new_connections_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_ca, second_ca) = (TestCa::new("first gateway CA").unwrap(), TestCa::new("second gateway CA").unwrap());
+    let (cert, key) = write_certificate(dir.path(), &first_ca);
+    let settings = Settings {
+        token_leeway: Duration::ZERO,
+        tls_reload_interval: Duration::from_millis(50),
+        ..Settings::default()
+    };
+    let gateway = start(builder().settings(settings).tls(CertStore::load(&cert, &key).unwrap())).await;
+    assert!(gateway.connect_url().starts_with("wss://127.0.0.1:"), "{}", gateway.connect_url());
+
+    // TLS only: a plain WebSocket client is not answered.
+    let tcp = TcpStream::connect(gateway.addr()).await.unwrap();
+    let plain = format!("ws://{}{CONNECT_PATH}", gateway.addr());
+    let answer = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(plain, tcp)).await.expect("in time");
+    assert!(answer.is_err(), "a plain WebSocket was served");
+
+    let first = scope("tls-first");
+    let mut before = connect_tls(&gateway, &first_ca).await.expect("the first CA's certificate is served");
+    send(&mut before, &hello("agent-1", &mint(&gateway, &first, "agent-1"), vec![])).await;
+    assert!(matches!(recv(&mut before).await, Message::HelloAck(_)), "enrolled over wss://");
+    let err = connect_tls(&gateway, &second_ca).await.expect_err("a client of the second CA refuses it");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    // The Secret is renewed, by another CA: the files change under the running gateway.
+    write_certificate(dir.path(), &second_ca);
+    let mut after = eventually("new connections to get the renewed certificate", WAIT, || async {
+        connect_tls(&gateway, &second_ca).await.ok()
+    })
+    .await;
+    let second = scope("tls-second");
+    send(&mut after, &hello("agent-2", &mint(&gateway, &second, "agent-2"), vec![])).await;
+    assert!(matches!(recv(&mut after).await, Message::HelloAck(_)), "enrolled with the renewed certificate");
+    let err = connect_tls(&gateway, &first_ca).await.expect_err("the old certificate is no longer served");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // The connection made before the renewal carries on.
+    send(&mut before, &Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 })).await;
+    assert_eq!(recv(&mut before).await, Message::Heartbeat(Heartbeat { seq: 1, sent_at_ms: 1 }));
+    assert!(gateway.gateway().is_connected(&first) && gateway.gateway().is_connected(&second));
+}
+
 // ---- configuration ----
 
 #[test]
@@ -782,6 +862,42 @@ fn the_gateway_config_has_defaults_and_reads_its_key_file() {
     let config = stagely_operator::Config::try_parse_from(args).unwrap();
     assert!(config.gateway.signing_key().is_ok());
     assert!(!format!("{config:?}").contains("-secret"), "the key never shows in Debug");
+}
+
+#[test]
+fn tls_flags_load_the_certificate_advertise_wss_and_check_the_ca_handed_to_agents() {
+    use clap::Parser;
+    let parse = |args: &[&str]| stagely_operator::Config::try_parse_from(["stagely-operator"].iter().chain(args));
+    let config = parse(&[]).unwrap();
+    assert!(config.gateway.certificate().unwrap().is_none());
+    assert_eq!(config.agent_settings().unwrap().gateway_url, "ws://127.0.0.1:8443/v1/agent/connect");
+
+    let err = parse(&["--gateway-tls-cert", "/tls/tls.crt"]).unwrap_err().to_string();
+    assert!(err.contains("--gateway-tls-key"), "{err}");
+    let config = parse(&["--gateway-tls-cert", "/nonexistent/tls.crt", "--gateway-tls-key", "/nonexistent/tls.key"]);
+    let err = config.unwrap().gateway.certificate().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "failed to load the gateway's TLS certificate: failed to read /nonexistent/tls.crt: No such file or directory (os error 2)"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("gateway CA").unwrap();
+    let (cert, key) = write_certificate(dir.path(), &ca);
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert, key, ca_path) = (cert.to_str().unwrap(), key.to_str().unwrap(), ca_file.to_str().unwrap());
+    let config = parse(&["--gateway-tls-cert", cert, "--gateway-tls-key", key, "--agent-gateway-ca-file", ca_path]);
+    let config = config.unwrap();
+    assert!(config.gateway.certificate().unwrap().is_some());
+    let agents = config.agent_settings().unwrap();
+    assert_eq!(agents.gateway_url, "wss://127.0.0.1:8443/v1/agent/connect", "TLS on: the default URL is wss://");
+    assert_eq!(agents.gateway_ca_file.as_deref(), Some(ca_file.as_path()));
+
+    // The CA file goes into user data: one holding a key stops the operator at startup.
+    std::fs::write(&ca_file, format!("{}{}", ca.pem(), std::fs::read_to_string(key).unwrap())).unwrap();
+    let err = config.agent_settings().unwrap_err().to_string();
+    assert!(err.contains("ca.crt") && err.contains("holds a private key"), "{err}");
 }
 
 #[tokio::test]

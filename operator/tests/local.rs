@@ -60,6 +60,8 @@ async fn instances_are_agent_processes_from_the_user_data() {
     // Previews on one host must not fight over the compose files' host ports.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(environ.split(|b| *b == 0).any(|var| var == b"STAGELY_EPHEMERAL_PORTS=1"), "ephemeral ports are on");
+    // Its gateway is on this host: the provider, and only it, allows the plain ws:// one.
+    assert!(environ.split(|b| *b == 0).any(|var| var == b"STAGELY_INSECURE=1"), "a plain gateway is allowed");
 
     // The agent got the configuration from the user data, privately.
     let config_path = state.path().join("env-1/agent.json");

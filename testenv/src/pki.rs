@@ -1,10 +1,47 @@
-//! Certificates, keys and the admin token of a test control plane, generated fresh each start.
+//! Certificates, keys and the admin token of a test control plane, generated fresh each start;
+//! and [`TestCa`], the certificate authority tests give their own TLS servers.
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 use crate::{Error, Result};
+
+/// A certificate authority made for one test: it signs serving certificates for loopback
+/// servers, and clients trust it.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    /// A fresh CA whose common name is `name`.
+    pub fn new(name: &str) -> Result<Self> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ok(Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)? })
+    }
+
+    /// The CA's certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// The CA's certificate, DER.
+    pub fn der(&self) -> &[u8] {
+        self.issuer.der()
+    }
+
+    /// A serving certificate for `names` (DNS names, wildcards or IP addresses) signed by this CA,
+    /// with a fresh key: the certificate and the key, PEM.
+    pub fn serving(&self, names: &[&str]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("server"));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
 
 /// The files written by [`write`].
 pub(crate) struct Files {
@@ -23,16 +60,8 @@ pub(crate) fn write(dir: &Path) -> Result<Files> {
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki).map_err(|source| Error::Io { path: pki.clone(), source })?;
 
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "stagely-testenv-ca");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-
-    let mut serving = CertificateParams::new(vec!["localhost".to_owned()])?;
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-    serving.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let serving_key = KeyPair::generate()?;
-    let serving_cert = serving.signed_by(&serving_key, &ca)?;
+    let ca = TestCa::new("stagely-testenv-ca")?;
+    let (serving_cert, serving_key) = ca.serving(&["localhost", "127.0.0.1"])?;
 
     let sa_key = KeyPair::generate()?;
     // Random enough for a loopback-only test cluster, and never reused: a fresh key's bytes.
@@ -49,8 +78,8 @@ pub(crate) fn write(dir: &Path) -> Result<Files> {
     };
     let contents = [
         (&files.ca_cert, ca.pem()),
-        (&files.serving_cert, serving_cert.pem()),
-        (&files.serving_key, serving_key.serialize_pem()),
+        (&files.serving_cert, serving_cert),
+        (&files.serving_key, serving_key),
         (&files.sa_public, sa_key.public_key_pem()),
         (&files.sa_private, sa_key.serialize_pem()),
         (&files.tokens, format!("{},stagely-admin,stagely-admin,\"system:masters\"\n", files.token)),

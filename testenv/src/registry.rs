@@ -119,6 +119,19 @@ impl Registry {
         get_status(self.0.port(), path)
     }
 
+    /// The digest of the manifest the registry serves for `repository` at `reference` (a tag
+    /// or digest): its `Docker-Content-Digest`, if it has that manifest.
+    pub fn manifest_digest(&self, repository: &str, reference: &str) -> Option<String> {
+        let (status, head) = get(self.0.port(), &format!("/v2/{repository}/manifests/{reference}"))?;
+        if status != 200 {
+            return None;
+        }
+        head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("docker-content-digest").then(|| value.trim().to_owned())
+        })
+    }
+
     /// `127.0.0.1:<port>`: the registry's host as image references name it.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.0.port())
@@ -131,6 +144,11 @@ impl Registry {
 }
 
 fn get_status(port: u16, path: &str) -> Option<u16> {
+    get(port, path).map(|(status, _)| status)
+}
+
+/// `GET path` accepting image manifests and indexes: the status and the response's head.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     // Manifests are served only to clients that accept their media type.
@@ -140,5 +158,7 @@ fn get_status(port: u16, path: &str) -> Option<u16> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: {accept}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let head = response.split_once("\r\n\r\n").map_or(response.as_str(), |(head, _)| head);
+    Some((status, head.to_owned()))
 }

@@ -1,8 +1,12 @@
 //! What the agent's integration tests share: an isolated podman (its own containers.conf and
-//! storage in the test's tempdir), a local git repository holding the test app, and small
-//! HTTP and waiting helpers.
+//! storage in the test's tempdir) or a private dockerd, a local git repository holding the test
+//! app, and small HTTP and waiting helpers.
 
 #![allow(dead_code)]
+
+mod docker;
+
+pub use docker::Docker;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,17 +29,7 @@ impl Podman {
     /// Writes the configuration under `dir`. Fails loudly when podman is missing: these tests
     /// are part of the suite, and `scripts/install-deps.sh` installs it.
     pub fn new(dir: &Path) -> Self {
-        for tool in ["podman", "podman-compose", "runc", "git"] {
-            let found =
-                Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
-            assert!(found, "{tool} is not installed: run scripts/install-deps.sh (make deps)");
-        }
-        let file = std::fs::read("/bin/busybox").expect("/bin/busybox is missing: install busybox-static (make deps)");
-        assert!(
-            // A dynamically linked ELF names its loader in an `.interp` section.
-            !file.windows(b".interp".len()).any(|w| w == b".interp"),
-            "/bin/busybox is dynamically linked: install busybox-static (make deps)"
-        );
+        assert_installed(&["podman", "podman-compose", "runc", "git"]);
         let root = dir.join("podman");
         std::fs::create_dir_all(&root).unwrap();
         let conf = root.join("containers.conf");
@@ -76,10 +70,16 @@ impl Podman {
 
     /// Runs podman with `args` and returns its standard output; panics on failure.
     pub fn run(&self, args: &[&str]) -> String {
-        let output = self.command().args(args).output().unwrap();
-        assert!(output.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        output_of(self.command(), args)
     }
+}
+
+/// Runs `command` with `args` and returns its standard output; panics on failure, naming it.
+fn output_of(mut command: Command, args: &[&str]) -> String {
+    let output = command.args(args).output().unwrap();
+    let program = command.get_program().to_string_lossy().into_owned();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Drop for Podman {
@@ -88,6 +88,81 @@ impl Drop for Podman {
         let _ = self.command().args(["rm", "-af", "-t", "0"]).output();
         let _ = self.command().args(["system", "reset", "-f"]).output();
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Fails unless each of `tools` is on the PATH and `/bin/busybox` is statically linked (the test
+/// images are built `FROM scratch` around it), naming what to install.
+fn assert_installed(tools: &[&str]) {
+    for tool in tools {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
+        assert!(found, "{tool} is not installed: run scripts/install-deps.sh (make deps)");
+    }
+    let file = std::fs::read("/bin/busybox").expect("/bin/busybox is missing: install busybox-static (make deps)");
+    assert!(
+        // A dynamically linked ELF names its loader in an `.interp` section.
+        !file.windows(b".interp".len()).any(|w| w == b".interp"),
+        "/bin/busybox is dynamically linked: install busybox-static (make deps)"
+    );
+}
+
+/// A container engine confined to one test, as the agent drives it.
+pub enum Engine {
+    /// podman with podman-compose.
+    Podman(Podman),
+    /// Docker with the compose plugin.
+    Docker(Docker),
+}
+
+impl Engine {
+    /// Podman confined to `dir`.
+    pub fn podman(dir: &Path) -> Self {
+        Self::Podman(Podman::new(dir))
+    }
+
+    /// A private dockerd with its files under `dir`.
+    pub fn docker(dir: &Path) -> Self {
+        Self::Docker(Docker::new(dir))
+    }
+
+    /// The engine's command, as the agent calls it and `STAGELY_ENGINE` names it.
+    pub fn program(&self) -> &'static str {
+        match self {
+            Self::Podman(_) => "podman",
+            Self::Docker(_) => "docker",
+        }
+    }
+
+    /// Environment for every engine and compose command the agent runs.
+    pub fn env(&self) -> &[(String, String)] {
+        match self {
+            Self::Podman(podman) => &podman.env,
+            Self::Docker(docker) => &docker.env,
+        }
+    }
+
+    /// The environment an executor's configuration is loaded from: [`agent_env`] with this
+    /// engine, and for docker the user's `DOCKER_CONFIG`, where the compose plugin is.
+    pub fn agent_env(&self, work: &Path) -> std::collections::BTreeMap<String, String> {
+        let mut env = agent_env(work);
+        env.insert("STAGELY_ENGINE".into(), self.program().into());
+        if let Self::Docker(docker) = self {
+            env.insert("DOCKER_CONFIG".into(), docker.config_dir.to_string_lossy().into_owned());
+        }
+        env
+    }
+
+    /// An engine command in this test's storage.
+    pub fn command(&self) -> Command {
+        match self {
+            Self::Podman(podman) => podman.command(),
+            Self::Docker(docker) => docker.command(),
+        }
+    }
+
+    /// Runs the engine with `args` and returns its standard output; panics on failure.
+    pub fn run(&self, args: &[&str]) -> String {
+        output_of(self.command(), args)
     }
 }
 
@@ -123,11 +198,15 @@ pub fn commit_file(dir: &Path, path: &str, contents: &str) -> String {
     git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
 }
 
-/// Builds the image in `context` with `podman` and pushes it as `image` to a plain-HTTP
-/// registry.
-pub fn build_and_push(podman: &Podman, context: &Path, image: &str) {
-    podman.run(&["build", "-q", "-t", image, &context.to_string_lossy()]);
-    podman.run(&["push", "-q", "--tls-verify=false", image]);
+/// Builds the image in `context` with `engine` and pushes it as `image` to a plain-HTTP
+/// registry on loopback.
+pub fn build_and_push(engine: &Engine, context: &Path, image: &str) {
+    engine.run(&["build", "-q", "-t", image, &context.to_string_lossy()]);
+    match engine {
+        Engine::Podman(podman) => podman.run(&["push", "-q", "--tls-verify=false", image]),
+        // Docker reaches registries on loopback over plain HTTP unasked.
+        Engine::Docker(docker) => docker.run(&["push", "-q", image]),
+    };
 }
 
 /// A build context for a `FROM scratch` image holding only a static busybox (as `sh`, `wget`
@@ -180,14 +259,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 /// The agent `bin` started as on a VM: `dir/agent.json` written as cloud-init writes it (mode
-/// 0600) for agent `agent-1` of `gateway_url` with `token`, podman as the engine, its work
-/// directory under `dir`, no fixed ops port, and quick reconnects.
+/// 0600) for agent `agent-1` of the plain `ws://` `gateway_url` on loopback (so `insecure`) with
+/// `token`, podman as the engine, its work directory under `dir`, no fixed ops port, and quick
+/// reconnects.
 pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> Command {
+    let json = serde_json::json!({"gateway_url": gateway_url, "agent_id": "agent-1", "token": token,
+        "role": "preview", "insecure": true});
+    agent_command_with(bin, dir, &json.to_string())
+}
+
+/// Like [`agent_command`], with `config` as the whole of `dir/agent.json`.
+pub fn agent_command_with(bin: &Path, dir: &Path, config_json: &str) -> Command {
     use std::os::unix::fs::PermissionsExt;
     let config = dir.join("agent.json");
-    let json =
-        serde_json::json!({"gateway_url": gateway_url, "agent_id": "agent-1", "token": token, "role": "preview"});
-    std::fs::write(&config, json.to_string()).unwrap();
+    std::fs::write(&config, config_json).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut command = Command::new(bin);
     command
@@ -201,10 +286,12 @@ pub fn agent_command(bin: &Path, dir: &Path, gateway_url: &str, token: &str) -> 
 }
 
 /// The environment an executor's configuration is loaded from in tests: agent `agent-test` of
-/// a gateway no one serves, podman as the engine, `work` as the work directory.
+/// a plain gateway on loopback that no one serves, podman as the engine, `work` as the work
+/// directory.
 pub fn agent_env(work: &Path) -> std::collections::BTreeMap<String, String> {
     [
         ("STAGELY_GATEWAY_URL", "ws://127.0.0.1:9/v1/agent/connect".to_owned()),
+        ("STAGELY_INSECURE", "1".to_owned()),
         ("STAGELY_AGENT_ID", "agent-test".to_owned()),
         ("STAGELY_AGENT_TOKEN", "enrollment".to_owned()),
         ("STAGELY_ENGINE", "podman".to_owned()),

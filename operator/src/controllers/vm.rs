@@ -3,6 +3,7 @@
 //! starts the agent with a fresh single-use enrollment token scoped to that object, Stagely's
 //! tags, and termination of everything tagged with the owner's UID.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kube::ResourceExt;
@@ -25,6 +26,10 @@ pub struct AgentSettings {
     pub agent_sha256: String,
     /// How long a VM's enrollment token stays valid: long enough for the VM to boot.
     pub enrollment_ttl: Duration,
+    /// The PEM file of the CA certificates agents pin the gateway to; read for each VM, so a
+    /// renewed file reaches the next VMs without a restart. Without it, agents trust their
+    /// system's root CAs.
+    pub gateway_ca_file: Option<PathBuf>,
 }
 
 /// Why a VM's request could not be made.
@@ -41,6 +46,21 @@ pub enum VmError {
     /// The CloudProvider lacks its region.
     #[error("CloudProvider {0} has no region")]
     NoRegion(String),
+    /// A cloud VM's agent would be sent to a plain `ws://` gateway, which it refuses.
+    #[error(
+        "the agent gateway URL {url} is plain ws://, which the agents of CloudProvider {provider} refuse: \
+         serve the gateway with TLS (--gateway-tls-cert, --gateway-tls-key) and give a wss:// \
+         --agent-gateway-url"
+    )]
+    PlainGateway {
+        /// The configured URL.
+        url: String,
+        /// The CloudProvider.
+        provider: String,
+    },
+    /// The gateway's CA could not be read for the VM's cloud-init.
+    #[error(transparent)]
+    GatewayCa(#[from] cloudinit::GatewayCaError),
     /// The provider refused (including user data over its limit).
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -82,7 +102,9 @@ pub fn idempotency_key(role: Role, uid: &str) -> String {
 }
 
 /// What to start for `scope`'s VM of `role` through `provider`: the agent's cloud-init carries a
-/// fresh enrollment token for this scope only, valid for `agents.enrollment_ttl`.
+/// fresh enrollment token for this scope only, valid for `agents.enrollment_ttl`, and the
+/// gateway's CA when there is one. Only `local` agents (on the operator's host) are sent to a
+/// plain `ws://` gateway.
 pub fn instance_spec(
     gateway: &Gateway,
     agents: &AgentSettings,
@@ -95,13 +117,18 @@ pub fn instance_spec(
     let name = instance_name(role, &scope.name, &scope.uid);
     let region = match provider.spec.type_ {
         ProviderType::Local => "local".to_owned(),
+        _ if agents.gateway_url.starts_with("ws://") => {
+            return Err(VmError::PlainGateway { url: agents.gateway_url.clone(), provider: provider.name_any() });
+        }
         _ => provider.spec.region.clone().ok_or_else(|| VmError::NoRegion(provider.name_any()))?,
     };
+    let gateway_ca = agents.gateway_ca_file.as_deref().map(cloudinit::read_gateway_ca).transpose()?;
     let token = gateway
         .mint_enrollment_token(scope, &name, agents.enrollment_ttl)
         .map_err(|source| VmError::Token { name: name.clone(), source })?;
     let bootstrap =
-        AgentBootstrap::new(&agents.gateway_url, &name, token.expose(), role, &agents.agent_url, &agents.agent_sha256);
+        AgentBootstrap::new(&agents.gateway_url, &name, token.expose(), role, &agents.agent_url, &agents.agent_sha256)
+            .with_gateway_ca(gateway_ca);
     let user_data = cloudinit::render(&bootstrap);
     cloudinit::check_size(&user_data, provider.spec.type_)?;
     Ok(InstanceSpec {
@@ -195,6 +222,7 @@ mod tests {
             agent_url: "https://agents.example.com/agent".into(),
             agent_sha256: "a".repeat(64),
             enrollment_ttl: Duration::from_secs(600),
+            gateway_ca_file: None,
         };
         let scope =
             Scope { kind: ScopeKind::BuildJob, namespace: "team-a".into(), name: "web-amd64".into(), uid: UID.into() };
@@ -237,6 +265,38 @@ mod tests {
         let err = instance_spec(&gateway, &agents, &missing, Role::Builder, &scope, Size::Small, Platform::LinuxAmd64)
             .unwrap_err();
         assert_eq!(err.to_string(), "CloudProvider aws has no region");
+
+        // A cloud VM's agent is never sent to a plain gateway; a local one is.
+        let plain = AgentSettings { gateway_url: "ws://10.0.0.1:8443/v1/agent/connect".into(), ..agents.clone() };
+        let err = instance_spec(&gateway, &plain, &provider, Role::Builder, &scope, Size::Small, Platform::LinuxAmd64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ws://10.0.0.1:8443") && err.contains("hetzner") && err.contains("--gateway-tls-cert"),
+            "{err}"
+        );
+        instance_spec(&gateway, &plain, &local, Role::Preview, &scope, Size::Small, Platform::LinuxAmd64).unwrap();
+
+        // The gateway's CA file is read for each VM: a renewed one reaches the next VM.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.crt");
+        let pinned = AgentSettings { gateway_ca_file: Some(ca_file.clone()), ..agents.clone() };
+        let ca_in = |spec: &InstanceSpec| {
+            let config = crate::providers::local::agent_config(&spec.user_data).unwrap();
+            serde_json::from_str::<serde_json::Value>(&config).unwrap()["ca_pem"].as_str().map(str::to_owned)
+        };
+        for name in ["first CA", "renewed CA"] {
+            std::fs::write(&ca_file, stagely_testenv::pki::TestCa::new(name).unwrap().pem()).unwrap();
+            let built =
+                instance_spec(&gateway, &pinned, &provider, Role::Builder, &scope, Size::Small, Platform::LinuxAmd64)
+                    .unwrap();
+            assert_eq!(ca_in(&built), Some(cloudinit::read_gateway_ca(&ca_file).unwrap()), "{name}");
+        }
+        assert_eq!(ca_in(&built), None, "no CA file: the agent trusts its system's roots");
+        std::fs::remove_file(&ca_file).unwrap();
+        let err = instance_spec(&gateway, &pinned, &provider, Role::Builder, &scope, Size::Small, Platform::LinuxAmd64)
+            .unwrap_err();
+        assert!(matches!(err, VmError::GatewayCa(_)), "{err}");
     }
 
     /// A provider that only lists and records terminations.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stagely_api::protocol::Sensitive;
+use stagely_api::tls::{CertStore, TlsError};
 
 use super::objects::KubeObjects;
 use super::token::SigningKey;
@@ -16,6 +17,9 @@ use super::{Gateway, GatewayError, Settings};
 /// 32) or else `STAGELY_GATEWAY_SIGNING_KEY` (the string's bytes). Without either, a random key is
 /// generated with a warning: every token then dies with the process, so agents must re-enroll
 /// after a restart, which they cannot. Production sets a key from a Secret.
+///
+/// With `--gateway-tls-cert` and `--gateway-tls-key` the gateway serves `wss://`; without them,
+/// plain `ws://`, which only agents configured `insecure` (the `local` provider's) accept.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayConfig {
     /// Address of the agent gateway (WebSocket at /v1/agent/connect, job logs at /v1/jobs/{id}/logs).
@@ -41,6 +45,19 @@ pub struct GatewayConfig {
     /// Seconds between writes of one object's `status.lastHeartbeat`.
     #[arg(long, env = "STAGELY_HEARTBEAT_WRITE_INTERVAL_SECS", default_value_t = 60)]
     pub heartbeat_write_interval_secs: u64,
+
+    /// PEM certificate chain the gateway serves `wss://` with (e.g. a mounted cert-manager
+    /// Secret's `tls.crt`); reread when it changes. Without it the gateway serves plain `ws://`.
+    #[arg(long, env = "STAGELY_GATEWAY_TLS_CERT", requires = "gateway_tls_key")]
+    pub gateway_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--gateway-tls-cert`.
+    #[arg(long, env = "STAGELY_GATEWAY_TLS_KEY", requires = "gateway_tls_cert")]
+    pub gateway_tls_key: Option<PathBuf>,
+
+    /// Seconds between checks of the gateway's certificate files.
+    #[arg(long, env = "STAGELY_GATEWAY_TLS_RELOAD_SECS", default_value_t = 5)]
+    pub gateway_tls_reload_secs: u64,
 }
 
 /// Why the gateway's configuration is unusable.
@@ -54,6 +71,9 @@ pub enum ConfigError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The gateway's certificate could not be loaded.
+    #[error("failed to load the gateway's TLS certificate: {0}")]
+    Tls(#[from] TlsError),
     /// The gateway could not start.
     #[error(transparent)]
     Gateway(#[from] GatewayError),
@@ -77,6 +97,14 @@ impl GatewayConfig {
         Ok(key)
     }
 
+    /// The certificate the gateway serves, if it is to serve `wss://`.
+    pub fn certificate(&self) -> Result<Option<CertStore>, ConfigError> {
+        match (&self.gateway_tls_cert, &self.gateway_tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(CertStore::load(cert, key)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Builds the gateway, checking scopes and recording heartbeats through `client`.
     pub async fn build(&self, client: kube::Client) -> Result<Gateway, ConfigError> {
         let mut builder = Gateway::builder()
@@ -85,8 +113,12 @@ impl GatewayConfig {
             .log_max_len(self.log_max_lines)
             .settings(Settings {
                 heartbeat_write_interval: Duration::from_secs(self.heartbeat_write_interval_secs.max(1)),
+                tls_reload_interval: Duration::from_secs(self.gateway_tls_reload_secs.max(1)),
                 ..Settings::default()
             });
+        if let Some(certificate) = self.certificate()? {
+            builder = builder.tls(certificate);
+        }
         if let Some(url) = &self.redis_url {
             builder = builder.redis(url.expose());
         }

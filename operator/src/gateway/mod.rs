@@ -14,12 +14,16 @@
 //! that agent, masked for the secret values sent to that scope, then stored in Redis and
 //! streamed at `GET /v1/jobs/{job_id}/logs` to a bearer of a log-read token
 //! ([`Gateway::mint_log_token`]).
+//!
+//! With a certificate ([`GatewayBuilder::tls`]) it serves `wss://` and rereads the certificate
+//! files as they change, so a renewed certificate reaches new connections without a restart.
 
 mod config;
 mod connection;
 pub mod logs;
 pub mod objects;
 mod outbox;
+mod tls;
 pub mod token;
 
 use std::collections::{HashMap, VecDeque};
@@ -35,8 +39,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use stagely_api::protocol::{CONNECT_PATH, HEARTBEAT_INTERVAL_SECS, Message, Scope, Sensitive, Status};
+use stagely_api::tls::CertStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
 
 pub use self::config::{ConfigError, GatewayConfig};
 use self::logs::{LogError, LogStore, Masker};
@@ -92,7 +98,7 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// How long one frame may take to write before the agent is disconnected.
     pub write_timeout: Duration,
-    /// How long a new connection has to send HELLO.
+    /// How long a new connection has to send HELLO (and, over TLS, to finish its handshake).
     pub hello_timeout: Duration,
     /// Lifetime of the session token in HELLO_ACK.
     pub session_ttl: Duration,
@@ -107,6 +113,8 @@ pub struct Settings {
     pub read_buffer_size: usize,
     /// Largest message accepted from an agent, in bytes.
     pub max_message_size: usize,
+    /// How often the TLS certificate files are checked for a change.
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for Settings {
@@ -123,6 +131,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(10),
             read_buffer_size: 1024,
             max_message_size: 1 << 20,
+            tls_reload_interval: Duration::from_secs(5),
         }
     }
 }
@@ -135,6 +144,7 @@ pub struct GatewayBuilder {
     log_max_len: usize,
     log_retention: Duration,
     settings: Settings,
+    tls: Option<Arc<CertStore>>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -186,6 +196,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// Serves `wss://` with the certificate in `certificate`, reread every
+    /// [`Settings::tls_reload_interval`] (default: plain `ws://`).
+    pub fn tls(mut self, certificate: CertStore) -> Self {
+        self.tls = Some(Arc::new(certificate));
+        self
+    }
+
     /// Connects what needs connecting and starts the background heartbeat writer.
     pub async fn build(self) -> Result<Gateway, GatewayError> {
         let key = match self.key {
@@ -197,6 +214,15 @@ impl GatewayBuilder {
             None => None,
         };
         let (shutdown, _) = watch::channel(false);
+        let tls = self.tls.map(|certificate| {
+            tokio::spawn(Arc::clone(&certificate).watch(
+                self.settings.tls_reload_interval,
+                |_| {},
+                shutdown.subscribe(),
+            ));
+            // WebSocket upgrades are HTTP/1.1.
+            TlsAcceptor::from(Arc::new(certificate.server_config(&[b"http/1.1"])))
+        });
         let inner = Arc::new(Inner {
             tokens: TokenKeys::new(&key, self.settings.token_leeway),
             agents: Mutex::new(HashMap::new()),
@@ -208,6 +234,7 @@ impl GatewayBuilder {
             next_connection: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             drained: Notify::new(),
+            tls,
         });
         tokio::spawn(Arc::clone(&inner.heartbeats).run(
             Arc::clone(&inner.objects),
@@ -257,9 +284,10 @@ impl RunningGateway {
         self.addr
     }
 
-    /// The agents' URL, `ws://<addr>/v1/agent/connect`.
+    /// The agents' URL, `wss://<addr>/v1/agent/connect` (`ws://` without TLS).
     pub fn connect_url(&self) -> String {
-        format!("ws://{}{CONNECT_PATH}", self.addr)
+        let scheme = if self.gateway.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}{CONNECT_PATH}", self.addr)
     }
 
     /// Stops accepting, closes every agent connection with a close frame and waits for them.
@@ -302,6 +330,8 @@ struct Inner {
     next_connection: AtomicU64,
     active: AtomicUsize,
     drained: Notify,
+    /// The TLS handshake of `wss://`, with the current certificate; `None` serves `ws://`.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Settings {
@@ -415,7 +445,13 @@ impl Gateway {
             log_max_len: 10_000,
             log_retention: Duration::from_secs(7 * 86_400),
             settings: Settings::default(),
+            tls: None,
         }
+    }
+
+    /// Whether it serves `wss://` (else `ws://`).
+    pub fn is_tls(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     /// A single-use enrollment token for the agent `agent_id` working for `scope`, valid for
@@ -565,10 +601,16 @@ impl Gateway {
             shutdown.await;
             inner.shutdown.send_replace(true);
         };
-        axum::serve(listener, self.router().merge(extra).into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(signal)
-            .await
-            .map_err(GatewayError::Serve)?;
+        let app = self.router().merge(extra).into_make_service_with_connect_info::<tls::Peer>();
+        match &self.inner.tls {
+            None => axum::serve(listener, app).with_graceful_shutdown(signal).await,
+            Some(acceptor) => {
+                let listener = tls::TlsListener::new(listener, acceptor.clone(), self.inner.settings.hello_timeout)
+                    .map_err(GatewayError::Serve)?;
+                axum::serve(listener, app).with_graceful_shutdown(signal).await
+            }
+        }
+        .map_err(GatewayError::Serve)?;
         self.inner.shutdown.send_replace(true);
         let drained = async {
             loop {
@@ -597,7 +639,7 @@ impl Inner {
 
 async fn connect(
     State(inner): State<Arc<Inner>>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    axum::extract::ConnectInfo(tls::Peer(peer)): axum::extract::ConnectInfo<tls::Peer>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Small buffers: tungstenite's defaults (128 KiB read) would cost more than the rest of a

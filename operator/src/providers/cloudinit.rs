@@ -3,7 +3,11 @@
 //!
 //! The only credential in the user data is the agent's short-lived, single-use enrollment token:
 //! user data is readable from the VM's metadata service, so nothing else may be put there.
-//! Secrets reach the VM later, over the agent's authenticated connection.
+//! Secrets reach the VM later, over the agent's authenticated connection. The gateway's CA
+//! certificate, when the operator has one, goes into the agent's configuration too (public, and
+//! only its certificates: [`read_gateway_ca`]), and the agent then trusts no other CA.
+
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use stagely_api::v1alpha1::ProviderType;
@@ -21,6 +25,10 @@ pub struct AgentBootstrap {
     pub token: String,
     /// Builder or preview.
     pub role: &'static str,
+    /// The CA certificates (PEM) the gateway's certificate must chain to; the agent trusts only
+    /// these when they are given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// Where to download the agent binary for this VM's architecture.
     #[serde(skip)]
     pub agent_url: String,
@@ -44,10 +52,44 @@ impl AgentBootstrap {
             agent_id: agent_id.to_owned(),
             token: token.to_owned(),
             role: role.as_str(),
+            ca_pem: None,
             agent_url: agent_url.to_owned(),
             agent_sha256: agent_sha256.to_owned(),
         }
     }
+
+    /// Pins the agent to the gateway CA `ca_pem` (from [`read_gateway_ca`]).
+    pub fn with_gateway_ca(mut self, ca_pem: Option<String>) -> Self {
+        self.ca_pem = ca_pem;
+        self
+    }
+}
+
+/// Why the gateway's CA cannot be handed to agents.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to read the agents' gateway CA {path}: {reason}")]
+pub struct GatewayCaError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+/// The CA certificates in the PEM file `path`, as PEM again, for agents' cloud-init. Only the
+/// certificates are kept; a file holding a private key is refused outright, since user data is
+/// readable from the VM's metadata service.
+pub fn read_gateway_ca(path: &Path) -> Result<String, GatewayCaError> {
+    let error = |reason: String| GatewayCaError { path: path.to_owned(), reason };
+    let text = std::fs::read(path).map_err(|err| error(err.to_string()))?;
+    let blocks = pem::parse_many(&text).map_err(|err| error(format!("not PEM: {err}")))?;
+    if blocks.iter().any(|block| block.tag().contains("PRIVATE KEY")) {
+        return Err(error("it holds a private key; give only the CA's certificate (e.g. ca.crt)".into()));
+    }
+    let certificates: Vec<pem::Pem> = blocks.into_iter().filter(|block| block.tag() == "CERTIFICATE").collect();
+    if certificates.is_empty() {
+        return Err(error("no CERTIFICATE block".into()));
+    }
+    Ok(pem::encode_many_config(&certificates, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF)))
 }
 
 /// Where the agent's configuration is written on the VM (mode 0600).
@@ -316,6 +358,41 @@ mod tests {
         let err = check_size(&"x".repeat(20_000), ProviderType::Aws).unwrap_err();
         assert_eq!(err.to_string(), "the VM's user data is 20000 bytes; aws accepts at most 16384");
         check_size(&"x".repeat(20_000), ProviderType::Hetzner).unwrap();
+    }
+
+    #[test]
+    fn the_gateway_ca_goes_into_the_agents_configuration_and_nothing_else_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = stagely_testenv::pki::TestCa::new("gateway CA").unwrap();
+        let ca_pem = ca.pem();
+        let other_pem = stagely_testenv::pki::TestCa::new("next gateway CA").unwrap().pem();
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, format!("# the current CA, then the next\n{ca_pem}{other_pem}")).unwrap();
+        let read = read_gateway_ca(&file).unwrap();
+        let certificates = pem::parse_many(&read).unwrap();
+        assert_eq!(certificates.len(), 2);
+        assert_eq!(certificates[0], pem::parse(&ca_pem).unwrap());
+        assert!(!read.contains('#'), "only the certificates: {read}");
+
+        let text = render(&bootstrap().with_gateway_ca(Some(read.clone())));
+        check_size(&text, ProviderType::Aws).unwrap();
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let files = doc["write_files"].as_sequence().unwrap();
+        let config = files.iter().find(|f| f["path"] == AGENT_CONFIG_PATH).unwrap();
+        let json: serde_json::Value = serde_json::from_str(config["content"].as_str().unwrap()).unwrap();
+        assert_eq!(json["ca_pem"], read.as_str(), "the agent reads its pinned CA from `ca_pem`");
+        assert_eq!(json["gateway_url"], "wss://agents.example.com/v1/agent/connect");
+        assert!(json.get("insecure").is_none(), "cloud VMs never allow a plain gateway");
+
+        // A key next to a certificate (a whole TLS Secret mounted as one file) never goes out.
+        let (cert, key) = ca.serving(&["agents.example.com"]).unwrap();
+        std::fs::write(&file, format!("{ca_pem}{cert}{key}")).unwrap();
+        let err = read_gateway_ca(&file).unwrap_err().to_string();
+        assert!(err.contains("holds a private key") && err.contains("ca.crt"), "{err}");
+        std::fs::write(&file, "").unwrap();
+        assert!(read_gateway_ca(&file).unwrap_err().to_string().ends_with("no CERTIFICATE block"));
+        let err = read_gateway_ca(&dir.path().join("missing.crt")).unwrap_err().to_string();
+        assert!(err.starts_with("failed to read the agents' gateway CA ") && err.contains("missing.crt"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! Every agent shares the host, so each publishes its preview's ports on 127.0.0.1 and ports the
 //! engine picks (`STAGELY_EPHEMERAL_PORTS=1`), never the compose file's: two previews of one
 //! repository would otherwise clash. The agent's DEPLOY STATUS says which ports it got.
+//!
+//! The agents reach the gateway on loopback, so they are the ones allowed a plain `ws://`
+//! gateway (`STAGELY_INSECURE=1`); a `wss://` gateway is still verified.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -132,6 +135,8 @@ impl Local {
             .env("STAGELY_SHUTDOWN_COMMAND", "kill -TERM $PPID")
             // Previews share the host's ports: each gets its own, which STATUS reports.
             .env("STAGELY_EPHEMERAL_PORTS", "1")
+            // The gateway is on this host: plain ws:// is allowed (wss:// is still verified).
+            .env("STAGELY_INSECURE", "1")
             .envs(&self.settings.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io)?)

@@ -533,7 +533,9 @@ async fn create_vm(job: &BuildJob, target: &Target, ctx: &Context) -> Result<pro
     let spec = spec.map_err(|err| CreateFailure {
         permanent: match &err {
             VmError::Token { .. } => false,
-            VmError::NoRegion(_) => true,
+            VmError::NoRegion(_) | VmError::PlainGateway { .. } => true,
+            // The file may be in the middle of being replaced.
+            VmError::GatewayCa(_) => false,
             VmError::Provider(err) => permanent(err),
         },
         message: err.to_string(),

@@ -1,5 +1,6 @@
-//! TLS with a wildcard certificate from files (a mounted Secret), reloaded when the files
-//! change. Connections keep the certificate they started with; new handshakes get the new one.
+//! A TLS certificate served from files (a mounted Secret, e.g. one cert-manager renews), reloaded
+//! when the files change: the edge proxy's wildcard certificate and the agent gateway's.
+//! Connections keep the certificate they started with; new handshakes get the new one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -11,8 +12,6 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
-
-use crate::metrics::ProxyMetrics;
 
 /// Why a certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -63,24 +62,24 @@ impl CertStore {
     }
 
     /// Rereads the files every `interval` until `shutdown` turns true. A broken file is logged
-    /// and counted; the previous certificate stays in use.
+    /// and passed to `failed` (for a metric); the previous certificate stays in use.
     pub async fn watch(
         self: Arc<Self>,
         interval: Duration,
-        metrics: ProxyMetrics,
+        failed: impl Fn(&TlsError) + Send + 'static,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = crate::stopped(&mut shutdown) => return,
+                _ = shutdown.wait_for(|stop| *stop) => return,
             }
             let store = self.clone();
             match tokio::task::spawn_blocking(move || store.reload()).await {
                 Ok(Ok(true)) => tracing::info!(cert = %self.cert_path.display(), "reloaded the TLS certificate"),
                 Ok(Ok(false)) => {}
                 Ok(Err(err)) => {
-                    metrics.tls_reload_errors.inc();
+                    failed(&err);
                     tracing::error!(%err, "failed to reload the TLS certificate; keeping the current one");
                 }
                 Err(err) => tracing::error!(%err, "certificate reload task failed"),
@@ -88,14 +87,15 @@ impl CertStore {
         }
     }
 
-    /// A rustls configuration serving this store's certificate, offering HTTP/2 and HTTP/1.1.
-    pub fn server_config(self: Arc<Self>) -> ServerConfig {
+    /// A rustls configuration serving this store's certificate, offering the `alpn` protocols
+    /// (most preferred first).
+    pub fn server_config(self: Arc<Self>, alpn: &[&[u8]]) -> ServerConfig {
         let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .with_no_client_auth()
             .with_cert_resolver(self);
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
         config
     }
 }

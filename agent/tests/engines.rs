@@ -1,8 +1,10 @@
-//! BUILD, DEPLOY, TERMINATE and TEST through the executor, for real: a `FROM scratch` image built
-//! with podman from a local git repository at a commit, pushed to the distribution registry,
-//! run with podman-compose, served over HTTP, and torn down; two previews of one compose file on
-//! one host with ephemeral host ports, tested by commands in a busybox image; and deployments
-//! that fail, named by their service.
+//! BUILD, DEPLOY, TERMINATE and TEST through the executor, for real, once on each engine the
+//! agent drives (podman with podman-compose; Docker with the compose plugin, as production VMs
+//! run it): a `FROM scratch` image built from a local git repository at a commit, pushed to the
+//! distribution registry, run with compose, served over HTTP, and torn down; two previews of one
+//! compose file on one host with ephemeral host ports, tested by commands in a busybox image; and
+//! deployments that fail, named by their service. Each test is `podman::<name>` and
+//! `docker::<name>`.
 
 mod support;
 
@@ -20,25 +22,59 @@ use stagely_api::protocol::{
 };
 use stagely_api::v1alpha1::Platform;
 use stagely_testenv::registry::Registry;
-use support::{Podman, app_repo, build_and_push, busybox_context, commit_file, free_port, http_get, wait_for};
+use support::{Engine, app_repo, build_and_push, busybox_context, commit_file, free_port, http_get, wait_for};
+
+/// Each test below, as `podman::<test>` and `docker::<test>`.
+macro_rules! on_each_engine {
+    ($($test:ident),* $(,)?) => {
+        mod podman {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(super::Engine::podman).await;
+                }
+            )*
+        }
+        mod docker {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(super::Engine::docker).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_engine!(
+    build_push_deploy_serve_and_terminate,
+    two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_are_tested,
+    a_service_that_exits_and_a_failing_hook_fail_the_deploy_by_name_with_their_output,
+);
+
+/// Starts a test's engine with its files in a directory.
+type Start = fn(&std::path::Path) -> Engine;
 
 const GIT_TOKEN: &str = "ghs_git-token-value-1234";
 const GLOBAL_SECRET: &str = "global-secret-value-5678";
 const WEB_SECRET: &str = "web-only-secret-value-9012";
 const FILE_SECRET: &str = "-----BEGIN KEY-----\nfile-secret-line-3456\n-----END KEY-----\n";
+/// An environment secret that an env file could garble: it must reach the container as is,
+/// nothing in it interpolated or unquoted.
+const QUOTED_SECRET: &str = r#"p@ss $HOME ${APP_TOKEN} $$ 'single' "double" back\slash \n \\ #not-a-comment trailing\"#;
 
-fn executor(work: &std::path::Path, podman: &Podman) -> (Executor, Outbox) {
-    executor_with(work, podman, &[])
+fn executor(work: &std::path::Path, engine: &Engine) -> (Executor, Outbox) {
+    executor_with(work, engine, &[])
 }
 
-/// An executor as an agent configured with `extra` environment variables would have.
-fn executor_with(work: &std::path::Path, podman: &Podman, extra: &[(&str, &str)]) -> (Executor, Outbox) {
-    let mut env = support::agent_env(work);
+/// An executor as an agent on `engine` configured with `extra` environment variables would have.
+fn executor_with(work: &std::path::Path, engine: &Engine, extra: &[(&str, &str)]) -> (Executor, Outbox) {
+    let mut env = engine.agent_env(work);
     env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let config = Arc::new(AgentConfig::load_with(None, &env).unwrap());
     let messages = Outbox::default();
     let mut ctx = Context::new(config, messages.clone());
-    ctx.env.extend(podman.env.iter().cloned());
+    ctx.env.extend(engine.env().iter().cloned());
     (Executor::new(ctx), messages)
 }
 
@@ -69,10 +105,9 @@ fn logs(messages: &[Message], job_id: &str) -> String {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn build_push_deploy_serve_and_terminate_with_podman() {
+async fn build_push_deploy_serve_and_terminate(start: Start) {
     let dir = tempfile::tempdir().unwrap();
-    let podman = Podman::new(dir.path());
+    let engine = start(dir.path());
     let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
     let port = free_port();
     let repo = dir.path().join("repo");
@@ -81,7 +116,7 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
     std::fs::write(repo.join("www/index.html"), "not this commit\n").unwrap();
     support::git(&repo, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "later"]);
     let work = dir.path().join("work");
-    let (executor, mut outbox) = executor(&work, &podman);
+    let (executor, mut outbox) = executor(&work, &engine);
     let mut messages = Vec::new();
 
     // BUILD
@@ -108,6 +143,8 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
     assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", logs(&messages, "build-1"));
     let digest = status.image_digest.clone().unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
+    // The digest reported is the one the registry serves for the tag pushed.
+    assert_eq!(registry.manifest_digest("shop/web", "pr-1").as_deref(), Some(digest.as_str()));
     assert_eq!(registry.get_status(&format!("/v2/shop/web/manifests/{digest}")), Some(200));
 
     // The same BUILD again: not run twice, its status re-reported.
@@ -117,7 +154,7 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
     assert_eq!((resent.job_id.as_str(), resent.state), ("build-1", JobState::Succeeded));
 
     // Only the registry has the image now: DEPLOY must pull it.
-    podman.run(&["rmi", "-f", &image]);
+    engine.run(&["rmi", "-f", &image]);
 
     // DEPLOY
     let pinned = format!("{}/shop/web@{digest}", registry.addr());
@@ -133,6 +170,14 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
             SecretValue {
                 key: "APP_TOKEN".into(),
                 value: GLOBAL_SECRET.into(),
+                scope: GLOBAL_SCOPE.into(),
+                kind: SecretKind::Env,
+                path: None,
+                mode: None,
+            },
+            SecretValue {
+                key: "QUOTED".into(),
+                value: QUOTED_SECRET.into(),
                 scope: GLOBAL_SCOPE.into(),
                 kind: SecretKind::Env,
                 path: None,
@@ -180,7 +225,7 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
 
     // The secrets are in the containers, scoped, with their modes.
     let container = |service: &str| {
-        podman
+        engine
             .run(&[
                 "ps",
                 "-q",
@@ -193,7 +238,7 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
             .to_owned()
     };
     let (web_id, worker_id) = (container("web"), container("worker"));
-    let in_web = podman.run(&[
+    let in_web = engine.run(&[
         "exec",
         &web_id,
         "sh",
@@ -201,8 +246,9 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
         "echo \"$APP_TOKEN|$WEB_ONLY\"; stat -c %a /run/secrets/key.pem; cat /run/secrets/key.pem",
     ]);
     assert_eq!(in_web, format!("{GLOBAL_SECRET}|{WEB_SECRET}\n440\n{FILE_SECRET}"));
+    assert_eq!(engine.run(&["exec", &web_id, "sh", "-c", "printf %s \"$QUOTED\""]), QUOTED_SECRET);
     let in_worker =
-        podman.run(&["exec", &worker_id, "sh", "-c", "echo \"$APP_TOKEN|$WEB_ONLY\"; ls /run/secrets 2>&1 || true"]);
+        engine.run(&["exec", &worker_id, "sh", "-c", "echo \"$APP_TOKEN|$WEB_ONLY\"; ls /run/secrets 2>&1 || true"]);
     assert!(in_worker.starts_with(&format!("{GLOBAL_SECRET}|\n")), "{in_worker}");
     assert!(!in_worker.contains("key.pem"), "{in_worker}");
 
@@ -221,17 +267,18 @@ async fn build_push_deploy_serve_and_terminate_with_podman() {
     drain(&mut outbox, &mut messages);
     let status = final_status(&messages, "terminate-1");
     assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", logs(&messages, "terminate-1"));
-    let left = podman.run(&["ps", "-a", "-q", "--filter", "label=com.docker.compose.project=shop-pr-1"]);
+    let left = engine.run(&["ps", "-a", "-q", "--filter", "label=com.docker.compose.project=shop-pr-1"]);
     assert_eq!(left.trim(), "", "containers are left after TERMINATE");
     assert!(!secrets_dir.exists() && !project_dir.exists(), "secret files are left after TERMINATE");
 
     // No LOG line carries a secret, and the hook's echo of one was masked.
     let all_logs: String = ["build-1", "deploy-1", "terminate-1"].iter().map(|job| logs(&messages, job)).collect();
-    for secret in [GIT_TOKEN, GLOBAL_SECRET, WEB_SECRET, "file-secret-line-3456"] {
+    for secret in [GIT_TOKEN, GLOBAL_SECRET, WEB_SECRET, QUOTED_SECRET, "file-secret-line-3456"] {
         assert!(!all_logs.contains(secret), "a LOG line leaks {secret}:\n{all_logs}");
     }
     assert!(all_logs.contains("hook sees ***"), "{all_logs}");
-    assert!(all_logs.contains("podman build --platform linux/amd64"), "commands are logged:\n{all_logs}");
+    let built = format!("{} build --platform linux/amd64", engine.program());
+    assert!(all_logs.contains(&built), "commands are logged:\n{all_logs}");
 }
 
 /// Runs `message` on `executor` to its end and returns the messages it sent.
@@ -269,10 +316,9 @@ fn test_run(job_id: &str, image: &str, commands: &[&str], preview_url: &str, tim
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_are_tested() {
+async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_are_tested(start: Start) {
     let dir = tempfile::tempdir().unwrap();
-    let podman = Podman::new(dir.path());
+    let engine = start(dir.path());
     let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
     // The compose file publishes web on this fixed port, which something else holds: only an
     // ephemeral port lets either preview start.
@@ -281,15 +327,15 @@ async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_
     let repo = dir.path().join("repo");
     let commit = app_repo(&repo, fixed_port);
     let app = format!("{}/shop/web:1", registry.addr());
-    build_and_push(&podman, &repo, &app);
+    build_and_push(&engine, &repo, &app);
     let e2e = format!("{}/shop/e2e:1", registry.addr());
-    build_and_push(&podman, &busybox_context(&dir.path().join("e2e")), &e2e);
-    podman.run(&["rmi", "-f", &app, &e2e]);
+    build_and_push(&engine, &busybox_context(&dir.path().join("e2e")), &e2e);
+    engine.run(&["rmi", "-f", &app, &e2e]);
 
     // Two agents on one host, as the local provider runs them, deploying at the same time.
     let ephemeral = [("STAGELY_EPHEMERAL_PORTS", "1")];
-    let (first, mut first_outbox) = executor_with(&dir.path().join("work-1"), &podman, &ephemeral);
-    let (second, mut second_outbox) = executor_with(&dir.path().join("work-2"), &podman, &ephemeral);
+    let (first, mut first_outbox) = executor_with(&dir.path().join("work-1"), &engine, &ephemeral);
+    let (second, mut second_outbox) = executor_with(&dir.path().join("work-2"), &engine, &ephemeral);
     let ((one, one_messages), (two, two_messages)) = tokio::join!(
         run_job(&first, &mut first_outbox, Message::Deploy(deploy_of("deploy-1", "preview-a", &repo, &commit, &app))),
         run_job(&second, &mut second_outbox, Message::Deploy(deploy_of("deploy-2", "preview-b", &repo, &commit, &app))),
@@ -368,7 +414,7 @@ async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_
         status.message.as_deref(),
         Some("timed out after 5 seconds while test command 1 `echo started; sleep 300` ran; it was killed")
     );
-    let left = podman.run(&["ps", "-a", "-q", "--filter", "name=stagely-test-test-3"]);
+    let left = engine.run(&["ps", "-a", "-q", "--filter", "name=stagely-test-test-3"]);
     assert_eq!(left.trim(), "", "the killed test's container is left");
 
     // The same TEST again is answered with its status, not run again.
@@ -376,17 +422,16 @@ async fn two_previews_of_one_compose_file_share_the_host_on_ephemeral_ports_and_
     assert!(first.handle(Message::Test(again)).is_none(), "a known job id must not run again");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_service_that_exits_and_a_failing_hook_fail_the_deploy_by_name_with_their_output() {
+async fn a_service_that_exits_and_a_failing_hook_fail_the_deploy_by_name_with_their_output(start: Start) {
     let dir = tempfile::tempdir().unwrap();
-    let podman = Podman::new(dir.path());
+    let engine = start(dir.path());
     let registry = Registry::start().expect("the registry starts (testenv/build.sh builds it)");
     let repo = dir.path().join("repo");
     app_repo(&repo, free_port());
     let image = format!("{}/shop/web:1", registry.addr());
-    build_and_push(&podman, &repo, &image);
+    build_and_push(&engine, &repo, &image);
     let work = dir.path().join("work");
-    let (executor, mut outbox) = executor_with(&work, &podman, &[("STAGELY_EPHEMERAL_PORTS", "1")]);
+    let (executor, mut outbox) = executor_with(&work, &engine, &[("STAGELY_EPHEMERAL_PORTS", "1")]);
 
     // `worker` exits at once; `web` is fine.
     let crashing = commit_file(
