@@ -9,12 +9,12 @@ DEMO_DIR ?= .demo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator
+.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
 
-deps: ## Install what the tests need and the machine lacks (redis-server, podman, Docker and its compose plugin, nginx, wrk, moto; idempotent).
+deps: ## Install what the tests need and the machine lacks (redis-server, podman, Docker and its compose plugin, nginx, wrk, moto, Prism, webhook schemas; idempotent).
 	@scripts/install-deps.sh
 
 testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).
@@ -57,4 +57,7 @@ bench-gateway: ## Benchmark the agent gateway: RSS per idle agent at 10,000 agen
 bench-operator: deps testenv ## Benchmark the operator: N (default 1,000) Environments to Ready against the real control plane.
 	operator/bench/operator.sh
 
-bench: bench-proxy bench-gateway bench-operator ## Every benchmark.
+bench-webhook: testenv ## Benchmark the webhook receiver: its maximum rate of signed deliveries, then ack latency at 70% of it.
+	webhook-receiver/bench/webhook.sh
+
+bench: bench-proxy bench-gateway bench-operator bench-webhook ## Every benchmark.

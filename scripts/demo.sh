@@ -2,10 +2,12 @@
 # `make demo` and `make demo-down`: Stagely's main job on one machine.
 #
 #   scripts/demo.sh up     starts the whole stack on loopback (control plane, redis-server, the
-#                          registry with token auth, the edge proxy, the operator), previews pull
-#                          request #1 of a sample app through the `local` CloudProvider with
-#                          podman, shows it served, then pushes a second commit and shows it
-#                          redeployed. Everything keeps running for you to look around.
+#                          registry with token auth, the edge proxy, the operator, the webhook
+#                          receiver), delivers a signed `pull_request` `opened` webhook for pull
+#                          request #1 of a sample app, which is previewed through the `local`
+#                          CloudProvider with podman, shows it served, then pushes a second
+#                          commit, delivers `synchronize` and shows it redeployed. Everything
+#                          keeps running for you to look around.
 #   scripts/demo.sh down   stops and removes everything `up` started. Safe to run twice.
 #
 # Everything lives in $DEMO_DIR (default .demo): the control plane's files, the processes' logs
@@ -25,8 +27,12 @@ proxy_port=${DEMO_PROXY_PORT:-18000}
 proxy_ops_port=${DEMO_PROXY_OPS_PORT:-18090}
 redis_port=${DEMO_REDIS_PORT:-18379}
 registry_port=${DEMO_REGISTRY_PORT:-18500}
+webhook_port=${DEMO_WEBHOOK_PORT:-18088}
+webhook_ops_port=${DEMO_WEBHOOK_OPS_PORT:-18091}
 domain=preview.localhost
 env_name=hello-pr-1
+# The repository the demo's Project is bound to (examples/demo/project.yaml), which its webhooks name.
+repository=stagely-demo/hello
 # Deadline for each preview to become Ready, in seconds.
 timeout=${DEMO_TIMEOUT:-600}
 
@@ -96,6 +102,7 @@ wait_until() {
 }
 
 healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz"; }
+ready() { curl -fsS --max-time 2 "http://127.0.0.1:$1/readyz"; }
 
 tail_log() {
   local file=$1 lines=${2:-20}
@@ -115,6 +122,7 @@ diagnose() {
     echo "--- BuildJobs ---"
     kubectl get bj -o custom-columns='NAME:.metadata.name,PHASE:.status.phase,MESSAGE:.status.message' 2>&1 || true
     tail_log "$demo_dir/operator.log" 30
+    tail_log "$demo_dir/webhook-receiver.log" 10
     local log
     find "$demo_dir/local" -name agent.log 2>/dev/null | while read -r log; do tail_log "$log" 15; done
     echo
@@ -208,9 +216,59 @@ fetch_until() {
 
 # One build of every binary the demo runs (always the same set, so that cargo's feature
 # unification never makes `up` and `down` rebuild each other's dependencies).
-build() { "$cargo" build -q -p stagely-testenv -p stagely-operator -p stagely-agent -p stagely-edge-proxy; }
+build() {
+  "$cargo" build -q -p stagely-testenv -p stagely-operator -p stagely-agent -p stagely-edge-proxy \
+    -p stagely-webhook-receiver
+}
 
 git_demo() { git -C "$demo_dir/repo" -c user.name="Stagely demo" -c user.email=demo@stagely.invalid "$@"; }
+
+# post_webhook EVENT FILE: posts FILE to the receiver as GitHub delivers an EVENT webhook: signed
+# with the webhook secret (X-Hub-Signature-256), with a fresh delivery id. Succeeds on a 2xx and
+# leaves the answer in $webhook_answer.
+post_webhook() {
+  local event=$1 file=$2 signature
+  signature="sha256=$(openssl dgst -sha256 -hmac "$(cat "$demo_dir/webhook-secret")" -r <"$file" | cut -d' ' -f1)"
+  webhook_delivery=$(cat /proc/sys/kernel/random/uuid)
+  webhook_answer=$(curl -sS --max-time 10 -w ' %{http_code}' -X POST "http://127.0.0.1:$webhook_port/v1/webhooks/github" \
+    -H 'Content-Type: application/json' -H "X-GitHub-Event: $event" \
+    -H "X-GitHub-Delivery: $webhook_delivery" -H "X-Hub-Signature-256: $signature" \
+    --data-binary "@$file") || return 1
+  [[ "${webhook_answer##* }" == 2* ]]
+}
+
+# The webhooks' payloads, from examples/webhook/pull-request-opened.json (a complete payload as
+# GitHub sends it), made about the demo's repository and pull request #1.
+payload() {
+  jq -c --arg repo "$repository" --arg updated "$(date -u +%Y-%m-%dT%H:%M:%SZ)" '
+    .number = 1 | .repository.full_name = $repo | .repository.name = ($repo | split("/")[1])
+    | .pull_request.number = 1 | .pull_request.updated_at = $updated
+    | .pull_request.html_url = "https://github.com/\($repo)/pull/1" | .pull_request.head.ref = "demo"
+    | .pull_request.head.repo.full_name = $repo | .pull_request.base.repo.full_name = $repo
+    | .pull_request.user.login = "octocat"' "$repo_root/examples/webhook/pull-request-opened.json"
+}
+
+# GitHub pings a webhook when it is added; the demo pings until the receiver's caches hold the
+# new Project and Secret.
+ping_webhook() {
+  payload | jq -c '{zen: "Keep it logically awesome.", hook_id: 1,
+    hook: {type: "Repository", id: 1, name: "web", active: true, events: ["pull_request"],
+      config: {content_type: "json", insecure_ssl: "0", url: "http://127.0.0.1/v1/webhooks/github"}},
+    repository, sender}' >"$demo_dir/webhook-ping.json"
+  post_webhook ping "$demo_dir/webhook-ping.json"
+}
+
+# deliver_pull_request ACTION SHA [BEFORE]: delivers pull request #1's ACTION webhook at SHA, and
+# shows it and the receiver's answer.
+deliver_pull_request() {
+  local action=$1 sha=$2 before=${3:-} file="$demo_dir/webhook-$1.json"
+  payload | jq -c --arg action "$action" --arg sha "$sha" --arg before "$before" '.action = $action | .pull_request.head.sha = $sha
+      | if $action == "synchronize" then .before = $before | .after = $sha else . end' >"$file"
+  post_webhook pull_request "$file" || fail "the webhook receiver refused the $action delivery: $webhook_answer"
+  note "\$ curl -X POST http://127.0.0.1:$webhook_port/v1/webhooks/github --data-binary @${file#"$repo_root"/}"
+  note "    -H 'X-GitHub-Event: pull_request' -H 'X-GitHub-Delivery: $webhook_delivery' -H 'X-Hub-Signature-256: sha256=…'"
+  note "    | ${webhook_answer##* } ${webhook_answer% *}"
+}
 
 up() {
   say "Checking what the demo needs"
@@ -225,7 +283,8 @@ up() {
     down >/dev/null
   fi
   local port
-  for port in "$operator_ops_port" "$gateway_port" "$proxy_port" "$proxy_ops_port" "$redis_port" "$registry_port"; do
+  for port in "$operator_ops_port" "$gateway_port" "$proxy_port" "$proxy_ops_port" "$redis_port" "$registry_port" \
+    "$webhook_port" "$webhook_ops_port"; do
     if port_taken "$port"; then
       echo "demo: port $port on 127.0.0.1 is taken; free it or move the demo (DEMO_*_PORT, see scripts/demo.sh)" >&2
       exit 1
@@ -242,7 +301,7 @@ up() {
   kubectl wait --for condition=Established --timeout=60s -f "$repo_root/crds/" >/dev/null
   note "CRDs installed: $(kubectl api-resources --api-group=stagely.dev -o name | sed 's/\..*//' | paste -sd ' ')"
 
-  say "Starting the edge proxy (http://127.0.0.1:$proxy_port, *.$domain) and the operator"
+  say "Starting the edge proxy (http://127.0.0.1:$proxy_port, *.$domain), the operator and the webhook receiver"
   write_podman_config
   podman_env
   (umask 077 && head -c 48 /dev/urandom | base64 >"$demo_dir/gateway.key")
@@ -271,7 +330,13 @@ up() {
     --source-cache-dir "$demo_dir/source" \
     --vm-check-interval-secs 5
   wait_until "the operator's /healthz" 60 healthy "$operator_ops_port"
-  note "logs: ${demo_dir#"$repo_root"/}/edge-proxy.log, ${demo_dir#"$repo_root"/}/operator.log"
+  start_detached webhook-receiver env KUBECONFIG="$demo_dir/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
+    "$target_dir/stagely-webhook-receiver" \
+    --listen-addr "127.0.0.1:$webhook_port" \
+    --ops-addr "127.0.0.1:$webhook_ops_port"
+  wait_until "the webhook receiver's /readyz" 60 ready "$webhook_ops_port"
+  note "webhooks: http://127.0.0.1:$webhook_port/v1/webhooks/github"
+  note "logs: ${demo_dir#"$repo_root"/}/edge-proxy.log, ${demo_dir#"$repo_root"/}/operator.log, ${demo_dir#"$repo_root"/}/webhook-receiver.log"
 
   say "Creating the demo app's git repository from examples/app"
   mkdir -p "$demo_dir/repo"
@@ -284,10 +349,18 @@ up() {
   sha1=$(git_demo rev-parse HEAD)
   note "${demo_dir#"$repo_root"/}/repo at ${sha1:0:7}: $(git_demo ls-files | grep -v '^busybox$\|\.keep$' | paste -sd ' ') and busybox"
 
-  say "Applying the local CloudProvider, the Project (with its Secrets) and pull request #1's Environment"
+  say "Applying the local CloudProvider and the Project (with its Secrets and a new webhook secret)"
   kubectl apply -f "$repo_root/examples/cloudprovider-local.yaml" | sed 's/^/    /'
+  (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$demo_dir/webhook-secret")
+  kubectl create secret generic hello-github --from-file=webhookSecret="$demo_dir/webhook-secret" | sed 's/^/    /'
   sed "s|\${DEMO_REPO}|$demo_dir/repo|" "$repo_root/examples/demo/project.yaml" | kubectl apply -f - | sed 's/^/    /'
-  sed "s|\${DEMO_SHA}|$sha1|" "$repo_root/examples/demo/environment.yaml" | kubectl apply -f - | sed 's/^/    /'
+  note "GitHub feedback (the PR comment and deployment statuses) is off: the demo has no GitHub credentials,"
+  note "only the webhook secret (its Project says so: GitHubSecretIncomplete), and its repository is local."
+
+  say "Delivering pull request #1's opened webhook to the receiver, signed as GitHub signs it"
+  wait_until "the webhook receiver to answer a signed ping for $repository" 30 ping_webhook
+  note "ping: ${webhook_answer##* } ${webhook_answer% *}"
+  deliver_pull_request opened "$sha1"
 
   say "Watching pull request #1 go to Ready (its phase as kubectl get env shows it; deadline ${timeout}s)"
   watch_until_ready "$sha1"
@@ -301,12 +374,12 @@ up() {
   say "Opening $url through the edge proxy"
   fetch_until v1 "$hash.$domain"
 
-  say "Pushing a new commit (version v2) and pointing the Environment at it, as a synchronize webhook would"
+  say "Pushing a new commit (version v2) and delivering its synchronize webhook"
   echo v2 >"$demo_dir/repo/VERSION"
   git_demo commit -q -am "Hello app, version v2"
   local sha2
   sha2=$(git_demo rev-parse HEAD)
-  kubectl patch env "$env_name" --type merge -p "{\"spec\":{\"pullRequest\":{\"headSha\":\"$sha2\"}}}" | sed 's/^/    /'
+  deliver_pull_request synchronize "$sha2" "$sha1"
   watch_until_ready "$sha2"
   fetch_until v2 "$hash.$domain"
 
@@ -319,7 +392,10 @@ up() {
     the app       curl -H 'Host: $hash.$domain' http://127.0.0.1:$proxy_port/
                   or http://$hash.$domain:$proxy_port/ in a browser (*.localhost is this machine)
     its route     redis-cli -p $redis_port get route:$hash
-    logs          $dir/operator.log, $dir/edge-proxy.log, $dir/local/default/local/*/agent.log
+    logs          $dir/operator.log, $dir/webhook-receiver.log, $dir/edge-proxy.log,
+                  $dir/local/default/local/*/agent.log
+    webhooks      $dir/webhook-*.json, signed with $dir/webhook-secret;
+                  curl http://127.0.0.1:$webhook_ops_port/metrics | grep stagely_webhook_deliveries
     another run   commit in $dir/repo, then
                   kubectl patch env $env_name --type merge -p '{"spec":{"pullRequest":{"headSha":"<commit>"}}}'
     teardown      kubectl delete env $env_name
@@ -359,7 +435,8 @@ down() {
     echo "no demo runs from ${demo_dir#"$repo_root"/}"
     return 0
   fi
-  # The operator first, so that it starts no new agent.
+  # The webhook receiver, then the operator, so that neither starts anything new.
+  stop_pidfile "$demo_dir/webhook-receiver.pid"
   stop_pidfile "$demo_dir/operator.pid"
   # The local provider's "VMs": agent processes, each started with its instance's agent.json
   # (local/<namespace>/<CloudProvider>/<instance>/).

@@ -2,8 +2,8 @@
 # Installs what building and testing Stagely needs and the machine lacks. Idempotent: it only
 # installs what is missing, so a second run does nothing.
 #
-# With --demo, only what `make demo` needs: no moto, Prism (and Node.js), nginx, wrk or arm64
-# busybox, which only tests and benchmarks use.
+# With --demo, only what `make demo` needs: no moto, Prism and the webhook schemas (and Node.js),
+# nginx, wrk or arm64 busybox, which only tests and benchmarks use.
 set -euo pipefail
 
 demo=false
@@ -30,6 +30,9 @@ command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
 command -v podman-compose >/dev/null || missing+=(podman-compose)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+# The demo writes its pull_request webhooks with jq and signs them with openssl.
+command -v jq >/dev/null || missing+=(jq)
+command -v openssl >/dev/null || missing+=(openssl)
 if ! $demo; then
   # The agent's tests run the same images a second time on Docker as production VMs run it:
   # Debian's docker.io (a private dockerd per test, on a bridge of its own made with `ip`).
@@ -76,15 +79,28 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/d
     python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
 fi
 
-# The DigitalOcean and Hetzner providers' tests run Prism (pinned in tools/prism) in front of fakes.
-prism_dir="$(cd "$(dirname "$0")/.." && pwd)/tools/prism"
-if [ ! -x "$prism_dir/node_modules/.bin/prism" ]; then
+need_node() {
   if ! command -v npm >/dev/null || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
-    echo "install-deps: Node.js 20 or newer with npm is required (the provider tests run Prism)" >&2
+    echo "install-deps: Node.js 20 or newer with npm is required ($1)" >&2
     exit 1
   fi
+}
+
+# The DigitalOcean and Hetzner providers' tests run Prism (pinned in tools/prism) in front of fakes.
+tools_dir="$(cd "$(dirname "$0")/.." && pwd)/tools"
+if [ ! -x "$tools_dir/prism/node_modules/.bin/prism" ]; then
+  need_node "the provider tests run Prism"
   echo "install-deps: installing Prism"
-  npm ci --prefix "$prism_dir" --no-audit --no-fund --silent
+  npm ci --prefix "$tools_dir/prism" --no-audit --no-fund --silent
+fi
+
+# The webhook receiver's tests check every payload they send against GitHub's published webhook
+# schemas (@octokit/webhooks-schemas, pinned in tools/webhook-schemas, validated with ajv).
+if [ ! -f "$tools_dir/webhook-schemas/node_modules/@octokit/webhooks-schemas/schema.json" ] ||
+  [ ! -f "$tools_dir/webhook-schemas/node_modules/ajv-formats/package.json" ]; then
+  need_node "the webhook receiver's tests validate payloads against GitHub's schemas"
+  echo "install-deps: installing GitHub's webhook schemas"
+  npm ci --prefix "$tools_dir/webhook-schemas" --no-audit --no-fund --silent
 fi
 
 # The multi-platform pipeline test builds a real arm64 image `FROM scratch` around Debian's

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling from
 /// `initial` up to `max`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backoff {
     initial: Duration,
     max: Duration,

@@ -19,12 +19,30 @@ pub const ARCH: &str = "stagely.dev/arch";
 /// are truncated to 63).
 pub const COMMIT: &str = "stagely.dev/commit";
 
-/// Annotation: the `X-GitHub-Delivery` id of the webhook that last applied an Environment.
+/// Annotation: the `X-GitHub-Delivery` id of the webhook that last applied an Environment. A
+/// redelivery of it (GitHub keeps the id) changes nothing, even after the receiver restarted.
 pub const GITHUB_DELIVERY: &str = "stagely.dev/github-delivery";
+/// Annotation: the pull request's `updated_at` (RFC 3339) in the webhook that last applied an
+/// Environment. A webhook about an older state of the pull request (GitHub does not promise to
+/// deliver in order) never overwrites a newer one: an older `synchronize` never rolls the head
+/// sha back.
+pub const GITHUB_UPDATED_AT: &str = "stagely.dev/github-updated-at";
+/// Annotation prefix on a Project, followed by a pull request number
+/// ([`pull_request_removed`]): the pull request's `updated_at` (RFC 3339) when the webhook
+/// receiver last removed its Environment, or found none to remove (closed, unlabeled, turned
+/// draft). A late webhook about an older state of that pull request creates nothing: a
+/// `synchronize` delivered after `closed` does not resurrect the preview. Kept for a week.
+pub const PULL_REQUEST_REMOVED_PREFIX: &str = "stagely.dev/removed-pr-";
 /// Annotation: the id of the sticky PR comment Stagely keeps updated.
 pub const GITHUB_COMMENT_ID: &str = "stagely.dev/github-comment-id";
 /// Annotation: the id of the GitHub Deployment of an Environment.
 pub const GITHUB_DEPLOYMENT_ID: &str = "stagely.dev/github-deployment-id";
+
+/// The annotation on a Project recording when pull request `number`'s Environment was removed
+/// (see [`PULL_REQUEST_REMOVED_PREFIX`]).
+pub fn pull_request_removed(number: i64) -> String {
+    format!("{PULL_REQUEST_REMOVED_PREFIX}{number}")
+}
 
 /// Annotation on a BuildJob: stop it (its VM is terminated and it ends `Failed`); the value is
 /// why, shown in its status, e.g. `cancelled: build web (linux/arm64) failed`.
@@ -69,6 +87,8 @@ mod tests {
             ARCH,
             COMMIT,
             GITHUB_DELIVERY,
+            GITHUB_UPDATED_AT,
+            pull_request_removed(i64::MAX).as_str(),
             GITHUB_COMMENT_ID,
             GITHUB_DEPLOYMENT_ID,
             CANCEL,

@@ -1,7 +1,7 @@
 //! The stagely.dev API, shared by every Stagely component: the CRD types, the `stagely.yaml`
 //! model and parser, the agent wire protocol, the Redis route record, the label,
 //! annotation and finalizer keys, and the mechanisms two binaries share (the secret masker,
-//! the retry backoff).
+//! the retry backoff, derived names).
 //!
 //! Apart from the `ops` module (feature `ops`, the binaries' shared operations endpoints) and
 //! the `tls` module (feature `tls`, a certificate served from files and reloaded), this crate
@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod config;
 pub mod keys;
 pub mod mask;
+pub mod names;
 #[cfg(feature = "ops")]
 pub mod ops;
 pub mod protocol;

@@ -258,9 +258,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            (project.ttl.as_str(), project.preview_size, project.trigger.mode),
-            ("24h", Size::Medium, TriggerMode::All)
+            (project.ttl.as_str(), project.preview_size, &project.trigger),
+            ("24h", Size::Medium, &Trigger { mode: TriggerMode::All, label: None, drafts: true, forks: false })
         );
+        let trigger: Trigger =
+            serde_json::from_value(serde_json::json!({"mode": "label", "label": "preview"})).unwrap();
+        assert!(trigger.drafts && !trigger.forks, "drafts are previewed and forks are not unless the Project says so");
         let provider: CloudProviderSpec = serde_json::from_value(serde_json::json!({"type": "local"})).unwrap();
         assert_eq!(provider.max_instances, 10);
         let job: BuildJobSpec = serde_json::from_value(serde_json::json!({

@@ -140,11 +140,12 @@ pub struct GitHubSpec {
 }
 
 /// Which pull requests get an environment.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'label' || has(self.label)").message("trigger.label is required when trigger.mode is label"))]
 pub struct Trigger {
-    /// `all` previews every pull request; `label` only those carrying `label`.
+    /// `all` previews every pull request; `label` only those carrying `label`: adding the label
+    /// creates the preview, removing it deletes the preview.
     #[serde(default)]
     pub mode: TriggerMode,
 
@@ -152,6 +153,27 @@ pub struct Trigger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 50))]
     pub label: Option<String>,
+
+    /// Whether draft pull requests are previewed (default true). When false, a draft gets its
+    /// preview once it is marked ready for review, and loses it when turned back into a draft.
+    #[serde(default = "previews_drafts")]
+    pub drafts: bool,
+
+    /// Whether pull requests from forks are previewed (default false). A fork's code would be
+    /// built and run with this Project's secrets (`secretRefs`): turn it on only for a
+    /// repository whose forks you trust.
+    #[serde(default)]
+    pub forks: bool,
+}
+
+impl Default for Trigger {
+    fn default() -> Self {
+        Self { mode: TriggerMode::default(), label: None, drafts: previews_drafts(), forks: false }
+    }
+}
+
+fn previews_drafts() -> bool {
+    true
 }
 
 /// Which pull requests get an environment.

@@ -33,24 +33,6 @@ pub fn set_condition(
     }
 }
 
-/// Eight lowercase base-36 characters derived from `text` (FNV-1a), for shortening names
-/// without making two of them equal.
-pub fn short_hash(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    let alphabet = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..8)
-        .map(|_| {
-            let c = alphabet[(hash % 36) as usize] as char;
-            hash /= 36;
-            c
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,12 +48,5 @@ mod tests {
         assert_eq!(conditions[0].last_transition_time, Time(t1));
         set_condition(&mut conditions, "Ready", true, "C", "c", Some(2), t2);
         assert_eq!(conditions[0].last_transition_time, Time(t2));
-    }
-
-    #[test]
-    fn short_hashes_are_stable_and_differ() {
-        assert_eq!(short_hash("a"), short_hash("a"));
-        assert_ne!(short_hash("a"), short_hash("b"));
-        assert_eq!(short_hash("anything").len(), 8);
     }
 }

@@ -12,13 +12,14 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use stagely_api::config::StagelyConfig;
 use stagely_api::keys;
+use stagely_api::names::{MAX_NAME, fit, label_value};
 use stagely_api::route::{Route, RouteStatus};
 use stagely_api::v1alpha1::{
     BuildJob, BuildJobPhase, BuildJobSpec, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project,
     RunBuild, RunStatus,
 };
 
-use crate::controllers::conditions::{self, set_condition};
+use crate::controllers::conditions::set_condition;
 
 /// Condition: stagely.yaml was read and is valid at the run's commit.
 pub const CONFIG_VALID: &str = "ConfigValid";
@@ -473,25 +474,7 @@ pub fn owner_reference(env: &Environment) -> OwnerReference {
 /// a Kubernetes name.
 pub fn job_name(environment: &str, service: &str, arch: &str, sha: &str) -> String {
     let name = format!("{environment}-{service}-{arch}-{}", short_sha(sha));
-    fit(&name, 253)
-}
-
-/// A label value: at most 63 characters, shortened with a hash when longer.
-pub fn label_value(value: &str) -> String {
-    fit(value, 63)
-}
-
-fn fit(value: &str, max: usize) -> String {
-    if value.len() <= max {
-        return value.to_owned();
-    }
-    let hash = conditions::short_hash(value);
-    let keep = max - hash.len() - 1;
-    let mut head: String = value.chars().take(keep).collect();
-    while head.ends_with(['-', '.', '_']) {
-        head.pop();
-    }
-    format!("{head}-{hash}")
+    fit(&name, MAX_NAME)
 }
 
 /// A reference to `env` for events.

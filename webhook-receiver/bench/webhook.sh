@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Benchmarks the webhook receiver: a release build against testenv's real control plane, fed
+# signed pull_request synchronize deliveries over kept-alive connections. Finds its maximum rate
+# on this machine's cores, then holds 70% of it and measures the ack latency. Prints last:
+#   webhook_max_rps=… webhook_ack_p99_ms=…
+# Target (ARCHITECTURE.md): p99 ≤ 10 ms at 70% of the maximum rate.
+# Knobs: SECONDS_EACH (each measurement), CONNECTIONS (in both measurements), PULL_REQUESTS (the
+# deliveries are about; each one's Environment is written at most once a second), FRACTION (of
+# the maximum held), KEEP (a directory to keep the receiver's log in).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+SECONDS_EACH=${SECONDS_EACH:-15}
+CONNECTIONS=${CONNECTIONS:-64}
+PULL_REQUESTS=${PULL_REQUESTS:-16}
+FRACTION=${FRACTION:-0.7}
+
+STAGELY_TESTENV_BIN=${STAGELY_TESTENV_BIN:-$(testenv/build.sh)}
+export STAGELY_TESTENV_BIN
+
+cargo build -q --release -p stagely-webhook-receiver --bin stagely-webhook-receiver --example webhook-bench
+target="${CARGO_TARGET_DIR:-target}/release"
+
+"$target/examples/webhook-bench" --receiver-bin "$target/stagely-webhook-receiver" \
+    --seconds "$SECONDS_EACH" --connections "$CONNECTIONS" --pull-requests "$PULL_REQUESTS" \
+    --fraction "$FRACTION" ${KEEP:+--keep "$KEEP"}
