@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn dockers_plugins_are_where_the_users_docker_finds_them() {
-        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t"}"#);
+        let file = write(r#"{"gateway_url":"ws://a","agent_id":"a","token":"t","insecure":true}"#);
         let load = |vars: &[(&str, &str)]| {
             let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
             AgentConfig::load_with(Some(file.path()), &env).unwrap().docker_plugin_dir

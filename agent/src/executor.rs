@@ -798,6 +798,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let env = [
             ("STAGELY_GATEWAY_URL", "ws://a".to_owned()),
+            ("STAGELY_INSECURE", "1".to_owned()),
             ("STAGELY_AGENT_ID", "a".to_owned()),
             ("STAGELY_AGENT_TOKEN", "t".to_owned()),
             ("STAGELY_WORK_DIR", dir.path().join("work").to_string_lossy().into_owned()),
