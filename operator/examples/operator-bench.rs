@@ -1000,6 +1000,9 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let end = proc_stats(pid)?;
     let after = apiserver_requests(&client).await?;
     let reconciles = operator_reconciles(ops).await;
+    // Read before the operator is stopped: killing it resets every agent still connected, and
+    // each then tries again.
+    let retries = cloud.stats.retried.load(Ordering::Relaxed);
     let _ = child.kill();
     let _ = child.wait();
 
@@ -1031,7 +1034,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         count(&cloud.terminates),
         count(&agents.started),
         count(&agents.connected),
-        count(&agents.retried),
+        retries,
         count(&agents.refused),
         count(&agents.failed),
         count(&agents.builds),
