@@ -48,6 +48,11 @@ pub fn pull_request_removed(number: i64) -> String {
 /// why, shown in its status, e.g. `cancelled: build web (linux/arm64) failed`.
 pub const CANCEL: &str = "stagely.dev/cancel";
 
+/// Label on a BuildJob that holds nothing any more (finished, its VM gone), set as its finalizer
+/// is removed: the BuildJob controller watches only BuildJobs without it, so a settled job costs
+/// it no memory and is deleted at once.
+pub const SETTLED: &str = "stagely.dev/settled";
+
 /// Finalizer: an Environment's VM, route and GitHub deployment are cleaned up before it goes.
 pub const ENVIRONMENT_FINALIZER: &str = "stagely.dev/environment-cleanup";
 /// Finalizer: a BuildJob's builder VM is terminated before it goes.

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use stagely_api::ops;
@@ -25,6 +26,13 @@ pub struct ReconcileLabels {
     pub outcome: String,
 }
 
+/// Labels of a per-controller value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// The controller, e.g. `environment`.
+    pub controller: String,
+}
+
 /// What the controllers count and time. Cheap to clone; clones share the values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -32,6 +40,8 @@ pub struct Metrics {
     pub build_duration: Family<BuildLabels, Histogram>,
     /// Reconciles by controller and outcome.
     pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Agent jobs whose STATUS updates a controller follows, by controller.
+    pub followed_jobs: Family<ControllerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -41,6 +51,7 @@ impl Default for Metrics {
                 Histogram::new([5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0])
             }),
             reconciles: Family::default(),
+            followed_jobs: Family::default(),
         }
     }
 }
@@ -56,7 +67,17 @@ impl Metrics {
                 this.build_duration,
             );
             registry.register("reconciles", "Reconciles by controller and outcome", this.reconciles);
+            registry.register(
+                "followed_jobs",
+                "Agent jobs whose STATUS updates a controller follows, by controller",
+                this.followed_jobs,
+            );
         })
+    }
+
+    /// The gauge of jobs `controller` follows.
+    pub fn followed(&self, controller: &str) -> Gauge {
+        self.followed_jobs.get_or_create(&ControllerLabels { controller: controller.to_owned() }).clone()
     }
 
     /// Counts one reconcile of `controller` ending in `outcome`.

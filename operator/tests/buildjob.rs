@@ -411,7 +411,22 @@ async fn a_build_succeeds_pushes_its_image_and_its_builder_goes() {
     // The VM's enrollment token went only into its user data.
     let seen = format!("{:?}\n{:?}\n{}", job.status, h.events().await, logs::text());
     assert!(!seen.contains(&token), "the enrollment token leaked into the status, an event or a log");
+
+    // Settled (finished, its VM gone): marked so, out of the controller's watch, its finalizer
+    // removed; deleted at once even with no controller running.
+    let jobs = h.jobs();
+    eventually("the settled job to be marked and its finalizer removed", STEP_TIMEOUT, || {
+        let jobs = jobs.clone();
+        async move {
+            let job = jobs.get("web").await.ok()?;
+            let marked = job.metadata.labels.as_ref()?.get(keys::SETTLED).map(String::as_str) == Some("true");
+            (marked && job.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty())).then_some(())
+        }
+    })
+    .await;
     h.stop_controller().await;
+    jobs.delete("web", &DeleteParams::default()).await.unwrap();
+    assert!(jobs.get_opt("web").await.unwrap().is_none(), "a settled BuildJob waits for no finalizer");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,7 +44,7 @@ async fn an_operator_killed_mid_run_finishes_it_with_one_builder_per_build_job()
     .await;
     operator.kill();
 
-    let _operator = stack.operator();
+    let operator = stack.operator();
     let env = eventually("the run to finish after the restart", BUILD_TIMEOUT, || async {
         let env = envs.get("shop-pr-9").await.ok()?;
         let status = env.status.as_ref()?;
@@ -68,5 +68,22 @@ async fn an_operator_killed_mid_run_finishes_it_with_one_builder_per_build_job()
         let uid = job.uid().unwrap();
         let builders: Vec<_> = seen.iter().filter(|s| s.owner == uid && s.role == "builder").collect();
         assert_eq!(builders.len(), 1, "exactly one builder VM for {}: {seen:?}", job.name_any());
+    }
+
+    // Once the preview's deployment has ended, nothing is followed any more: no job's task or
+    // last STATUS is kept for the preview's life.
+    // (This repository has no compose file: the deployment ends failed, which is enough here.)
+    eventually("the preview's deployment to end", BUILD_TIMEOUT, || async {
+        let env = envs.get("shop-pr-9").await.ok()?;
+        let state = env.status.as_ref()?.deployment.as_ref()?.state.clone()?;
+        (state != "running").then_some(())
+    })
+    .await;
+    for controller in ["environment", "buildjob"] {
+        let sample = format!("stagely_operator_followed_jobs{{controller=\"{controller}\"}}");
+        eventually(&format!("the {controller} controller to follow no job"), STEP_TIMEOUT, || async {
+            (operator.metric(&sample).await == Some(0.0)).then_some(())
+        })
+        .await;
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kube::runtime::reflector::ObjectRef;
+use prometheus_client::metrics::gauge::Gauge;
 use stagely_api::protocol::Status;
 use tokio::sync::mpsc;
 
@@ -29,12 +30,22 @@ impl Drop for Follower {
 pub struct Followers<K: kube::Resource<DynamicType = ()>> {
     jobs: Mutex<HashMap<String, Follower>>,
     wake: mpsc::UnboundedSender<ObjectRef<K>>,
+    /// How many jobs are followed (each holds a task and its last STATUS).
+    count: Gauge,
 }
 
 impl<K: kube::Resource<DynamicType = ()> + Send + Sync + 'static> Followers<K> {
-    /// Followers that wake objects through `wake`.
-    pub fn new(wake: mpsc::UnboundedSender<ObjectRef<K>>) -> Self {
-        Self { jobs: Mutex::new(HashMap::new()), wake }
+    /// Followers that wake objects through `wake`, and keep `count` at how many jobs they follow.
+    pub fn new(wake: mpsc::UnboundedSender<ObjectRef<K>>, count: Gauge) -> Self {
+        Self { jobs: Mutex::new(HashMap::new()), wake, count }
+    }
+
+    /// Changes the followed jobs, and the count with them.
+    fn jobs<T>(&self, change: impl FnOnce(&mut HashMap<String, Follower>) -> T) -> T {
+        let mut jobs = lock(&self.jobs);
+        let result = change(&mut jobs);
+        self.count.set(i64::try_from(jobs.len()).unwrap_or(i64::MAX));
+        result
     }
 
     /// Whether `job_id` is followed (still running, or its final STATUS is in).
@@ -72,21 +83,21 @@ impl<K: kube::Resource<DynamicType = ()> + Send + Sync + 'static> Followers<K> {
                 }
             }
         });
-        lock(&self.jobs).insert(job_id, Follower { latest, task });
+        self.jobs(|jobs| jobs.insert(job_id, Follower { latest, task }));
     }
 
     /// Stops following `job_id`.
     pub fn stop(&self, job_id: &str) {
-        lock(&self.jobs).remove(job_id);
+        self.jobs(|jobs| jobs.remove(job_id));
     }
 
     /// Stops following every job.
     pub fn clear(&self) {
-        lock(&self.jobs).clear();
+        self.jobs(HashMap::clear);
     }
 
     /// Stops following every job whose id starts with `prefix`.
     pub fn stop_prefix(&self, prefix: &str) {
-        lock(&self.jobs).retain(|id, _| !id.starts_with(prefix));
+        self.jobs(|jobs| jobs.retain(|id, _| !id.starts_with(prefix)));
     }
 }

@@ -99,6 +99,7 @@ impl Stack {
     /// Starts the operator binary against this stack; it dies with the test process.
     pub fn operator(&self) -> Operator {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
+        let ops_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
         command
             .env("KUBECONFIG", self.plane.kubeconfig())
@@ -108,7 +109,7 @@ impl Stack {
             .env("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "60")
             .envs(self.podman.env.iter().map(|(k, v)| (k, v)))
             .arg("--ops-addr")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(format!("127.0.0.1:{ops_port}"))
             .arg("--gateway-addr")
             .arg(format!("127.0.0.1:{}", self.gateway_port))
             .arg("--gateway-signing-key-file")
@@ -143,7 +144,7 @@ impl Stack {
         crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Operator(child)
+        Operator { child, ops_port }
     }
 
     /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
@@ -189,20 +190,31 @@ impl Stack {
 }
 
 /// The operator process; SIGKILLed when dropped or [`Operator::kill`]ed.
-pub struct Operator(Child);
+pub struct Operator {
+    child: Child,
+    ops_port: u16,
+}
 
 impl Operator {
     /// SIGKILL, as a crashed node or an OOM kill would.
     pub fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The value of the operator's metric sample `sample` (name and labels, as exposed), if
+    /// it shows.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.ops_port);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -110,6 +110,7 @@ impl Context {
     ) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
         let (wake, woken) = mpsc::unbounded_channel();
+        let followed = metrics.followed("buildjob");
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -121,7 +122,7 @@ impl Context {
             metrics,
             timings,
             namespace: None,
-            followers: crate::controllers::follow::Followers::new(wake),
+            followers: crate::controllers::follow::Followers::new(wake, followed),
             woken: Mutex::new(Some(woken)),
             caches: Mutex::new(None),
             written: Written::default(),
@@ -162,6 +163,14 @@ pub enum Error {
     /// Writing the status failed.
     #[error("failed to write the status of BuildJob {job}: {source}")]
     Status {
+        /// `<namespace>/<name>`.
+        job: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Marking a settled job and removing its finalizer failed.
+    #[error("failed to mark BuildJob {job} settled: {source}")]
+    Settle {
         /// `<namespace>/<name>`.
         job: String,
         /// The API error.
@@ -228,6 +237,7 @@ impl Error {
         match self {
             Error::Read { .. } => "ReadFailed",
             Error::Status { .. } => "StatusFailed",
+            Error::Settle { .. } => "SettleFailed",
             Error::Account { .. } => "AccountFailed",
             Error::Registry { .. } => "RegistryFailed",
             Error::Gateway { .. } | Error::NotSendable { .. } => "SendFailed",
@@ -417,6 +427,8 @@ async fn apply(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
         ctx.capacity.release_everywhere(&uid);
         ctx.gateway.forget(&scope(&job));
         ctx.followers.stop(&job_id(&uid));
+        ctx.written.forget(&uid);
+        settle(&job, ctx).await?;
         return Ok(Action::await_change());
     }
     let target = dereference(&job, ctx).await?;
@@ -608,6 +620,29 @@ async fn terminate(job: &BuildJob, target: &Target, recorded: Option<&str>) -> R
     Ok(terminated)
 }
 
+/// Marks a settled job [`keys::SETTLED`] and removes its finalizer, in one write conditional on
+/// the version read: it leaves this controller's watch, and nothing is left to clean up when it
+/// is deleted (its VM is gone; the Environment's teardown and the orphan sweep look by tag).
+async fn settle(job: &BuildJob, ctx: &Context) -> Result<(), Error> {
+    let has_finalizer = job.finalizers().iter().any(|f| f == keys::BUILDJOB_FINALIZER);
+    if !has_finalizer && job.labels().contains_key(keys::SETTLED) {
+        return Ok(());
+    }
+    let finalizers: Vec<&String> = job.finalizers().iter().filter(|f| *f != keys::BUILDJOB_FINALIZER).collect();
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": job.resource_version(),
+            "labels": { keys::SETTLED: "true" },
+            "finalizers": if finalizers.is_empty() { serde_json::Value::Null } else { json!(finalizers) },
+        }
+    });
+    let api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    api.patch(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::Settle { job: describe(job), source })?;
+    Ok(())
+}
+
 async fn write_status(job: &BuildJob, ctx: &Context, status: &BuildJobStatus) -> Result<(), Error> {
     let api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let patch = json!({
@@ -759,7 +794,7 @@ fn error_policy(job: Arc<BuildJob>, err: &Error, _ctx: Arc<Context>) -> Action {
 /// `maxInstances`. False if `shutdown` came first.
 async fn seed(ctx: &Context, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> bool {
     let jobs = loop {
-        match ctx.api::<BuildJob>().list(&ListParams::default()).await {
+        match ctx.api::<BuildJob>().list(&ListParams::default().labels(&unsettled())).await {
             Ok(list) => break list.items,
             Err(err) => {
                 tracing::warn!(error = %err, "failed to list BuildJobs to count their VMs; retrying");
@@ -806,6 +841,11 @@ fn provider_usability(provider: &CloudProvider) -> Option<u64> {
     Some(hasher.finish())
 }
 
+/// The label selector of the jobs this controller follows: those not settled.
+fn unsettled() -> String {
+    format!("!{}", keys::SETTLED)
+}
+
 /// The unfinished, queued BuildJobs of `namespace` (of `project`, if given).
 fn queued(store: &Store<BuildJob>, namespace: Option<String>, project: Option<&str>) -> Vec<ObjectRef<BuildJob>> {
     store
@@ -830,8 +870,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         return;
     }
     let (store, writer) = reflector::store::<BuildJob>();
+    // Settled jobs leave the watch (the apiserver reports them deleted from it): at thousands of
+    // Environments, their finished BuildJobs are not held here.
     let jobs = trigger_self(
-        watcher(ctx.api::<BuildJob>(), watcher::Config::default())
+        watcher(ctx.api::<BuildJob>(), watcher::Config::default().labels(&unsettled()))
             .default_backoff()
             .modify(strip)
             .reflect(writer)

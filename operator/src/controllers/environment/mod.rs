@@ -107,8 +107,16 @@ impl Context {
         capacity: Arc<crate::controllers::capacity::Capacity>,
         agent_connect: Duration,
     ) -> Self {
-        self.preview =
-            Some(preview::Preview::new(gateway, endpoints, agents, capacity, agent_connect, self.wake.clone()));
+        let followed = self.metrics.followed("environment");
+        self.preview = Some(preview::Preview::new(
+            gateway,
+            endpoints,
+            agents,
+            capacity,
+            agent_connect,
+            self.wake.clone(),
+            followed,
+        ));
         self
     }
 }

@@ -499,6 +499,13 @@ pub async fn advance(
 
     let current = status.deployment.clone();
     let new_deployment = current.as_ref().is_none_or(|d| d.job_id != job_id);
+    // A deployment whose end is written in the status needs no follower any more (one per
+    // Environment would otherwise be kept, with its last STATUS, for the preview's whole life).
+    if let Some(recorded) = &current
+        && matches!(recorded.state.as_deref(), Some("succeeded" | "failed"))
+    {
+        preview.followers.stop(&recorded.job_id);
+    }
     // After an operator restart nothing follows the job: DEPLOY again with the same id, which the
     // agent answers from its record (or runs, if it never got it).
     let lost_track = !new_deployment
@@ -674,6 +681,9 @@ async fn run_tests(
         set_condition(&mut status.conditions, TESTED, ok, reason, message, generation, now);
     };
     let state = deployment.tests.clone();
+    if matches!(state.as_deref(), Some("succeeded" | "failed")) {
+        preview.followers.stop(&job_id);
+    }
     let lost_track = state.as_deref() == Some("running") && !preview.followers.following(&job_id);
     if state.is_none() || lost_track {
         // An agent older than the TEST command would never answer it: say so instead.
@@ -785,6 +795,7 @@ pub async fn teardown(env: &Environment, ctx: &Context, provider: Option<&CloudP
         }
         preview.gateway.forget(&agent_scope);
         preview.followers.stop_prefix(&format!("deploy-{uid}"));
+        preview.followers.stop_prefix(&format!("test-{uid}"));
         match provider {
             Some(object) => match account::connect(&ctx.client, object, &preview.endpoints).await {
                 Ok(cloud) => {
@@ -859,7 +870,8 @@ pub struct Preview {
 }
 
 impl Preview {
-    /// The preview machinery; DEPLOY updates wake reconciles through `wake`.
+    /// The preview machinery; DEPLOY updates wake reconciles through `wake`; `followed` counts
+    /// the jobs followed.
     pub fn new(
         gateway: crate::gateway::Gateway,
         endpoints: account::Endpoints,
@@ -867,6 +879,7 @@ impl Preview {
         capacity: Arc<crate::controllers::capacity::Capacity>,
         agent_connect: Duration,
         wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
+        followed: prometheus_client::metrics::gauge::Gauge,
     ) -> Self {
         Self {
             gateway,
@@ -874,7 +887,7 @@ impl Preview {
             agents,
             capacity,
             agent_connect,
-            followers: crate::controllers::follow::Followers::new(wake),
+            followers: crate::controllers::follow::Followers::new(wake, followed),
             settling: Settling::default(),
         }
     }
