@@ -357,7 +357,7 @@ enum LogCheck {
 /// Whether `log`'s job was sent to `scope`'s agent, and if so records the line as the last.
 fn check_log(inner: &Inner, scope: &Scope, log: &stagely_api::protocol::Log) -> LogCheck {
     let mut agents = inner.agents();
-    let Some(last) = agents.get_mut(scope).and_then(|slot| slot.sent.get_mut(&log.job_id)) else {
+    let Some(last) = agents.get_mut(scope).and_then(|slot| slot.last_line(&log.job_id)) else {
         return LogCheck::Unknown;
     };
     if *last == Some(log.seq) {

@@ -351,28 +351,29 @@ struct AgentSlot {
     connection: Option<Connection>,
     /// Commands without a final STATUS yet, by job id.
     pending: HashMap<String, PendingJob>,
-    /// Jobs sent to this scope's agent, whose log lines it may send: the sequence number of
-    /// the last line stored for each (a line resent after a reconnect is stored once).
-    sent: HashMap<String, Option<u64>>,
-    /// The order `sent` was filled in, to forget the oldest.
-    sent_order: VecDeque<String>,
+    /// Jobs sent to this scope's agent, whose log lines it may send, oldest first: the sequence
+    /// number of the last line stored for each (a line resent after a reconnect is stored once).
+    /// A scope has a few jobs: a short list is searched faster than a map, and is smaller.
+    sent: VecDeque<(Box<str>, Option<u64>)>,
     masker: Arc<RwLock<Masker>>,
 }
 
 impl AgentSlot {
     /// Remembers that `job_id` was sent to this scope's agent; whether it is new to this slot.
     fn remember(&mut self, job_id: &str) -> bool {
-        if self.sent.contains_key(job_id) {
+        if self.last_line(job_id).is_some() {
             return false;
         }
-        self.sent.insert(job_id.to_owned(), None);
-        self.sent_order.push_back(job_id.to_owned());
-        while self.sent_order.len() > SENT_JOBS_KEPT {
-            if let Some(oldest) = self.sent_order.pop_front() {
-                self.sent.remove(&oldest);
-            }
+        if self.sent.len() >= SENT_JOBS_KEPT {
+            self.sent.pop_front();
         }
+        self.sent.push_back((job_id.into(), None));
         true
+    }
+
+    /// The sequence number of the last line stored for `job_id`, if it was sent to this scope.
+    fn last_line(&mut self, job_id: &str) -> Option<&mut Option<u64>> {
+        self.sent.iter_mut().rev().find(|(id, _)| &**id == job_id).map(|(_, last)| last)
     }
 }
 

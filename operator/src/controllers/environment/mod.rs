@@ -25,7 +25,9 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
-use stagely_api::v1alpha1::{BuildJob, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project};
+use stagely_api::v1alpha1::{
+    BuildJob, BuildJobPhase, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project,
+};
 
 use self::plan::{ConfigState, Observed};
 use crate::controllers::events::Recorder;
@@ -232,15 +234,23 @@ fn slim_job(job: &mut BuildJob) {
     if let Some(annotations) = &mut job.metadata.annotations {
         annotations.retain(|key, _| key == keys::CANCEL);
     }
+    job.metadata.finalizers = None;
+    job.metadata.creation_timestamp = None;
     let spec = &mut job.spec;
     spec.build_args = Default::default();
     spec.cache_from = Vec::new();
     spec.cache_to = None;
     spec.context = String::new();
     spec.dockerfile = String::new();
+    spec.repository = String::new();
+    spec.timeout = String::new();
     if let Some(status) = &mut job.status {
         status.conditions = Vec::new();
         status.vm = None;
+        // The message is read only to say why a build failed or waits.
+        if !matches!(status.phase, Some(BuildJobPhase::Failed | BuildJobPhase::Queued)) {
+            status.message = None;
+        }
     }
 }
 
