@@ -1,10 +1,11 @@
 //! The route records the edge proxy serves from: written to Redis at `route:<hash>` and
 //! announced on `stagely:routes` after every change, so proxies drop their cached copy at once.
 //!
-//! The last record written for each hash is remembered, so a reconcile that finds nothing new
-//! costs no Redis round trip; after a restart every route is written once again.
+//! A digest of the last record written for each hash is remembered, so a reconcile that finds
+//! nothing new costs no Redis round trip; after a restart every route is written once again.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 
 use redis::aio::ConnectionManager;
@@ -31,7 +32,8 @@ pub enum RouteError {
 /// Route records in Redis.
 pub struct Routes {
     conn: ConnectionManager,
-    written: Mutex<HashMap<String, Route>>,
+    /// A digest of the record last written, by hash (not the record: thousands of them add up).
+    written: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -48,18 +50,21 @@ impl Routes {
         Ok(Self { conn, written: Mutex::new(HashMap::new()) })
     }
 
-    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes `route` for `hash` and publishes the change, unless this exact record was the last
     /// one written.
     pub async fn write(&self, hash: &str, route: &Route) -> Result<(), RouteError> {
-        if self.written().get(hash) == Some(route) {
-            return Ok(());
-        }
         // A plain struct of strings and numbers always serializes.
         let json = serde_json::to_string(route).unwrap_or_default();
+        let mut hasher = DefaultHasher::new();
+        json.hash(&mut hasher);
+        let digest = hasher.finish();
+        if self.written().get(hash) == Some(&digest) {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.atomic().set(route_key(hash), json).ignore().publish(ROUTE_CHANNEL, hash).ignore();
         let mut conn = self.conn.clone();
@@ -68,7 +73,7 @@ impl Routes {
             hash: hash.to_owned(),
             source,
         })?;
-        self.written().insert(hash.to_owned(), route.clone());
+        self.written().insert(hash.to_owned(), digest);
         Ok(())
     }
 
