@@ -872,6 +872,8 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .arg(dir.join("source"))
         .arg("--local-state-dir")
         .arg(dir.join("local"))
+        // The bench's CloudProviders are `local` ones whose provider the fake cloud supplies.
+        .arg("--allow-local-provider")
         .env("KUBECONFIG", &kubeconfig)
         .env(CLOUD_URL_ENV, &cloud_url)
         .stdin(Stdio::null())

@@ -100,6 +100,7 @@ async fn setup(namespace: &str) -> Client {
         hetzner: Some(clouds().hetzner.url.clone()),
         local_agent_bin: "/bin/true".into(),
         local_state_dir: std::env::temp_dir().join("stagely-cloudprovider-test"),
+        allow_local: true,
         ..Endpoints::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), endpoints));
