@@ -27,6 +27,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use stagely_api::backoff::Backoff;
 use stagely_api::keys::MANAGER_OPERATOR;
 use stagely_api::v1alpha1::{CloudProvider, Environment, LocalObjectRef, Project, ProjectStatus};
 
@@ -53,7 +54,7 @@ pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
 const GITHUB_KEYS_NEEDED: &str = "it needs webhookSecret, and either token or appId, installationId and privateKey";
 const APP_KEYS: [&str; 3] = ["appId", "installationId", "privateKey"];
 
-/// Backoff after a failed reconcile: doubled on each failure in a row, up to the maximum.
+/// Backoff after a failed reconcile: growing with each failure in a row, up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
@@ -177,7 +178,7 @@ struct State {
     /// The Ready condition last written for each Project (by UID). The store may not show it yet
     /// when the next reconcile comes, and the transition must not be announced twice.
     reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
-    failures: Mutex<HashMap<ObjectRef<Project>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<Project>, Backoff>>,
 }
 
 /// What the controller found about one Project's references.
@@ -408,9 +409,9 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
 
 fn error_policy(project: Arc<Project>, err: &Error, state: Arc<State>) -> Action {
     let mut failures = state.failures.lock().unwrap_or_else(|e| e.into_inner());
-    let count = failures.entry(ObjectRef::from_obj(&*project)).or_default();
-    *count = count.saturating_add(1);
-    let delay = RETRY_FIRST.saturating_mul(2u32.saturating_pow(*count - 1)).min(RETRY_MAX);
+    let backoff =
+        failures.entry(ObjectRef::from_obj(&*project)).or_insert_with(|| Backoff::new(RETRY_FIRST, RETRY_MAX));
+    let delay = backoff.next_delay();
     tracing::warn!(namespace = ?project.namespace(), name = %project.name_any(), error = %err, retry_in = ?delay, "project reconcile failed");
     Action::requeue(delay)
 }
