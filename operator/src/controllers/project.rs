@@ -171,14 +171,20 @@ struct State {
     projects: Store<Project>,
     providers: Store<CloudProvider>,
     secrets: Store<PartialObjectMeta<Secret>>,
-    /// The key names (with a value) of each GitHub credentials Secret read, by the
-    /// `resourceVersion` read: read again only when the watch shows another version.
-    key_names: Mutex<HashMap<ObjectRef<Secret>, (String, Vec<String>)>>,
+    /// The key names of each GitHub credentials Secret read: read again only when the watch
+    /// shows another version.
+    key_names: Mutex<HashMap<ObjectRef<Secret>, KeyNames>>,
     environments: Store<Member>,
     /// The Ready condition last written for each Project (by UID). The store may not show it yet
     /// when the next reconcile comes, and the transition must not be announced twice.
     reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
     failures: Mutex<HashMap<ObjectRef<Project>, Backoff>>,
+}
+
+/// The names of a Secret's keys with a value, as read at one `resourceVersion`.
+struct KeyNames {
+    version: String,
+    keys: Vec<String>,
 }
 
 /// What the controller found about one Project's references.
@@ -427,18 +433,18 @@ async fn github_key_names(
 ) -> Result<Option<Vec<String>>, kube::Error> {
     let key = ObjectRef::new(name).within(namespace);
     let version = meta.metadata.resource_version.clone().unwrap_or_default();
-    if let Some((read, keys)) = state.key_names.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
-        && *read == version
+    if let Some(known) = state.key_names.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        && known.version == version
     {
-        return Ok(Some(keys.clone()));
+        return Ok(Some(known.keys.clone()));
     }
     let Some(secret) = Api::<Secret>::namespaced(state.ctx.client.clone(), namespace).get_opt(name).await? else {
         state.key_names.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         return Ok(None);
     };
-    let read = secret.metadata.resource_version.clone().unwrap_or_default();
+    let version = secret.metadata.resource_version.clone().unwrap_or_default();
     let keys = key_names(secret);
-    state.key_names.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (read, keys.clone()));
+    state.key_names.lock().unwrap_or_else(|e| e.into_inner()).insert(key, KeyNames { version, keys: keys.clone() });
     Ok(Some(keys))
 }
 
