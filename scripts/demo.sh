@@ -327,6 +327,7 @@ up() {
     --registry-token-cert-file "$demo_dir/registry/token.crt" \
     --local-agent-bin "$target_dir/stagely-agent" \
     --local-state-dir "$demo_dir/local" \
+    --allow-local-provider \
     --source-cache-dir "$demo_dir/source" \
     --vm-check-interval-secs 5
   wait_until "the operator's /healthz" 60 healthy "$operator_ops_port"

@@ -16,6 +16,7 @@ use http::HeaderValue;
 use http::uri::Authority;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use stagely_api::backoff::Backoff;
 use stagely_api::route::{ROUTE_CHANNEL, Route, route_key};
 use tokio::sync::watch;
 
@@ -221,7 +222,7 @@ impl RouteTable {
 
     /// Follows [`ROUTE_CHANNEL`] until `shutdown` turns true, reconnecting with backoff.
     pub async fn follow_invalidations(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let followed = tokio::select! {
                 result = self.follow_once() => result,
@@ -231,15 +232,14 @@ impl RouteTable {
             match followed {
                 Ok(()) => {
                     tracing::warn!("the route invalidation subscription ended; reconnecting");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
                 Err(err) => tracing::warn!(%err, "failed to subscribe to route invalidations; retrying"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = crate::stopped(&mut shutdown) => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

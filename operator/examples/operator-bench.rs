@@ -55,6 +55,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::{Deserialize, Serialize};
+use stagely_api::backoff::Backoff;
 use stagely_api::protocol::{
     CAPABILITY_TEST, ErrorCode, Heartbeat, Hello, JobState, Message, PortMapping, ServiceStatus, Status, SystemInfo,
 };
@@ -439,7 +440,7 @@ enum Ended {
 /// exponential backoff and jitter, when it cannot connect or the gateway asks it to.
 async fn simulated_agent(stats: Arc<AgentStats>, boot: AgentBoot) {
     stats.started.fetch_add(1, Ordering::Relaxed);
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     for attempt in 0.. {
         match agent_session(&stats, &boot).await {
             Ok(Ended::Closed) => return,
@@ -452,9 +453,7 @@ async fn simulated_agent(stats: Arc<AgentStats>, boot: AgentBoot) {
             Err(_) => {}
         }
         stats.retried.fetch_add(1, Ordering::Relaxed);
-        let jitter = Duration::from_millis(now_ms() % 100);
-        tokio::time::sleep(delay + jitter).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -872,6 +871,8 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .arg(dir.join("source"))
         .arg("--local-state-dir")
         .arg(dir.join("local"))
+        // The bench's CloudProviders are `local` ones whose provider the fake cloud supplies.
+        .arg("--allow-local-provider")
         .env("KUBECONFIG", &kubeconfig)
         .env(CLOUD_URL_ENV, &cloud_url)
         .stdin(Stdio::null())

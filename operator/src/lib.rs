@@ -114,6 +114,11 @@ pub struct CloudsConfig {
     /// Where `local` CloudProviders keep their agents' state.
     #[arg(long, env = "STAGELY_LOCAL_STATE_DIR", default_value = "/var/lib/stagely/local")]
     pub local_state_dir: std::path::PathBuf,
+
+    /// Allows `local` CloudProviders, whose "VMs" are processes on the operator's host: for demos
+    /// and tests only. Off, a `local` CloudProvider is not Ready and no VM is started through it.
+    #[arg(long, env = "STAGELY_ALLOW_LOCAL_PROVIDER")]
+    pub allow_local_provider: bool,
 }
 
 impl Config {
@@ -150,6 +155,7 @@ impl CloudsConfig {
             local_agent_bin: self.local_agent_bin.clone(),
             local_state_dir: self.local_state_dir.clone(),
             local_env: Default::default(),
+            allow_local: self.allow_local_provider,
             factory: None,
         }
     }

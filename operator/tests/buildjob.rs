@@ -102,6 +102,7 @@ impl Harness {
             local_agent_bin: agent_bin(),
             local_state_dir: dir.path().join("instances"),
             local_env: env,
+            allow_local: true,
             ..Endpoints::default()
         };
 

@@ -1,6 +1,6 @@
 //! The CloudProvider controller against a real kube-apiserver (testenv) and moto's EC2 with IAM
-//! authentication switched on: Ready follows the credentials Secret, and no credential reaches
-//! the status, an event or a log line.
+//! authentication switched on: Ready follows the credentials Secret, no credential reaches the
+//! status, an event or a log line, and no Secret's data reaches the controller but the one it reads.
 
 #[allow(dead_code)]
 #[path = "support/digitalocean_fake.rs"]
@@ -13,6 +13,8 @@ mod logs;
 #[allow(dead_code)]
 #[path = "support/prism.rs"]
 mod prism;
+#[path = "support/tap.rs"]
+mod tap;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -89,6 +91,12 @@ fn clouds() -> &'static Clouds {
 
 /// A namespace of its own, and the controller running against the control plane.
 async fn setup(namespace: &str) -> Client {
+    setup_with(namespace, |client| client).await
+}
+
+/// A namespace of its own, and the controller running against the control plane with the client
+/// `controller_client` makes of an admin client.
+async fn setup_with(namespace: &str, controller_client: impl FnOnce(Client) -> Client) -> Client {
     logs::capture();
     let client = plane().client().await.expect("client");
     let ns =
@@ -100,9 +108,10 @@ async fn setup(namespace: &str) -> Client {
         hetzner: Some(clouds().hetzner.url.clone()),
         local_agent_bin: "/bin/true".into(),
         local_state_dir: std::env::temp_dir().join("stagely-cloudprovider-test"),
+        allow_local: true,
         ..Endpoints::default()
     };
-    let ctx = Arc::new(Context::new(client.clone(), endpoints));
+    let ctx = Arc::new(Context::new(controller_client(client.clone()), endpoints));
     // Each test has its own runtime; the controller lives as long as the test does.
     tokio::spawn(cloudprovider::run(ctx, std::future::pending()));
     client
@@ -279,4 +288,38 @@ async fn digitalocean_and_hetzner_tokens_are_checked_too() {
         let status = serde_json::to_string(&providers.get(type_).await.unwrap().status).unwrap();
         assert!(!status.contains(&token) && !status.contains("good-token"), "status leaks the token: {status}");
     }
+}
+
+/// Secrets reach the controller by their metadata only: the watch brings every Secret's name and
+/// none of their data (an unrelated Secret's value never arrives at all), and the one credentials
+/// Secret a check uses is read by name.
+#[tokio::test]
+async fn secrets_are_watched_by_metadata_and_credentials_read_by_name() {
+    let tap = tap::Tap::default();
+    let client = setup_with("cp-tap", |client| tap.client(client)).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), "cp-tap");
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-tap");
+    let unrelated = "unrelated-value-not-for-the-operator-42";
+    let key_id = "AKIA-credential-read-by-name-0123";
+    secrets.create(&PostParams::default(), &secret("unrelated", &[("password", unrelated)])).await.unwrap();
+    secrets.create(&PostParams::default(), &secret("creds", &[("accessKeyId", key_id)])).await.unwrap();
+    providers.create(&PostParams::default(), &aws_provider("aws", "creds")).await.unwrap();
+
+    let read = |r: &tap::Recorded| tap::secret_read(r, "cp-tap", "creds");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tap.assert_never_carried(unrelated, |_| false);
+        tap.assert_never_carried(key_id, read);
+        let watched = tap.carried(tap::secrets_list_or_watch, "\"name\":\"unrelated\"");
+        let used = tap.carried(read, key_id);
+        if watched && used {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the unrelated Secret was watched: {watched}; creds read by name: {used}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (reason, _, _) = wait_ready(&providers, "aws", "False").await;
+    assert_eq!(reason, "SecretIncomplete");
+    tap.assert_never_carried(unrelated, |_| false);
+    tap.assert_never_carried(key_id, read);
 }

@@ -1,13 +1,21 @@
 //! The local provider: instances are real `stagely-agent` processes started with the
-//! configuration their cloud-init user data carries.
+//! configuration their cloud-init user data carries; and the operator binary refuses it unless
+//! started with `--allow-local-provider`.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
+#[path = "support/stack.rs"]
+mod stack;
 
 use std::time::{Duration, Instant};
 
 use agent_support::agent_bin;
-use stagely_api::v1alpha1::{ContainerEngine, Platform, Size};
+use kube::api::{Api, PostParams};
+use stack::{InstanceWatch, STEP_TIMEOUT, Stack, condition, wait_env};
+use stagely_api::v1alpha1::{
+    BuildJob, BuildJobPhase, CloudProvider as CloudProviderObject, ContainerEngine, Environment, Platform, Size,
+    find_condition,
+};
 use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
 use stagely_operator::providers::local::{Local, LocalSettings};
 use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
@@ -143,4 +151,48 @@ async fn an_agent_without_its_gateway_stops_itself_not_the_host() {
     }
     assert!(local.list().await.unwrap().is_empty(), "a stopped agent is not a running instance");
     local.terminate("env-3").await.unwrap();
+}
+
+/// The operator binary started without `--allow-local-provider` (the default): a `local`
+/// CloudProvider is not Ready and names the flag, and an Environment on it gets no VM and says why.
+#[tokio::test]
+async fn the_operator_refuses_the_local_provider_unless_started_with_the_flag() {
+    const FLAG: &str = "--allow-local-provider";
+    let stack = Stack::shared();
+    let _operator = stack.operator_with(false);
+    let ns = "local-refused";
+    let repo = stack.dir.path().join("repos").join(ns);
+    let sha = stack::single_repo(&repo, "FROM scratch\nCOPY busybox /bin/busybox\n");
+    let watch = InstanceWatch::start(stack.local_dir(ns));
+    stack.namespace(ns, &repo, 2).await;
+    let client = stack.client().await;
+
+    let providers = Api::<CloudProviderObject>::namespaced(client.clone(), ns);
+    let ready =
+        stagely_testenv::server::eventually("the local CloudProvider's Ready condition", STEP_TIMEOUT, || async {
+            let provider = providers.get("local").await.ok()?;
+            find_condition(&provider.status?.conditions, "Ready").cloned()
+        })
+        .await;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "LocalProviderNotAllowed"), "{ready:?}");
+    assert!(ready.message.contains(FLAG), "{}", ready.message);
+
+    let envs = Api::<Environment>::namespaced(client.clone(), ns);
+    envs.create(&PostParams::default(), &stack::environment("pr-1", 1, &sha)).await.unwrap();
+    let env = wait_env(&envs, "pr-1", "the Environment to say why its build waits", STEP_TIMEOUT, |env| {
+        condition(env, "BuildsSucceeded").is_some_and(|(_, _, message)| message.contains(FLAG))
+    })
+    .await;
+    let (status, _, message) = condition(&env, "BuildsSucceeded").unwrap();
+    assert_eq!(status, "False", "{message}");
+    let jobs = stack::jobs_of(&Api::<BuildJob>::namespaced(client, ns), "pr-1").await;
+    assert!(!jobs.is_empty());
+    for job in &jobs {
+        let status = job.status.clone().unwrap_or_default();
+        assert_eq!(status.phase, Some(BuildJobPhase::Queued), "{status:?}");
+        assert!(status.message.as_deref().is_some_and(|m| m.contains(FLAG)), "{status:?}");
+        assert!(status.vm.is_none(), "{status:?}");
+    }
+    assert!(watch.seen().is_empty(), "a VM was started: {:?}", watch.seen());
+    assert!(stack::instances(&stack.local_dir(ns)).is_empty());
 }

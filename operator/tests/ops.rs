@@ -13,6 +13,14 @@ fn config_has_defaults_and_rejects_a_bad_address_clearly() {
 }
 
 #[test]
+fn the_local_provider_is_off_unless_the_flag_allows_it() {
+    let config = Config::try_parse_from(["stagely-operator"]).unwrap();
+    assert!(!config.clouds.endpoints().allow_local, "off by default");
+    let config = Config::try_parse_from(["stagely-operator", "--allow-local-provider"]).unwrap();
+    assert!(config.clouds.endpoints().allow_local);
+}
+
+#[test]
 fn metrics_carry_the_binary_prefix() {
     let metrics = Metrics::default();
     metrics

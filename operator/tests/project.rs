@@ -1,10 +1,13 @@
 //! The Project controller against a real kube-apiserver (testenv): Ready goes through each reason
 //! as the CloudProvider, its readiness, the GitHub credentials Secret and the `secretRefs`
 //! Secrets come, break and are fixed; `status.environments` follows the Environments; transitions
-//! are events; and no Secret value reaches the status, an event or a log line.
+//! are events; no Secret value reaches the status, an event or a log line; and no Secret's data
+//! reaches the controller but its GitHub credentials Secret's, read by name.
 
 #[path = "support/logs.rs"]
 mod logs;
+#[path = "support/tap.rs"]
+mod tap;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -24,6 +27,12 @@ fn plane() -> &'static ControlPlane {
     stagely_testenv::shared(|| Options { crds: stagely_api::crds(), ..Options::default() })
 }
 
+/// What the controller's client received.
+fn tapped() -> &'static tap::Tap {
+    static TAP: OnceLock<tap::Tap> = OnceLock::new();
+    TAP.get_or_init(tap::Tap::default)
+}
+
 /// The controller, once per test binary (two would both announce each transition), on a
 /// runtime of its own that outlives each test's; and the metrics it counts into.
 fn controller() -> &'static Metrics {
@@ -35,7 +44,7 @@ fn controller() -> &'static Metrics {
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
-                let client = plane().client().await.expect("client");
+                let client = tapped().client(plane().client().await.expect("client"));
                 let ctx = Arc::new(Context::new(client, counted));
                 started.send(()).unwrap();
                 project::run(ctx, std::future::pending()).await;
@@ -345,4 +354,47 @@ async fn environments_are_counted_and_events_come_on_transitions_only() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(event_counts(&client, ns).await.get("CloudProviderNotFound"), Some(&3));
+}
+
+/// Secrets reach the controller by their metadata only: the watch brings every Secret's name and
+/// none of their data (an unrelated Secret's value never arrives at all), and the GitHub
+/// credentials Secret is read by name for its key names.
+#[tokio::test]
+async fn secrets_are_watched_by_metadata_and_the_github_secret_read_by_name() {
+    let (client, _) = setup("project-tap").await;
+    let tap = tapped();
+    let secrets = Api::<Secret>::namespaced(client.clone(), "project-tap");
+    let projects = Api::<Project>::namespaced(client.clone(), "project-tap");
+    let unrelated = "unrelated-value-not-for-the-operator-42";
+    let token = "ghp-token-read-by-name-only-0123";
+    secrets.create(&PostParams::default(), &secret("unrelated", &[("password", unrelated)])).await.unwrap();
+    let github = secret("github", &[("token", token), ("webhookSecret", "whsec")]);
+    secrets.create(&PostParams::default(), &github).await.unwrap();
+    projects.create(&PostParams::default(), &project("shop", &[])).await.unwrap();
+
+    let read = |r: &tap::Recorded| tap::secret_read(r, "project-tap", "github");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tap.assert_never_carried(unrelated, |_| false);
+        tap.assert_never_carried(token, read);
+        let watched = tap.carried(tap::secrets_list_or_watch, "\"name\":\"unrelated\"");
+        let used = tap.carried(read, token);
+        if watched && used {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the unrelated Secret was watched: {watched}; github read by name: {used}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The CloudProvider is missing, and nothing else: the Secret's key names were read.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, message) = wait_reason(&projects, "shop", "CloudProviderNotFound").await;
+        if message == "CloudProvider project-tap/cloud (spec.cloudProviderRef) not found" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{message}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tap.assert_never_carried(unrelated, |_| false);
+    tap.assert_never_carried(token, read);
 }

@@ -3,6 +3,8 @@
 //! carrying Stagely's tags, and checks again whenever the credentials Secret changes.
 //!
 //! Credentials are read, used and dropped: they never reach a log line, an event or the status.
+//! Secrets are watched by their metadata only (a change is all the watch needs to see), so no
+//! Secret's data is held here; a check reads its one credentials Secret with a targeted GET.
 //! Messages come from [`AccountError`] and [`ProviderError`](crate::providers::ProviderError),
 //! which carry the provider's answer, never what was sent.
 
@@ -13,6 +15,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 
@@ -175,13 +178,13 @@ fn error_policy(object: Arc<CloudProvider>, err: &Error, _ctx: Arc<Context>) -> 
 }
 
 /// Runs the controller until `shutdown` resolves: every CloudProvider, re-checked when its
-/// credentials Secret changes.
+/// credentials Secret changes (seen through a metadata-only watch: no Secret's data comes here).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let controller = Controller::new(Api::<CloudProvider>::all(client.clone()), watcher::Config::default());
     let store = controller.store();
     controller
-        .watches(Api::<Secret>::all(client), watcher::Config::default(), move |secret| {
+        .watches(Api::<PartialObjectMeta<Secret>>::all(client), watcher::Config::default(), move |secret| {
             let namespace = secret.namespace();
             let name = secret.name_any();
             store

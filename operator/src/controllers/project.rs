@@ -4,19 +4,21 @@
 //!
 //! Everything it reads comes from watches, each feeding a store and waking the Projects that
 //! refer to what changed, so a fix (creating the missing Secret, the CloudProvider turning
-//! Ready) shows within a moment and nothing polls. The Secrets store keeps key names only: no
-//! Secret value stays in the controller's memory, and none reaches a log line, an event or the
-//! status. Whether GitHub accepts the credentials is not checked here.
+//! Ready) shows within a moment and nothing polls. Secrets are watched by their metadata only, so
+//! no Secret's data comes to the controller from the watch; the key names of a Project's GitHub
+//! credentials Secret are read with a targeted GET when that Secret changed, and only the names
+//! are kept. No Secret value reaches a log line, an event or the status. Whether GitHub accepts
+//! the credentials is not checked here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, applier, trigger_self, trigger_with};
 use kube::runtime::events::{Event, EventType, Reporter};
 
@@ -25,6 +27,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use stagely_api::backoff::Backoff;
 use stagely_api::keys::MANAGER_OPERATOR;
 use stagely_api::v1alpha1::{CloudProvider, Environment, LocalObjectRef, Project, ProjectStatus};
 
@@ -51,7 +54,7 @@ pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
 const GITHUB_KEYS_NEEDED: &str = "it needs webhookSecret, and either token or appId, installationId and privateKey";
 const APP_KEYS: [&str; 3] = ["appId", "installationId", "privateKey"];
 
-/// Backoff after a failed reconcile: doubled on each failure in a row, up to the maximum.
+/// Backoff after a failed reconcile: growing with each failure in a row, up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
@@ -85,6 +88,18 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// Reading the GitHub credentials Secret's key names failed.
+    #[error("failed to read Secret {namespace}/{secret} of Project {namespace}/{name}: {source}")]
+    Secret {
+        /// The Project's namespace.
+        namespace: String,
+        /// The Project.
+        name: String,
+        /// The Secret.
+        secret: String,
+        /// The API error.
+        source: kube::Error,
+    },
     /// A watch the controller reads from stopped, so what it knows cannot be trusted.
     #[error("failed to read the objects Project {namespace}/{name} refers to: a watch stopped")]
     WatchStopped {
@@ -100,6 +115,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Status { .. } => "StatusFailed",
+            Self::Secret { .. } => "SecretReadFailed",
             Self::WatchStopped { .. } => "WatchStopped",
         }
     }
@@ -154,12 +170,21 @@ struct State {
     ctx: Arc<Context>,
     projects: Store<Project>,
     providers: Store<CloudProvider>,
-    secrets: Store<Secret>,
+    secrets: Store<PartialObjectMeta<Secret>>,
+    /// The key names of each GitHub credentials Secret read: read again only when the watch
+    /// shows another version.
+    key_names: Mutex<HashMap<ObjectRef<Secret>, KeyNames>>,
     environments: Store<Member>,
     /// The Ready condition last written for each Project (by UID). The store may not show it yet
     /// when the next reconcile comes, and the transition must not be announced twice.
     reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
-    failures: Mutex<HashMap<ObjectRef<Project>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<Project>, Backoff>>,
+}
+
+/// The names of a Secret's keys with a value, as read at one `resourceVersion`.
+struct KeyNames {
+    version: String,
+    keys: Vec<String>,
 }
 
 /// What the controller found about one Project's references.
@@ -306,10 +331,16 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
     let spec = &project.spec;
     let provider = state.providers.get(&ObjectRef::new(&spec.cloud_provider_ref.name).within(&namespace));
     let secret = |name: &str| state.secrets.get(&ObjectRef::new(name).within(&namespace));
-    let github = secret(&spec.github.credentials_secret_ref.name);
+    let github_name = &spec.github.credentials_secret_ref.name;
+    let github = match secret(github_name) {
+        Some(meta) => github_key_names(state, &namespace, github_name, &meta).await.map_err(|source| {
+            Error::Secret { namespace: namespace.clone(), name: name.clone(), secret: github_name.clone(), source }
+        })?,
+        None => None,
+    };
     let observed = Observed {
         provider: provider.as_deref(),
-        github_keys: github.as_ref().map(|s| s.data.iter().flatten().map(|(k, _)| k.as_str()).collect()),
+        github_keys: github.as_ref().map(|keys| keys.iter().map(String::as_str).collect()),
         missing_secrets: spec.secret_refs.iter().map(|r| r.name.as_str()).filter(|n| secret(n).is_none()).collect(),
     };
     let found = readiness(project, &observed);
@@ -384,20 +415,48 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
 
 fn error_policy(project: Arc<Project>, err: &Error, state: Arc<State>) -> Action {
     let mut failures = state.failures.lock().unwrap_or_else(|e| e.into_inner());
-    let count = failures.entry(ObjectRef::from_obj(&*project)).or_default();
-    *count = count.saturating_add(1);
-    let delay = RETRY_FIRST.saturating_mul(2u32.saturating_pow(*count - 1)).min(RETRY_MAX);
+    let backoff =
+        failures.entry(ObjectRef::from_obj(&*project)).or_insert_with(|| Backoff::new(RETRY_FIRST, RETRY_MAX));
+    let delay = backoff.next_delay();
     tracing::warn!(namespace = ?project.namespace(), name = %project.name_any(), error = %err, retry_in = ?delay, "project reconcile failed");
     Action::requeue(delay)
 }
 
-/// Keeps the names of a Secret's keys with a value, and nothing else: no value, no annotation
-/// (`kubectl apply` copies the whole Secret into one).
-fn key_names_only(secret: &mut Secret) {
-    let keys = secret.data.take().unwrap_or_default().into_iter().filter(|(_, v)| !v.0.is_empty());
-    secret.data = Some(keys.map(|(k, _)| (k, ByteString(Vec::new()))).collect());
-    secret.string_data = None;
+/// The names of the keys with a value of the Secret `meta` describes: remembered from the last
+/// read of the same `resourceVersion`, else read with a GET (the values are dropped at once).
+/// `None` if the Secret is gone.
+async fn github_key_names(
+    state: &State,
+    namespace: &str,
+    name: &str,
+    meta: &PartialObjectMeta<Secret>,
+) -> Result<Option<Vec<String>>, kube::Error> {
+    let key = ObjectRef::new(name).within(namespace);
+    let version = meta.metadata.resource_version.clone().unwrap_or_default();
+    if let Some(known) = state.key_names.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        && known.version == version
+    {
+        return Ok(Some(known.keys.clone()));
+    }
+    let Some(secret) = Api::<Secret>::namespaced(state.ctx.client.clone(), namespace).get_opt(name).await? else {
+        state.key_names.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        return Ok(None);
+    };
+    let version = secret.metadata.resource_version.clone().unwrap_or_default();
+    let keys = key_names(secret);
+    state.key_names.lock().unwrap_or_else(|e| e.into_inner()).insert(key, KeyNames { version, keys: keys.clone() });
+    Ok(Some(keys))
+}
+
+/// The names of a Secret's keys with a value; the Secret, values and all, is dropped.
+fn key_names(secret: Secret) -> Vec<String> {
+    secret.data.unwrap_or_default().into_iter().filter(|(_, v)| !v.0.is_empty()).map(|(k, _)| k).collect()
+}
+
+/// Keeps what the Secrets store needs of a Secret's metadata: its name and version.
+fn strip_secret(secret: &mut PartialObjectMeta<Secret>) {
     secret.metadata.annotations = None;
+    secret.metadata.labels = None;
     secret.metadata.managed_fields = None;
 }
 
@@ -448,7 +507,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let config = watcher::Config::default();
     let (projects, projects_writer) = reflector::store::<Project>();
     let (providers, providers_writer) = reflector::store::<CloudProvider>();
-    let (secrets, secrets_writer) = reflector::store::<Secret>();
+    let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let (environments, environments_writer) = reflector::store::<Member>();
 
     // One watch per kind feeds both its store and the triggers, so a reconcile always sees at
@@ -483,9 +542,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         let projects = projects.clone();
         let stream = reflector(
             secrets_writer,
-            watcher(Api::<Secret>::all(client.clone()), config.clone()).modify(key_names_only).default_backoff(),
+            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), config.clone())
+                .modify(strip_secret)
+                .default_backoff(),
         );
-        trigger_with(stream.touched_objects(), move |secret: Secret| {
+        trigger_with(stream.touched_objects(), move |secret: PartialObjectMeta<Secret>| {
             let name = secret.name_any();
             projects_referring(&projects, secret.namespace(), |p| {
                 p.spec.github.credentials_secret_ref.name == name || p.spec.secret_refs.iter().any(|r| r.name == name)
@@ -523,6 +584,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         projects: projects.clone(),
         providers,
         secrets,
+        key_names: Mutex::default(),
         environments,
         reported: Mutex::default(),
         failures: Mutex::default(),
@@ -680,17 +742,13 @@ mod tests {
     }
 
     #[test]
-    fn the_secrets_store_keeps_key_names_only() {
-        let mut secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "gh", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"token\":\"s3cret\"}"}},
-            "data": {"token": "czNjcmV0", "empty": ""},
+    fn only_the_names_of_keys_with_a_value_are_kept() {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "gh"},
+            "data": {"token": "czNjcmV0", "empty": "", "webhookSecret": "d2g="},
         }))
         .unwrap();
-        key_names_only(&mut secret);
-        assert_eq!(
-            serde_json::to_string(&secret).unwrap(),
-            r#"{"apiVersion":"v1","kind":"Secret","data":{"token":""},"metadata":{"name":"gh"}}"#
-        );
+        assert_eq!(key_names(secret), ["token", "webhookSecret"]);
     }
 
     #[test]

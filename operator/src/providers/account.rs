@@ -39,6 +39,10 @@ pub struct Endpoints {
     pub local_state_dir: PathBuf,
     /// Extra environment for local agents.
     pub local_env: BTreeMap<String, String>,
+    /// Whether `local` CloudProviders may be used at all (`--allow-local-provider`): their
+    /// "VMs" are processes on the operator's host, right for the demo and tests only. Off, each is
+    /// refused with [`AccountError::LocalNotAllowed`] and no instance is ever started through it.
+    pub allow_local: bool,
     /// Consulted before the built-in types (tests and benchmarks only; see [`ProviderFactory`]).
     pub factory: Option<Arc<dyn ProviderFactory>>,
 }
@@ -81,6 +85,12 @@ pub enum AccountError {
         /// The API error.
         source: kube::Error,
     },
+    /// A `local` CloudProvider, and the operator was not started with `--allow-local-provider`.
+    #[error(
+        "the local provider is off: its VMs would be processes on the operator's host; start the \
+         operator with --allow-local-provider (STAGELY_ALLOW_LOCAL_PROVIDER=true), for demos and tests only"
+    )]
+    LocalNotAllowed,
     /// The provider refused the configuration.
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -94,6 +104,7 @@ impl AccountError {
             AccountError::MissingKey { .. } => "SecretIncomplete",
             AccountError::MissingField(_) => "InvalidSpec",
             AccountError::Kube { .. } => "SecretUnreadable",
+            AccountError::LocalNotAllowed => "LocalProviderNotAllowed",
             AccountError::Provider(err) => provider_reason(err),
         }
     }
@@ -151,12 +162,16 @@ async fn credentials(client: &Client, object: &CloudProviderObject) -> Result<Cr
     Ok(Credentials { data, namespace, name })
 }
 
-/// The provider `object` describes, with its credentials read from its Secret.
+/// The provider `object` describes, with its credentials read from its Secret. Every path to a
+/// VM goes through here, so a `local` provider the operator does not allow is refused here.
 pub async fn connect(
     client: &Client,
     object: &CloudProviderObject,
     endpoints: &Endpoints,
 ) -> Result<Arc<dyn CloudProvider>, AccountError> {
+    if object.spec.type_ == ProviderType::Local && !endpoints.allow_local {
+        return Err(AccountError::LocalNotAllowed);
+    }
     if let Some(provider) = endpoints.factory.as_ref().and_then(|factory| factory.provider(object)) {
         return Ok(provider);
     }

@@ -9,6 +9,7 @@ use aws_sdk_ec2::types::{
     Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType, MarketType,
     ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
 };
+use stagely_api::backoff::Backoff;
 use stagely_api::keys::cloud_tags;
 use stagely_api::protocol::Sensitive;
 use stagely_api::v1alpha1::{Platform, ProviderType, Size};
@@ -341,7 +342,7 @@ impl CloudProvider for Aws {
 /// Polls `aws` until the instance has a public address and runs, or `deadline` passes.
 pub async fn wait_until_ready(aws: &Aws, id: &str, deadline: Duration) -> Result<Instance, ProviderError> {
     let start = std::time::Instant::now();
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
         if let Some(instance) = aws.get(id).await?
             && instance.ready()
@@ -355,8 +356,7 @@ pub async fn wait_until_ready(aws: &Aws, id: &str, deadline: Duration) -> Result
                 message: format!("instance {id} had no public address after {deadline:?}"),
             });
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

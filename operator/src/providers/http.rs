@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
+use stagely_api::backoff::Backoff;
 use stagely_api::protocol::Sensitive;
 
 use super::ProviderError;
@@ -17,7 +18,7 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// The longest single wait, whatever the provider asks for.
     pub max_delay: Duration,
-    /// The first wait when the provider names none; it doubles on each retry.
+    /// The first wait when the provider names none; it grows on each retry ([`Backoff`]).
     pub base_delay: Duration,
 }
 
@@ -59,6 +60,7 @@ impl JsonApi {
     ) -> Result<Option<T>, ProviderError> {
         let url = format!("{}{path}", self.base_url);
         let mut attempt = 1;
+        let mut backoff = Backoff::new(self.retry.base_delay, self.retry.max_delay);
         loop {
             let mut request = self
                 .client
@@ -77,7 +79,7 @@ impl JsonApi {
                     tracing::warn!(provider = self.provider, %method, path, attempt, "still throttled; giving up");
                     return Err(ProviderError::Throttled { provider: self.provider });
                 }
-                let wait = throttle_delay(response.headers(), &self.retry, attempt);
+                let wait = throttle_delay(response.headers(), &self.retry, &mut backoff);
                 tracing::info!(provider = self.provider, %method, path, attempt, ?wait, "throttled; retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -155,9 +157,9 @@ fn error_text(body: &[u8]) -> (Option<String>, Option<String>) {
     (None, (!message.is_empty()).then(|| message.join("; ")))
 }
 
-/// How long to wait before retry `attempt` + 1: `Retry-After` (seconds or an HTTP date), else
-/// `RateLimit-Reset` (a Unix time, as both providers send it), else exponential backoff; capped.
-fn throttle_delay(headers: &HeaderMap, policy: &RetryPolicy, attempt: u32) -> Duration {
+/// How long to wait before the next retry: `Retry-After` (seconds or an HTTP date), else
+/// `RateLimit-Reset` (a Unix time, as both providers send it), else `backoff`'s next delay; capped.
+fn throttle_delay(headers: &HeaderMap, policy: &RetryPolicy, backoff: &mut Backoff) -> Duration {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     let now = SystemTime::now();
     let asked = header(RETRY_AFTER.as_str())
@@ -167,8 +169,7 @@ fn throttle_delay(headers: &HeaderMap, policy: &RetryPolicy, attempt: u32) -> Du
             let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
             Some(Duration::from_secs(reset.saturating_sub(now)))
         });
-    let backoff = policy.base_delay.saturating_mul(1 << attempt.saturating_sub(1).min(16));
-    asked.unwrap_or(backoff).min(policy.max_delay)
+    asked.unwrap_or_else(|| backoff.next_delay()).min(policy.max_delay)
 }
 
 /// The wait until an HTTP date such as `Wed, 21 Oct 2015 07:28:00 GMT`.
@@ -203,20 +204,27 @@ mod tests {
     fn throttling_waits_as_asked_within_the_cap() {
         let policy =
             RetryPolicy { max_attempts: 3, max_delay: Duration::from_secs(10), base_delay: Duration::from_secs(1) };
+        let mut backoff = Backoff::new(policy.base_delay, policy.max_delay);
         let mut headers = HeaderMap::new();
-        assert_eq!(throttle_delay(&headers, &policy, 1), Duration::from_secs(1));
-        assert_eq!(throttle_delay(&headers, &policy, 3), Duration::from_secs(4), "exponential without a hint");
+        let first = throttle_delay(&headers, &policy, &mut backoff);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1), "{first:?}");
+        throttle_delay(&headers, &policy, &mut backoff);
+        let third = throttle_delay(&headers, &policy, &mut backoff);
+        assert!(
+            third >= Duration::from_secs(2) && third <= Duration::from_secs(4),
+            "exponential without a hint: {third:?}"
+        );
         headers.insert(RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(throttle_delay(&headers, &policy, 1), Duration::from_secs(7));
+        assert_eq!(throttle_delay(&headers, &policy, &mut backoff), Duration::from_secs(7));
         headers.insert(RETRY_AFTER, "3600".parse().unwrap());
-        assert_eq!(throttle_delay(&headers, &policy, 1), Duration::from_secs(10), "capped");
+        assert_eq!(throttle_delay(&headers, &policy, &mut backoff), Duration::from_secs(10), "capped");
         headers.remove(RETRY_AFTER);
         let reset = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 5;
         headers.insert("ratelimit-reset", reset.to_string().parse().unwrap());
-        let wait = throttle_delay(&headers, &policy, 1);
+        let wait = throttle_delay(&headers, &policy, &mut backoff);
         assert!(wait <= Duration::from_secs(5) && wait >= Duration::from_secs(4), "{wait:?}");
         headers.remove("ratelimit-reset");
         headers.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
-        assert_eq!(throttle_delay(&headers, &policy, 2), Duration::ZERO, "a date in the past: go now");
+        assert_eq!(throttle_delay(&headers, &policy, &mut backoff), Duration::ZERO, "a date in the past: go now");
     }
 }

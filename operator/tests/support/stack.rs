@@ -96,8 +96,14 @@ impl Stack {
         self.dir.path().join("operator.log")
     }
 
-    /// Starts the operator binary against this stack; it dies with the test process.
+    /// Starts the operator binary against this stack, `local` CloudProviders allowed; it dies
+    /// with the test process.
     pub fn operator(&self) -> Operator {
+        self.operator_with(true)
+    }
+
+    /// Starts the operator binary against this stack, with `--allow-local-provider` or without.
+    pub fn operator_with(&self, allow_local: bool) -> Operator {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
         let ops_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
@@ -139,6 +145,9 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if allow_local {
+            command.arg("--allow-local-provider");
+        }
         let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
         let port = self.gateway_port;
         crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
