@@ -25,7 +25,7 @@ use kube::{Api, Client};
 /// How long an Event can gain a series (kube's `Recorder`, and client-go, use six minutes).
 const TTL: SignedDuration = SignedDuration::from_mins(6);
 /// Event keys remembered at most.
-pub const CAPACITY: usize = 4096;
+pub const CAPACITY: usize = 1024;
 
 /// What is kept of a recent Event: enough to count a repeat in its series.
 struct Recent {

@@ -161,7 +161,8 @@ pub struct TokenKeys {
     decoding: DecodingKey,
     agent_validation: Validation,
     logs_validation: Validation,
-    used: Mutex<HashMap<String, u64>>,
+    /// Used enrollment tokens: a digest of each id (16 bytes, not a string), with its expiry.
+    used: Mutex<HashMap<[u8; 16], u64>>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -246,7 +247,7 @@ impl TokenKeys {
             // Kept past expiry by a day, well beyond any leeway, so a token is never accepted twice.
             used.retain(|_, exp| exp.saturating_add(86_400) > now);
         }
-        if used.insert(claims.jti.clone(), claims.exp).is_some() {
+        if used.insert(jti_digest(&claims.jti), claims.exp).is_some() {
             return Err(TokenError::Replayed);
         }
         Ok(())
@@ -255,7 +256,7 @@ impl TokenKeys {
     /// Forgets that an enrollment token was used, when recording it elsewhere failed and the
     /// agent is told to retry.
     pub fn release(&self, claims: &AgentClaims) {
-        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&claims.jti);
+        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&jti_digest(&claims.jti));
     }
 
     /// The job id a log-read token grants.
@@ -267,6 +268,15 @@ impl TokenKeys {
                 _ => TokenError::Invalid,
             })
     }
+}
+
+/// The first 16 bytes of the SHA-256 of a token id: what is kept of a used token.
+fn jti_digest(jti: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(jti.as_bytes());
+    let mut first = [0; 16];
+    first.copy_from_slice(&digest[..16]);
+    first
 }
 
 fn unix_now() -> u64 {
