@@ -43,7 +43,8 @@ pub const CONTROLLER: &str = "stagely-environment-controller";
 /// How soon a transient problem (an unreachable repository, Redis down, a registry error) is
 /// looked at again.
 const RETRY: Duration = Duration::from_secs(15);
-/// How often an Environment is looked at without news, as a safety net behind the watches.
+/// How often an Environment is looked at without news, as a safety net behind the watches: a
+/// requeue while it is on its way, the resync sweep once it is Ready.
 const RESYNC: Duration = Duration::from_secs(600);
 /// How often deletion checks whether its BuildJobs are gone.
 const CLEANUP_POLL: Duration = Duration::from_secs(2);
@@ -405,6 +406,8 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
         _ if requeue.is_some() => Action::requeue(requeue.unwrap_or(RETRY)),
         // A run that cannot go on waits for a change; it is not retried in a loop.
         Some(EnvironmentPhase::Failed) => Action::await_change(),
+        // The resync sweep looks at it again.
+        Some(EnvironmentPhase::Ready) => Action::await_change(),
         _ => Action::requeue(RESYNC),
     })
 }
@@ -514,6 +517,48 @@ fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Actio
     }
 }
 
+/// Every Ready Environment, again once per `period`, spread evenly over it; the first look a
+/// period after the start. One sweep stands in for a timer per Ready Environment: each such timer
+/// keeps a copy of its object's reference in the controller's scheduler, and thousands of
+/// long-lived previews add up to megabytes. Between two looks only names are held.
+fn resync_sweep(
+    store: Store<Environment>,
+    period: Duration,
+) -> impl futures_util::Stream<Item = ObjectRef<Environment>> + Send {
+    struct Sweep {
+        store: Store<Environment>,
+        /// Namespace and name of those still to look at this round, the next last.
+        due: Vec<(Box<str>, Box<str>)>,
+        gap: Duration,
+        started: bool,
+    }
+    let sweep = Sweep { store, due: Vec::new(), gap: period, started: false };
+    futures_util::stream::unfold(sweep, move |mut sweep| async move {
+        loop {
+            if let Some((namespace, name)) = sweep.due.pop() {
+                tokio::time::sleep(sweep.gap).await;
+                return Some((ObjectRef::new(&name).within(&namespace), sweep));
+            }
+            if !sweep.started {
+                sweep.started = true;
+                tokio::time::sleep(period).await;
+            }
+            sweep.due = sweep
+                .store
+                .state()
+                .iter()
+                .filter(|env| env.status.as_ref().and_then(|s| s.phase) == Some(EnvironmentPhase::Ready))
+                .map(|env| (env.namespace().unwrap_or_default().into(), env.name_any().into()))
+                .collect();
+            if sweep.due.is_empty() {
+                tokio::time::sleep(period).await;
+                continue;
+            }
+            sweep.gap = period / u32::try_from(sweep.due.len()).unwrap_or(u32::MAX);
+        }
+    })
+}
+
 /// Runs the controller until `shutdown` resolves: every Environment, woken by its BuildJobs and
 /// by changes to its Project's spec. Projects and CloudProviders are read from watch caches.
 pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -608,6 +653,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         }
         None => futures_util::stream::empty().boxed(),
     };
+    let sweep = resync_sweep(environments.clone(), RESYNC);
     controller
         .owns_stream(job_events)
         .watches_stream(provider_events, |_: CloudProvider| std::iter::empty::<ObjectRef<Environment>>())
@@ -615,6 +661,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         .watches_stream(secret_events, by_secret)
         .reconcile_on(deploys)
         .reconcile_on(slots)
+        .reconcile_on(sweep)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, Arc::new(ctx))
         .for_each(|result| async move {
@@ -623,4 +670,64 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use futures_util::StreamExt;
+    use kube::runtime::watcher;
+
+    use super::*;
+
+    fn env(name: &str, phase: EnvironmentPhase) -> Environment {
+        serde_json::from_value(json!({
+            "apiVersion": "stagely.dev/v1alpha1", "kind": "Environment",
+            "metadata": {"name": name, "namespace": "team"},
+            "spec": {
+                "projectRef": {"name": "shop"},
+                "pullRequest": {"number": 1, "headSha": "abc", "headRef": "feature", "baseRef": "main"},
+            },
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_resync_sweep_looks_at_each_ready_environment_once_a_period_spread_over_it() {
+        let (store, mut writer) = reflector::store::<Environment>();
+        for (name, phase) in [
+            ("a", EnvironmentPhase::Ready),
+            ("b", EnvironmentPhase::Failed),
+            ("c", EnvironmentPhase::Ready),
+            ("d", EnvironmentPhase::Building),
+            ("e", EnvironmentPhase::Ready),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(env(name, phase)));
+        }
+        let period = Duration::from_secs(60);
+        let start = tokio::time::Instant::now();
+        let sweep = resync_sweep(store, period);
+        futures_util::pin_mut!(sweep);
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            let mut round = BTreeSet::new();
+            for _ in 0..3 {
+                let next = sweep.next().await.unwrap();
+                assert_eq!(next.namespace.as_deref(), Some("team"));
+                round.insert((next.name.clone(), start.elapsed()));
+            }
+            rounds.push(round);
+        }
+        for (i, round) in rounds.iter().enumerate() {
+            let names: BTreeSet<&str> = round.iter().map(|(name, _)| name.as_str()).collect();
+            assert_eq!(names, BTreeSet::from(["a", "c", "e"]), "only the Ready ones, each once a round");
+            // Round i spans ((i + 1) * period, (i + 2) * period], a third of it between two looks.
+            let mut times: Vec<Duration> = round.iter().map(|(_, at)| *at).collect();
+            times.sort();
+            assert!(times[0] > period * (i as u32 + 1) && times[2] <= period * (i as u32 + 2), "{times:?}");
+            assert_eq!(times[1] - times[0], period / 3, "{times:?}");
+        }
+    }
 }
