@@ -305,21 +305,9 @@ async fn secrets_are_watched_by_metadata_and_credentials_read_by_name() {
     secrets.create(&PostParams::default(), &secret("creds", &[("accessKeyId", key_id)])).await.unwrap();
     providers.create(&PostParams::default(), &aws_provider("aws", "creds")).await.unwrap();
 
-    let read = |r: &tap::Recorded| tap::secret_read(r, "cp-tap", "creds");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        tap.assert_never_carried(unrelated, |_| false);
-        tap.assert_never_carried(key_id, read);
-        let watched = tap.carried(tap::secrets_list_or_watch, "\"name\":\"unrelated\"");
-        let used = tap.carried(read, key_id);
-        if watched && used {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the unrelated Secret was watched: {watched}; creds read by name: {used}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tap.wait_watched_and_read(unrelated, ("cp-tap", "creds"), key_id).await;
     let (reason, _, _) = wait_ready(&providers, "aws", "False").await;
     assert_eq!(reason, "SecretIncomplete");
     tap.assert_never_carried(unrelated, |_| false);
-    tap.assert_never_carried(key_id, read);
+    tap.assert_never_carried(key_id, |r| tap::secret_read(r, "cp-tap", "creds"));
 }

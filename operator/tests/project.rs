@@ -372,19 +372,7 @@ async fn secrets_are_watched_by_metadata_and_the_github_secret_read_by_name() {
     secrets.create(&PostParams::default(), &github).await.unwrap();
     projects.create(&PostParams::default(), &project("shop", &[])).await.unwrap();
 
-    let read = |r: &tap::Recorded| tap::secret_read(r, "project-tap", "github");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        tap.assert_never_carried(unrelated, |_| false);
-        tap.assert_never_carried(token, read);
-        let watched = tap.carried(tap::secrets_list_or_watch, "\"name\":\"unrelated\"");
-        let used = tap.carried(read, token);
-        if watched && used {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the unrelated Secret was watched: {watched}; github read by name: {used}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tap.wait_watched_and_read(unrelated, ("project-tap", "github"), token).await;
     // The CloudProvider is missing, and nothing else: the Secret's key names were read.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -396,5 +384,5 @@ async fn secrets_are_watched_by_metadata_and_the_github_secret_read_by_name() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tap.assert_never_carried(unrelated, |_| false);
-    tap.assert_never_carried(token, read);
+    tap.assert_never_carried(token, |r| tap::secret_read(r, "project-tap", "github"));
 }

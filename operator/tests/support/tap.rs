@@ -49,6 +49,28 @@ impl Tap {
             assert!(!contains(&response.body, text), "{} {} carried {text:?}", response.method, response.uri);
         }
     }
+
+    /// Waits (up to a minute) until the Secrets watch has shown the Secret `unrelated` and the
+    /// GET of `namespace/name` has carried `value`; all along, `unrelated_value` comes in no
+    /// response and `value` in none but that GET.
+    pub async fn wait_watched_and_read(&self, unrelated_value: &str, (namespace, name): (&str, &str), value: &str) {
+        let read = |r: &Recorded| secret_read(r, namespace, name);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            self.assert_never_carried(unrelated_value, |_| false);
+            self.assert_never_carried(value, read);
+            let watched = self.carried(secrets_list_or_watch, "\"name\":\"unrelated\"");
+            let used = self.carried(read, value);
+            if watched && used {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the unrelated Secret was watched: {watched}; {namespace}/{name} read by name: {used}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn contains(body: &[u8], text: &str) -> bool {
