@@ -8,6 +8,7 @@
 
 pub mod controllers;
 pub mod gateway;
+pub mod github;
 pub mod metrics;
 pub mod providers;
 pub mod registry;
