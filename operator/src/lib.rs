@@ -51,6 +51,25 @@ pub struct Config {
     /// How the pipeline reaches code and VMs.
     #[command(flatten)]
     pub pipeline: PipelineConfig,
+
+    /// GitHub.
+    #[command(flatten)]
+    pub github: GitHubConfig,
+}
+
+/// How the operator reaches GitHub.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GitHubConfig {
+    /// GitHub's REST API: `https://api.github.com`, or a GitHub Enterprise Server's
+    /// `https://<host>/api/v3`. Projects without `spec.cloneUrl` read stagely.yaml through it and
+    /// get feedback (Deployments, one comment) on their pull requests.
+    #[arg(long, env = "STAGELY_GITHUB_API_URL", default_value = github::DEFAULT_API_URL)]
+    pub github_api_url: String,
+
+    /// Seconds between two resyncs of a Project's open pull requests with its Environments
+    /// (webhooks are the fast path; the resync finds what lost webhooks missed).
+    #[arg(long, env = "STAGELY_GITHUB_RESYNC_SECS", default_value_t = 300)]
+    pub github_resync_secs: u64,
 }
 
 /// How the pipeline reads code and starts agents.
@@ -258,8 +277,10 @@ async fn run_operator(
         vm_check: Duration::from_secs(pipeline.vm_check_interval_secs.max(1)),
         ..Default::default()
     };
-    let source =
-        source::git::GitSource::new(&pipeline.source_cache_dir, Duration::from_secs(pipeline.source_timeout_secs));
+    let github = Arc::new(github::GitHub::new(&config.github.github_api_url, metrics.github.clone()));
+    let source_timeout = Duration::from_secs(pipeline.source_timeout_secs);
+    let git = Arc::new(source::git::GitSource::new(&pipeline.source_cache_dir, source_timeout));
+    let source = source::github::GitHubSource::new(Arc::clone(&github), client.clone(), git, source_timeout);
     let loader = Arc::new(source::ConfigLoader::new(Arc::new(source)));
 
     let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
@@ -273,7 +294,8 @@ async fn run_operator(
                 agents.clone(),
                 Arc::clone(&capacity),
                 Duration::from_secs(pipeline.agent_connect_timeout_secs),
-            );
+            )
+            .with_github(Arc::clone(&github));
     let build_jobs = controllers::buildjob::Context::new(
         client,
         gateway.clone(),
@@ -283,7 +305,8 @@ async fn run_operator(
         capacity,
         metrics.clone(),
         timings,
-    );
+    )
+    .with_github(Arc::clone(&github));
     // Builders fetch registry tokens where they reach the operator already: the gateway.
     let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default();
     let listener =

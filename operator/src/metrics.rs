@@ -42,6 +42,8 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     /// Agent jobs whose STATUS updates a controller follows, by controller.
     pub followed_jobs: Family<ControllerLabels, Gauge>,
+    /// GitHub calls and rate limits.
+    pub github: crate::github::GitHubMetrics,
 }
 
 impl Default for Metrics {
@@ -52,6 +54,7 @@ impl Default for Metrics {
             }),
             reconciles: Family::default(),
             followed_jobs: Family::default(),
+            github: crate::github::GitHubMetrics::default(),
         }
     }
 }
@@ -71,6 +74,12 @@ impl Metrics {
                 "followed_jobs",
                 "Agent jobs whose STATUS updates a controller follows, by controller",
                 this.followed_jobs,
+            );
+            registry.register("github_calls", "GitHub API calls by call and answer status", this.github.calls);
+            registry.register(
+                "github_rate_limit_remaining",
+                "GitHub API calls left in the current rate-limit window, by credentials",
+                this.github.rate_limit_remaining,
             );
         })
     }

@@ -73,7 +73,7 @@ impl Origin {
     }
 
     fn repo(&self) -> Repo {
-        Repo { clone_url: self.url(), token: None }
+        Repo { clone_url: self.url(), token: None, github: None }
     }
 
     fn head(&self) -> &str {
@@ -199,7 +199,7 @@ async fn an_unknown_commit_is_commit_not_found_and_transient() {
 #[tokio::test]
 async fn an_id_that_is_not_a_commit_is_refused_before_git_runs() {
     let cache = tempfile::tempdir().unwrap();
-    let repo = Repo { clone_url: "file:///nowhere".into(), token: None };
+    let repo = Repo { clone_url: "file:///nowhere".into(), token: None, github: None };
     let err = source(cache.path()).read_file(&repo, "--upload-pack=touch", "stagely.yaml", 1024).await.unwrap_err();
     assert!(matches!(err, SourceError::InvalidRequest { .. }), "{err:?}");
     assert!(std::fs::read_dir(cache.path()).unwrap().next().is_none(), "nothing was set up");

@@ -16,6 +16,37 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource};
 
+/// Where a Project's code is on GitHub, when the operator talks to GitHub and the Project uses
+/// GitHub's own clone URL (no `spec.cloneUrl`): stagely.yaml is then read through the contents
+/// API and builders clone with a short-lived token.
+pub fn github_repo(project: &stagely_api::v1alpha1::Project, github: Option<&crate::github::GitHub>) -> Option<crate::source::GitHubRepo> {
+    use kube::ResourceExt;
+    if github.is_none() || project.spec.clone_url.is_some() {
+        return None;
+    }
+    Some(crate::source::GitHubRepo {
+        repository: project.spec.repository.clone(),
+        namespace: project.namespace().unwrap_or_default(),
+        secret: project.spec.github.credentials_secret_ref.name.clone(),
+    })
+}
+
+/// The token an agent clones `project`'s repository with: for a GitHub App, an installation
+/// token limited to the repository and `contents: read`; for a token, the token; none when the
+/// repository is not read from GitHub or the Project has no GitHub credentials.
+pub async fn clone_token(
+    client: &Client,
+    project: &stagely_api::v1alpha1::Project,
+    github: Option<&crate::github::GitHub>,
+) -> Result<Option<stagely_api::protocol::Sensitive>, crate::github::GitHubError> {
+    let (Some(github), Some(repo)) = (github, github_repo(project, github)) else { return Ok(None) };
+    let Some(credentials) = crate::github::auth::read_credentials(client, &repo.namespace, &repo.secret).await? else {
+        return Ok(None);
+    };
+    let (token, _) = github.clone_token(&credentials, crate::github::Repository(&repo.repository)).await?;
+    Ok(Some(token))
+}
+
 /// Reconciles one controller runs at once. Unbounded, a burst of new objects becomes as many
 /// reconciles, each with its apiserver calls in flight at once: the apiserver queues and then
 /// refuses them (429), and each call holds a connection of its own. A few dozen keep the

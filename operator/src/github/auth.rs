@@ -133,6 +133,23 @@ pub struct InstallationToken {
     pub expires_at: SystemTime,
 }
 
+/// The credentials in Secret `namespace/name` (a Project's `spec.github.credentialsSecretRef`),
+/// read by name when needed: `None` when it holds only a webhook secret.
+pub async fn read_credentials(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Credentials>, super::GitHubError> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = kube::Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|err| super::GitHubError::Credentials(format!("failed to read Secret {namespace}/{name}: {err}")))?
+        .ok_or_else(|| super::GitHubError::Credentials(format!("Secret {namespace}/{name} not found")))?;
+    Credentials::from_secret_data(&secret.data.unwrap_or_default())
+        .map_err(|problem| super::GitHubError::Credentials(format!("Secret {namespace}/{name}: {problem}")))
+}
+
 /// How long before its expiry an installation token is renewed: work started with it (a clone, a
 /// few calls) has that long to finish.
 pub const RENEW_BEFORE: Duration = Duration::from_secs(10 * 60);

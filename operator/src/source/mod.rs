@@ -11,6 +11,7 @@
 //! a condition reason and whose `Display` is written for the pull request's author.
 
 pub mod git;
+pub mod github;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -46,6 +47,19 @@ pub struct Repo {
     /// A GitHub token (installation token or personal token) to fetch with, if the repository
     /// needs one. Never logged: `Sensitive`'s `Debug` hides it.
     pub token: Option<Sensitive>,
+    /// Where GitHub's contents API serves it, when it is a GitHub repository.
+    pub github: Option<GitHubRepo>,
+}
+
+/// A repository on GitHub, and where its Project's credentials are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitHubRepo {
+    /// `owner/name`.
+    pub repository: String,
+    /// The Project's namespace.
+    pub namespace: String,
+    /// The credentials Secret (`spec.github.credentialsSecretRef`).
+    pub secret: String,
 }
 
 /// Why a [`RepositorySource`] could not read a file.
@@ -480,7 +494,7 @@ mod tests {
     }
 
     fn repo() -> Repo {
-        Repo { clone_url: "https://example.com/acme/shop.git".into(), token: None }
+        Repo { clone_url: "https://example.com/acme/shop.git".into(), token: None, github: None }
     }
 
     const VALID: &str = "version: 2\nbuilds:\n  web: {}\n";

@@ -84,6 +84,8 @@ pub struct Context {
     caches: Mutex<Option<Caches>>,
     /// Statuses written that the watch cache may not show yet (without `lastHeartbeat`).
     written: Written<BuildJobStatus>,
+    /// GitHub, for clone tokens.
+    github: Option<Arc<crate::github::GitHub>>,
 }
 
 /// The watch caches the reconcile reads Projects and CloudProviders from.
@@ -126,7 +128,14 @@ impl Context {
             woken: Mutex::new(Some(woken)),
             caches: Mutex::new(None),
             written: Written::default(),
+            github: None,
         }
+    }
+
+    /// Clones GitHub repositories with short-lived tokens minted through `github`.
+    pub fn with_github(mut self, github: Arc<crate::github::GitHub>) -> Self {
+        self.github = Some(github);
+        self
     }
 
     /// Watches only `namespace` (a namespace-scoped install, or a test sharing a cluster).
@@ -202,6 +211,14 @@ pub enum Error {
         /// The cause.
         source: GatewayError,
     },
+    /// GitHub gave no clone token.
+    #[error("failed to get a GitHub clone token for BuildJob {job}: {source}")]
+    GitHub {
+        /// `<namespace>/<name>`.
+        job: String,
+        /// GitHub's answer.
+        source: crate::github::GitHubError,
+    },
     /// BUILD needs what is missing.
     #[error("failed to send BUILD for BuildJob {job}: {why}")]
     NotSendable {
@@ -238,6 +255,7 @@ impl Error {
             Error::Read { .. } => "ReadFailed",
             Error::Status { .. } => "StatusFailed",
             Error::Settle { .. } => "SettleFailed",
+            Error::GitHub { source, .. } => source.reason(),
             Error::Account { .. } => "AccountFailed",
             Error::Registry { .. } => "RegistryFailed",
             Error::Gateway { .. } | Error::NotSendable { .. } => "SendFailed",
@@ -514,7 +532,13 @@ async fn take_step(
             }
         },
         Step::SendBuild => {
-            send_build(job, target, seen.image.as_deref(), ctx)?;
+            let git_token = match &target.project {
+                Some(project) => crate::controllers::clone_token(&ctx.client, project, ctx.github.as_deref())
+                    .await
+                    .map_err(|source| Error::GitHub { job: describe(job), source })?,
+                None => None,
+            };
+            send_build(job, target, seen.image.as_deref(), git_token, ctx)?;
             seen.build_sent = true;
         }
         Step::TerminateVm => {
@@ -557,7 +581,13 @@ async fn create_vm(job: &BuildJob, target: &Target, ctx: &Context) -> Result<pro
 
 /// Hands BUILD to the gateway and follows its STATUS. Sending a job id the gateway still holds
 /// does not send it twice.
-fn send_build(job: &BuildJob, target: &Target, image: Option<&str>, ctx: &Context) -> Result<(), Error> {
+fn send_build(
+    job: &BuildJob,
+    target: &Target,
+    image: Option<&str>,
+    git_token: Option<stagely_api::protocol::Sensitive>,
+    ctx: &Context,
+) -> Result<(), Error> {
     let uid = job.uid().unwrap_or_default();
     let not_sendable = |why: String| Error::NotSendable { job: describe(job), why };
     let project = target.project.as_ref().ok_or_else(|| not_sendable(target.why_unusable()))?;
@@ -568,8 +598,7 @@ fn send_build(job: &BuildJob, target: &Target, image: Option<&str>, ctx: &Contex
     let build = Build {
         job_id: job_id(&uid),
         clone_url: project.spec.clone_url(),
-        // A later change mints a short-lived GitHub token per job.
-        git_token: None,
+        git_token,
         commit: job.spec.commit.clone(),
         context: job.spec.context.clone(),
         dockerfile: job.spec.dockerfile.clone(),

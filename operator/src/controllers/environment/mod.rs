@@ -68,6 +68,8 @@ pub struct Context {
     providers: Option<Store<CloudProvider>>,
     /// Statuses written that the watch cache may not show yet (without `lastHeartbeat`).
     written: Written<EnvironmentStatus>,
+    /// GitHub: where stagely.yaml and the clone token of GitHub repositories come from.
+    github: Option<Arc<crate::github::GitHub>>,
 }
 
 impl Context {
@@ -97,7 +99,14 @@ impl Context {
             projects: None,
             providers: None,
             written: Written::default(),
+            github: None,
         }
+    }
+
+    /// Reads GitHub repositories through `github` (the contents API, clone tokens).
+    pub fn with_github(mut self, github: Arc<crate::github::GitHub>) -> Self {
+        self.github = Some(github);
+        self
     }
 
     /// Runs previews too: a preview VM per Environment started through `endpoints` (holding a
@@ -325,7 +334,8 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     let sha = env.spec.pull_request.head_sha.clone();
     let loaded = match &project {
         Some(project) => {
-            let repo = Repo { clone_url: project.spec.clone_url(), token: None };
+            let github = crate::controllers::github_repo(project, ctx.github.as_deref());
+            let repo = Repo { clone_url: project.spec.clone_url(), token: None, github };
             Some(ctx.loader.load(&repo, &sha).await)
         }
         None => None,

@@ -543,11 +543,19 @@ pub async fn advance(
             }
             None => None,
         };
+        let git_token = match crate::controllers::clone_token(&ctx.client, project, ctx.github.as_deref()).await {
+            Ok(token) => token,
+            Err(err) => {
+                // The agent fetches the compose file with it: wait for GitHub rather than fail.
+                tracing::warn!(%namespace, %name, error = %err, "no GitHub clone token for DEPLOY; retrying");
+                return Ok(Outcome::after(err.retry_after().unwrap_or(Duration::from_secs(30))));
+            }
+        };
         let deploy = Message::Deploy(protocol::Deploy {
             job_id: job_id.clone(),
             project: compose_project(env),
             clone_url: project.spec.clone_url(),
-            git_token: None,
+            git_token,
             commit: commit.clone(),
             compose_file: compose_file(inputs.config),
             images,
