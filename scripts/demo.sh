@@ -328,6 +328,7 @@ up() {
     --local-agent-bin "$target_dir/stagely-agent" \
     --local-state-dir "$demo_dir/local" \
     --allow-local-provider \
+    --github-api-url off \
     --source-cache-dir "$demo_dir/source" \
     --vm-check-interval-secs 5
   wait_until "the operator's /healthz" 60 healthy "$operator_ops_port"
@@ -355,8 +356,9 @@ up() {
   (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$demo_dir/webhook-secret")
   kubectl create secret generic hello-github --from-file=webhookSecret="$demo_dir/webhook-secret" | sed 's/^/    /'
   sed "s|\${DEMO_REPO}|$demo_dir/repo|" "$repo_root/examples/demo/project.yaml" | kubectl apply -f - | sed 's/^/    /'
-  note "GitHub feedback (the PR comment and deployment statuses) is off: the demo has no GitHub credentials,"
-  note "only the webhook secret (its Project says so: GitHubSecretIncomplete), and its repository is local."
+  note "GitHub feedback (the PR comment and deployment statuses) is off: the operator runs with"
+  note "--github-api-url off, the demo has no GitHub credentials, only the webhook secret (its Project"
+  note "says so: GitHubSecretIncomplete), and its repository is local."
 
   say "Delivering pull request #1's opened webhook to the receiver, signed as GitHub signs it"
   wait_until "the webhook receiver to answer a signed ping for $repository" 30 ping_webhook

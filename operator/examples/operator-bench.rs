@@ -873,6 +873,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .arg(dir.join("local"))
         // The bench's CloudProviders are `local` ones whose provider the fake cloud supplies.
         .arg("--allow-local-provider")
+        .args(["--github-api-url", "off"])
         .env("KUBECONFIG", &kubeconfig)
         .env(CLOUD_URL_ENV, &cloud_url)
         .stdin(Stdio::null())

@@ -62,7 +62,9 @@ pub struct Config {
 pub struct GitHubConfig {
     /// GitHub's REST API: `https://api.github.com`, or a GitHub Enterprise Server's
     /// `https://<host>/api/v3`. Projects without `spec.cloneUrl` read stagely.yaml through it and
-    /// get feedback (Deployments, one comment) on their pull requests.
+    /// get feedback (Deployments, one comment) on their pull requests. `off`: the operator never
+    /// calls GitHub (code is read with git, pull requests get no feedback, credentials are not
+    /// checked), as in the demo.
     #[arg(long, env = "STAGELY_GITHUB_API_URL", default_value = github::DEFAULT_API_URL)]
     pub github_api_url: String,
 
@@ -70,6 +72,18 @@ pub struct GitHubConfig {
     /// (webhooks are the fast path; the resync finds what lost webhooks missed).
     #[arg(long, env = "STAGELY_GITHUB_RESYNC_SECS", default_value_t = 300)]
     pub github_resync_secs: u64,
+}
+
+impl GitHubConfig {
+    /// The GitHub client, unless GitHub is `off`.
+    pub fn client(&self, metrics: github::GitHubMetrics) -> Option<std::sync::Arc<github::GitHub>> {
+        let url = self.github_api_url.trim();
+        if url.is_empty() || url.eq_ignore_ascii_case("off") {
+            tracing::info!("GitHub is off (--github-api-url off): no pull request feedback, code read with git");
+            return None;
+        }
+        Some(std::sync::Arc::new(github::GitHub::new(url, metrics)))
+    }
 }
 
 /// How the pipeline reads code and starts agents.
@@ -277,14 +291,20 @@ async fn run_operator(
         vm_check: Duration::from_secs(pipeline.vm_check_interval_secs.max(1)),
         ..Default::default()
     };
-    let github = Arc::new(github::GitHub::new(&config.github.github_api_url, metrics.github.clone()));
+    let github = config.github.client(metrics.github.clone());
     let source_timeout = Duration::from_secs(pipeline.source_timeout_secs);
-    let git = Arc::new(source::git::GitSource::new(&pipeline.source_cache_dir, source_timeout));
-    let source = source::github::GitHubSource::new(Arc::clone(&github), client.clone(), git, source_timeout);
-    let loader = Arc::new(source::ConfigLoader::new(Arc::new(source)));
+    let git: Arc<dyn source::RepositorySource> =
+        Arc::new(source::git::GitSource::new(&pipeline.source_cache_dir, source_timeout));
+    let source = match &github {
+        Some(github) => {
+            Arc::new(source::github::GitHubSource::new(Arc::clone(github), client.clone(), git, source_timeout))
+        }
+        None => git,
+    };
+    let loader = Arc::new(source::ConfigLoader::new(source));
 
     let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
-    let projects = controllers::project::Context::new(client.clone(), metrics.clone());
+    let projects = controllers::project::Context::new(client.clone(), metrics.clone()).with_github(github.clone());
     let capacity = Arc::new(controllers::capacity::Capacity::new());
     let environments =
         controllers::environment::Context::new(client.clone(), loader, registry.clone(), routes, metrics.clone())
@@ -295,7 +315,7 @@ async fn run_operator(
                 Arc::clone(&capacity),
                 Duration::from_secs(pipeline.agent_connect_timeout_secs),
             )
-            .with_github(Arc::clone(&github));
+            .with_github(github.clone());
     let build_jobs = controllers::buildjob::Context::new(
         client,
         gateway.clone(),
@@ -306,7 +326,7 @@ async fn run_operator(
         metrics.clone(),
         timings,
     )
-    .with_github(Arc::clone(&github));
+    .with_github(github.clone());
     // Builders fetch registry tokens where they reach the operator already: the gateway.
     let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default();
     let listener =

@@ -212,7 +212,7 @@ async fn an_unreachable_remote_is_repository_unreachable() {
     let commit = "0123456789abcdef0123456789abcdef01234567";
 
     let missing = tempfile::tempdir().unwrap().path().join("gone.git");
-    let repo = Repo { clone_url: format!("file://{}", missing.display()), token: None };
+    let repo = Repo { clone_url: format!("file://{}", missing.display()), token: None, github: None };
     let problem = load_err(&loader, &repo, commit).await;
     assert_eq!(problem.reason(), REPOSITORY_UNREACHABLE);
     assert!(!problem.is_permanent());
@@ -226,7 +226,7 @@ async fn an_unreachable_remote_is_repository_unreachable() {
     );
 
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let repo = Repo { clone_url: format!("http://127.0.0.1:{closed}/x.git"), token: None };
+    let repo = Repo { clone_url: format!("http://127.0.0.1:{closed}/x.git"), token: None, github: None };
     let problem = load_err(&loader, &repo, commit).await;
     assert_eq!(problem.reason(), REPOSITORY_UNREACHABLE);
     let message = problem.to_string();
@@ -354,7 +354,7 @@ async fn permanent_problems_are_cached_and_transient_ones_are_not() {
     // A remote that is not there yet: tried again, and found once it is there.
     let later = tempfile::tempdir().unwrap();
     let path = later.path().join("later");
-    let repo = Repo { clone_url: format!("file://{}", path.display()), token: None };
+    let repo = Repo { clone_url: format!("file://{}", path.display()), token: None, github: None };
     let made = Origin::with_file("stagely.yaml", VALID);
     let commit = made.head().to_owned();
     assert_eq!(load_err(&loader, &repo, &commit).await.reason(), REPOSITORY_UNREACHABLE);
@@ -376,7 +376,7 @@ async fn a_remote_that_never_answers_times_out_and_git_is_stopped() {
     let cache = tempfile::tempdir().unwrap();
     let git = Arc::new(GitSource::new(cache.path(), Duration::from_secs(2)));
     let loader = ConfigLoader::new(git);
-    let repo = Repo { clone_url: format!("http://127.0.0.1:{port}/slow.git"), token: None };
+    let repo = Repo { clone_url: format!("http://127.0.0.1:{port}/slow.git"), token: None, github: None };
     let started = Instant::now();
     let problem = load_err(&loader, &repo, "0123456789abcdef0123456789abcdef01234567").await;
     assert_eq!(problem.reason(), CONFIG_FETCH_TIMEOUT);
@@ -435,7 +435,8 @@ async fn a_token_travels_in_a_header_only() {
 
     let cache = tempfile::tempdir().unwrap();
     let loader = ConfigLoader::new(source(cache.path()));
-    let repo = Repo { clone_url: format!("http://127.0.0.1:{port}/acme/shop.git"), token: Some(token.into()) };
+    let repo =
+        Repo { clone_url: format!("http://127.0.0.1:{port}/acme/shop.git"), token: Some(token.into()), github: None };
     let problem = load_err(&loader, &repo, "0123456789abcdef0123456789abcdef01234567").await;
     let (request, command_lines) = server.join().unwrap();
 
@@ -469,7 +470,8 @@ async fn a_token_travels_in_a_header_only() {
 async fn user_information_in_a_clone_url_stays_out_of_messages() {
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cache = tempfile::tempdir().unwrap();
-    let repo = Repo { clone_url: format!("http://bot:hunter2secret@127.0.0.1:{closed}/x.git"), token: None };
+    let repo =
+        Repo { clone_url: format!("http://bot:hunter2secret@127.0.0.1:{closed}/x.git"), token: None, github: None };
     let problem =
         load_err(&ConfigLoader::new(source(cache.path())), &repo, "0123456789abcdef0123456789abcdef01234567").await;
     let message = problem.to_string();

@@ -19,7 +19,10 @@ use kube::{Api, Client, Resource};
 /// Where a Project's code is on GitHub, when the operator talks to GitHub and the Project uses
 /// GitHub's own clone URL (no `spec.cloneUrl`): stagely.yaml is then read through the contents
 /// API and builders clone with a short-lived token.
-pub fn github_repo(project: &stagely_api::v1alpha1::Project, github: Option<&crate::github::GitHub>) -> Option<crate::source::GitHubRepo> {
+pub fn github_repo(
+    project: &stagely_api::v1alpha1::Project,
+    github: Option<&crate::github::GitHub>,
+) -> Option<crate::source::GitHubRepo> {
     use kube::ResourceExt;
     if github.is_none() || project.spec.clone_url.is_some() {
         return None;

@@ -7,8 +7,10 @@
 //! Ready) shows within a moment and nothing polls. Secrets are watched by their metadata only, so
 //! no Secret's data comes to the controller from the watch; the key names of a Project's GitHub
 //! credentials Secret are read with a targeted GET when that Secret changed, and only the names
-//! are kept. No Secret value reaches a log line, an event or the status. Whether GitHub accepts
-//! the credentials is not checked here.
+//! are kept. No Secret value reaches a log line, an event or the status. When the operator talks
+//! to GitHub, whether GitHub accepts the credentials for the Project's repository is part of
+//! Ready too: checked when the Secret or the repository changes, and again every
+//! [`RECHECK`] (GitHub revokes and users uninstall without telling the cluster).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,7 @@ use stagely_api::keys::MANAGER_OPERATOR;
 use stagely_api::v1alpha1::{CloudProvider, Environment, LocalObjectRef, Project, ProjectStatus};
 
 use crate::controllers::conditions::set_condition;
+use crate::github::{Credentials, GitHub, GitHubError};
 use crate::metrics::Metrics;
 
 /// The controller's name, as events report it.
@@ -49,6 +52,17 @@ pub const GITHUB_SECRET_NOT_FOUND: &str = "GitHubSecretNotFound";
 pub const GITHUB_SECRET_INCOMPLETE: &str = "GitHubSecretIncomplete";
 /// One or more `secretRefs` Secrets do not exist.
 pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+/// The GitHub credentials Secret's keys cannot be used (a private key that is not one).
+pub const GITHUB_SECRET_INVALID: &str = "GitHubSecretInvalid";
+/// GitHub refused the credentials.
+pub const GITHUB_CREDENTIALS_REJECTED: &str = "GitHubCredentialsRejected";
+/// GitHub accepted the credentials but shows them no such repository.
+pub const GITHUB_REPOSITORY_NOT_ACCESSIBLE: &str = "GitHubRepositoryNotAccessible";
+
+/// How often accepted credentials are checked again.
+pub const RECHECK: Duration = Duration::from_secs(600);
+/// How soon a check GitHub could not answer is tried again.
+const RECHECK_UNANSWERED: Duration = Duration::from_secs(60);
 
 /// What the GitHub credentials Secret must hold, as messages say it.
 const GITHUB_KEYS_NEEDED: &str = "it needs webhookSecret, and either token or appId, installationId and privateKey";
@@ -65,13 +79,20 @@ pub struct Context {
     /// Where reconciles are counted.
     pub metrics: Metrics,
     recorder: Recorder,
+    github: Option<Arc<GitHub>>,
 }
 
 impl Context {
     /// A context for `client`, counting into `metrics`.
     pub fn new(client: Client, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, github: None }
+    }
+
+    /// Checks with `github` that it accepts each Project's credentials for its repository.
+    pub fn with_github(mut self, github: Option<Arc<GitHub>>) -> Self {
+        self.github = github;
+        self
     }
 }
 
@@ -174,6 +195,8 @@ struct State {
     /// The key names of each GitHub credentials Secret read: read again only when the watch
     /// shows another version.
     key_names: Mutex<HashMap<ObjectRef<Secret>, KeyNames>>,
+    /// What GitHub last said of each Project's credentials.
+    checks: Mutex<HashMap<ObjectRef<Project>, Check>>,
     environments: Store<Member>,
     /// The Ready condition last written for each Project (by UID). The store may not show it yet
     /// when the next reconcile comes, and the transition must not be announced twice.
@@ -181,10 +204,37 @@ struct State {
     failures: Mutex<HashMap<ObjectRef<Project>, Backoff>>,
 }
 
-/// The names of a Secret's keys with a value, as read at one `resourceVersion`.
+/// The names of a Secret's keys with a value, and the GitHub credentials they make, as read at
+/// one `resourceVersion`.
 struct KeyNames {
     version: String,
     keys: Vec<String>,
+    credentials: Result<Option<Credentials>, String>,
+}
+
+/// What GitHub said of a Project's credentials, and for what.
+struct Check {
+    /// The credentials' identity, the repository and the Secret's version checked.
+    subject: (String, String, String),
+    at: std::time::Instant,
+    outcome: GitHubCheck,
+}
+
+/// Whether GitHub accepts a Project's credentials for its repository.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum GitHubCheck {
+    /// Not asked: the operator has no GitHub client, or the Secret holds no credentials.
+    NotChecked,
+    /// The credentials read the repository.
+    Accepted,
+    /// The Secret's keys are not usable credentials.
+    Invalid(String),
+    /// GitHub refused the credentials.
+    Rejected(String),
+    /// GitHub accepted them but shows them no such repository.
+    NoAccess,
+    /// GitHub could not be asked (down, rate limited); the Project stays as it was.
+    Unanswered(String),
 }
 
 /// What the controller found about one Project's references.
@@ -194,6 +244,8 @@ struct Observed<'a> {
     github_keys: Option<Vec<&'a str>>,
     /// `secretRefs` names without a Secret.
     missing_secrets: Vec<&'a str>,
+    /// What GitHub said of the credentials.
+    github: GitHubCheck,
 }
 
 /// The Ready condition to report.
@@ -269,6 +321,26 @@ fn readiness(project: &Project, observed: &Observed) -> Readiness {
         }
     }
 
+    let repository = &spec.repository;
+    match &observed.github {
+        GitHubCheck::Invalid(problem) => problems.push((
+            GITHUB_SECRET_INVALID,
+            format!("Secret {namespace}/{github_name} (spec.github.credentialsSecretRef): {problem}"),
+        )),
+        GitHubCheck::Rejected(message) => problems.push((
+            GITHUB_CREDENTIALS_REJECTED,
+            format!("GitHub refused the credentials in Secret {namespace}/{github_name} ({message}); replace them"),
+        )),
+        GitHubCheck::NoAccess => problems.push((
+            GITHUB_REPOSITORY_NOT_ACCESSIBLE,
+            format!(
+                "GitHub shows the credentials in Secret {namespace}/{github_name} no repository {repository}: \
+                 install the App on it, or give the token read access to it"
+            ),
+        )),
+        GitHubCheck::NotChecked | GitHubCheck::Accepted | GitHubCheck::Unanswered(_) => {}
+    }
+
     if !observed.missing_secrets.is_empty() {
         let names: Vec<String> = observed.missing_secrets.iter().map(|n| format!("{namespace}/{n}")).collect();
         let noun = if names.len() == 1 { "Secret" } else { "Secrets" };
@@ -284,12 +356,19 @@ fn readiness(project: &Project, observed: &Observed) -> Readiness {
         1 => ", and its secretRefs Secret exists".into(),
         n => format!(", and its {n} secretRefs Secrets exist"),
     };
+    let checked = match &observed.github {
+        GitHubCheck::Accepted => format!("GitHub accepts the credentials for {repository}"),
+        GitHubCheck::Unanswered(why) => {
+            format!("GitHub could not be asked about the credentials ({why}); asking again")
+        }
+        _ => "whether GitHub accepts the credentials is not checked".to_owned(),
+    };
     Readiness {
         ready: true,
         reason: REFERENCES_FOUND,
         message: format!(
             "CloudProvider {provider_name} is ready, Secret {github_name} holds {credentials} and a webhook \
-             secret{secrets}; whether GitHub accepts the credentials is not checked"
+             secret{secrets}; {checked}"
         ),
     }
 }
@@ -338,10 +417,15 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
         })?,
         None => None,
     };
+    let check = match &github {
+        Some((version, _, credentials)) => check_github(state, project, version, credentials).await,
+        None => GitHubCheck::NotChecked,
+    };
     let observed = Observed {
         provider: provider.as_deref(),
-        github_keys: github.as_ref().map(|keys| keys.iter().map(String::as_str).collect()),
+        github_keys: github.as_ref().map(|(_, keys, _)| keys.iter().map(String::as_str).collect()),
         missing_secrets: spec.secret_refs.iter().map(|r| r.name.as_str()).filter(|n| secret(n).is_none()).collect(),
+        github: check.clone(),
     };
     let found = readiness(project, &observed);
     let environments = state
@@ -409,8 +493,49 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
             tracing::warn!(%namespace, %name, error = %err, "failed to record an event");
         }
     }
-    // Everything that can change the outcome is watched.
-    Ok(Action::await_change())
+    // Everything else that can change the outcome is watched; GitHub is asked again in a while.
+    Ok(match check {
+        GitHubCheck::NotChecked | GitHubCheck::Invalid(_) => Action::await_change(),
+        GitHubCheck::Unanswered(_) => Action::requeue(RECHECK_UNANSWERED),
+        GitHubCheck::Accepted | GitHubCheck::Rejected(_) | GitHubCheck::NoAccess => Action::requeue(RECHECK),
+    })
+}
+
+/// What GitHub says of `credentials` for the Project's repository: remembered per Project for
+/// [`RECHECK`] (a minute when GitHub did not answer), asked again sooner when the Secret or the
+/// repository changes.
+async fn check_github(
+    state: &State,
+    project: &Project,
+    version: &str,
+    credentials: &Result<Option<Credentials>, String>,
+) -> GitHubCheck {
+    let credentials = match credentials {
+        Err(problem) => return GitHubCheck::Invalid(problem.clone()),
+        Ok(None) => return GitHubCheck::NotChecked,
+        Ok(Some(credentials)) => credentials,
+    };
+    let Some(github) = &state.ctx.github else { return GitHubCheck::NotChecked };
+    let key = ObjectRef::from_obj(project);
+    let subject = (credentials.identity(), project.spec.repository.clone(), version.to_owned());
+    if let Some(known) = state.checks.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        let valid_for = if matches!(known.outcome, GitHubCheck::Unanswered(_)) { RECHECK_UNANSWERED } else { RECHECK };
+        if known.subject == subject && known.at.elapsed() < valid_for {
+            return known.outcome.clone();
+        }
+    }
+    let outcome = match github.can_read(credentials, crate::github::Repository(&project.spec.repository)).await {
+        Ok(true) => GitHubCheck::Accepted,
+        Ok(false) => GitHubCheck::NoAccess,
+        Err(GitHubError::Unauthorized { message, .. }) => GitHubCheck::Rejected(message),
+        Err(GitHubError::Credentials(problem)) => GitHubCheck::Invalid(problem),
+        Err(GitHubError::Forbidden { message, .. }) => GitHubCheck::Rejected(message),
+        Err(other) => GitHubCheck::Unanswered(other.to_string()),
+    };
+    let mut checks = state.checks.lock().unwrap_or_else(|e| e.into_inner());
+    checks.insert(key, Check { subject, at: std::time::Instant::now(), outcome: outcome.clone() });
+    checks.retain(|key, _| state.projects.get(key).is_some());
+    outcome
 }
 
 fn error_policy(project: Arc<Project>, err: &Error, state: Arc<State>) -> Action {
@@ -425,32 +550,36 @@ fn error_policy(project: Arc<Project>, err: &Error, state: Arc<State>) -> Action
 /// The names of the keys with a value of the Secret `meta` describes: remembered from the last
 /// read of the same `resourceVersion`, else read with a GET (the values are dropped at once).
 /// `None` if the Secret is gone.
+#[allow(clippy::type_complexity)]
 async fn github_key_names(
     state: &State,
     namespace: &str,
     name: &str,
     meta: &PartialObjectMeta<Secret>,
-) -> Result<Option<Vec<String>>, kube::Error> {
+) -> Result<Option<(String, Vec<String>, Result<Option<Credentials>, String>)>, kube::Error> {
     let key = ObjectRef::new(name).within(namespace);
     let version = meta.metadata.resource_version.clone().unwrap_or_default();
     if let Some(known) = state.key_names.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
         && known.version == version
     {
-        return Ok(Some(known.keys.clone()));
+        return Ok(Some((known.version.clone(), known.keys.clone(), known.credentials.clone())));
     }
     let Some(secret) = Api::<Secret>::namespaced(state.ctx.client.clone(), namespace).get_opt(name).await? else {
         state.key_names.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         return Ok(None);
     };
     let version = secret.metadata.resource_version.clone().unwrap_or_default();
-    let keys = key_names(secret);
-    state.key_names.lock().unwrap_or_else(|e| e.into_inner()).insert(key, KeyNames { version, keys: keys.clone() });
-    Ok(Some(keys))
+    let data = secret.data.unwrap_or_default();
+    let credentials = Credentials::from_secret_data(&data);
+    let keys = key_names(data);
+    let known = KeyNames { version: version.clone(), keys: keys.clone(), credentials: credentials.clone() };
+    state.key_names.lock().unwrap_or_else(|e| e.into_inner()).insert(key, known);
+    Ok(Some((version, keys, credentials)))
 }
 
-/// The names of a Secret's keys with a value; the Secret, values and all, is dropped.
-fn key_names(secret: Secret) -> Vec<String> {
-    secret.data.unwrap_or_default().into_iter().filter(|(_, v)| !v.0.is_empty()).map(|(k, _)| k).collect()
+/// The names of a Secret's keys with a value; the values are dropped.
+fn key_names(data: std::collections::BTreeMap<String, k8s_openapi::ByteString>) -> Vec<String> {
+    data.into_iter().filter(|(_, v)| !v.0.is_empty()).map(|(k, _)| k).collect()
 }
 
 /// Keeps what the Secrets store needs of a Secret's metadata: its name and version.
@@ -585,6 +714,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         providers,
         secrets,
         key_names: Mutex::default(),
+        checks: Mutex::default(),
         environments,
         reported: Mutex::default(),
         failures: Mutex::default(),
@@ -648,7 +778,12 @@ mod tests {
         let unchecked = provider(None);
         let cases: Vec<(Observed, &str, &str)> = vec![
             (
-                Observed { provider: None, github_keys: Some(vec!["token", "webhookSecret"]), missing_secrets: vec![] },
+                Observed {
+                    provider: None,
+                    github_keys: Some(vec!["token", "webhookSecret"]),
+                    missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
+                },
                 CLOUD_PROVIDER_NOT_FOUND,
                 "CloudProvider team/aws (spec.cloudProviderRef) not found",
             ),
@@ -657,6 +792,7 @@ mod tests {
                     provider: Some(&rejected),
                     github_keys: Some(vec!["token", "webhookSecret"]),
                     missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
                 },
                 CLOUD_PROVIDER_NOT_READY,
                 "CloudProvider team/aws is not ready: AWS rejected the credentials: AuthFailure",
@@ -666,30 +802,51 @@ mod tests {
                     provider: Some(&unchecked),
                     github_keys: Some(vec!["token", "webhookSecret"]),
                     missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
                 },
                 CLOUD_PROVIDER_NOT_READY,
                 "CloudProvider team/aws has not been checked yet",
             ),
             (
-                Observed { provider: Some(&ready), github_keys: None, missing_secrets: vec![] },
+                Observed {
+                    provider: Some(&ready),
+                    github_keys: None,
+                    missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
+                },
                 GITHUB_SECRET_NOT_FOUND,
                 "Secret team/gh (spec.github.credentialsSecretRef) not found; it needs webhookSecret, and either \
                  token or appId, installationId and privateKey",
             ),
             (
-                Observed { provider: Some(&ready), github_keys: Some(vec!["token"]), missing_secrets: vec![] },
+                Observed {
+                    provider: Some(&ready),
+                    github_keys: Some(vec!["token"]),
+                    missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
+                },
                 GITHUB_SECRET_INCOMPLETE,
                 "Secret team/gh (spec.github.credentialsSecretRef) has no webhookSecret; it needs webhookSecret, \
                  and either token or appId, installationId and privateKey",
             ),
             (
-                Observed { provider: Some(&ready), github_keys: Some(vec!["appId"]), missing_secrets: vec![] },
+                Observed {
+                    provider: Some(&ready),
+                    github_keys: Some(vec!["appId"]),
+                    missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
+                },
                 GITHUB_SECRET_INCOMPLETE,
                 "Secret team/gh (spec.github.credentialsSecretRef) has no webhookSecret, installationId and \
                  privateKey; it needs webhookSecret, and either token or appId, installationId and privateKey",
             ),
             (
-                Observed { provider: Some(&ready), github_keys: Some(vec!["webhookSecret"]), missing_secrets: vec![] },
+                Observed {
+                    provider: Some(&ready),
+                    github_keys: Some(vec!["webhookSecret"]),
+                    missing_secrets: vec![],
+                    github: GitHubCheck::NotChecked,
+                },
                 GITHUB_SECRET_INCOMPLETE,
                 "Secret team/gh (spec.github.credentialsSecretRef) has no token (or appId, installationId and \
                  privateKey); it needs webhookSecret, and either token or appId, installationId and privateKey",
@@ -699,12 +856,18 @@ mod tests {
                     provider: Some(&ready),
                     github_keys: Some(vec!["token", "webhookSecret"]),
                     missing_secrets: vec!["db", "api"],
+                    github: GitHubCheck::NotChecked,
                 },
                 SECRET_NOT_FOUND,
                 "Secrets team/db and team/api (spec.secretRefs) not found",
             ),
             (
-                Observed { provider: None, github_keys: None, missing_secrets: vec!["db"] },
+                Observed {
+                    provider: None,
+                    github_keys: None,
+                    missing_secrets: vec!["db"],
+                    github: GitHubCheck::NotChecked,
+                },
                 CLOUD_PROVIDER_NOT_FOUND,
                 "CloudProvider team/aws (spec.cloudProviderRef) not found; Secret team/gh \
                  (spec.github.credentialsSecretRef) not found; it needs webhookSecret, and either token or appId, \
@@ -719,12 +882,64 @@ mod tests {
     }
 
     #[test]
+    fn githubs_answer_about_the_credentials_is_part_of_ready() {
+        let ready = provider(Some(("True", "")));
+        let observed = |github| Observed {
+            provider: Some(&ready),
+            github_keys: Some(vec!["token", "webhookSecret"]),
+            missing_secrets: vec![],
+            github,
+        };
+        let project = project(&[]);
+        let repository = &project.spec.repository;
+        let cases = [
+            (GitHubCheck::Accepted, true, REFERENCES_FOUND, format!("GitHub accepts the credentials for {repository}")),
+            (
+                GitHubCheck::Unanswered("GitHub answered GET /repos/a/b with 502: x".into()),
+                true,
+                REFERENCES_FOUND,
+                "GitHub could not be asked about the credentials (GitHub answered GET /repos/a/b with 502: x); asking again"
+                    .into(),
+            ),
+            (
+                GitHubCheck::Rejected("Bad credentials".into()),
+                false,
+                GITHUB_CREDENTIALS_REJECTED,
+                "GitHub refused the credentials in Secret team/gh (Bad credentials); replace them".into(),
+            ),
+            (
+                GitHubCheck::NoAccess,
+                false,
+                GITHUB_REPOSITORY_NOT_ACCESSIBLE,
+                format!(
+                    "GitHub shows the credentials in Secret team/gh no repository {repository}: install the App on \
+                     it, or give the token read access to it"
+                ),
+            ),
+            (
+                GitHubCheck::Invalid("privateKey is not an RSA private key in PEM (as GitHub gives it)".into()),
+                false,
+                GITHUB_SECRET_INVALID,
+                "Secret team/gh (spec.github.credentialsSecretRef): privateKey is not an RSA private key in PEM (as \
+                 GitHub gives it)"
+                    .into(),
+            ),
+        ];
+        for (check, is_ready, reason, message) in cases {
+            let found = readiness(&project, &observed(check));
+            assert_eq!((found.ready, found.reason), (is_ready, reason));
+            assert!(found.message.ends_with(&message), "{} does not end with {message}", found.message);
+        }
+    }
+
+    #[test]
     fn ready_says_what_was_found_and_what_was_not_checked() {
         let ready = provider(Some(("True", "")));
         let app = Observed {
             provider: Some(&ready),
             github_keys: Some(vec!["appId", "installationId", "privateKey", "webhookSecret"]),
             missing_secrets: vec![],
+            github: GitHubCheck::NotChecked,
         };
         let found = readiness(&project(&["db", "api"]), &app);
         assert_eq!(found.reason, REFERENCES_FOUND);
@@ -748,7 +963,7 @@ mod tests {
             "data": {"token": "czNjcmV0", "empty": "", "webhookSecret": "d2g="},
         }))
         .unwrap();
-        assert_eq!(key_names(secret), ["token", "webhookSecret"]);
+        assert_eq!(key_names(secret.data.unwrap()), ["token", "webhookSecret"]);
     }
 
     #[test]

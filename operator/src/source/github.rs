@@ -20,7 +20,12 @@ pub struct GitHubSource {
 impl GitHubSource {
     /// Reads through `github` with the credentials it finds through `client`; repositories it
     /// cannot read that way go to `fallback`. A read longer than `timeout` is abandoned.
-    pub fn new(github: Arc<GitHub>, client: kube::Client, fallback: Arc<dyn RepositorySource>, timeout: Duration) -> Self {
+    pub fn new(
+        github: Arc<GitHub>,
+        client: kube::Client,
+        fallback: Arc<dyn RepositorySource>,
+        timeout: Duration,
+    ) -> Self {
         Self { github, client, fallback, timeout }
     }
 

@@ -102,8 +102,19 @@ impl Stack {
         self.operator_with(true)
     }
 
-    /// Starts the operator binary against this stack, with `--allow-local-provider` or without.
+    /// Starts the operator binary against this stack, with `--allow-local-provider` or without;
+    /// GitHub is off.
     pub fn operator_with(&self, allow_local: bool) -> Operator {
+        self.operator_opts(allow_local, "off")
+    }
+
+    /// Starts the operator binary against this stack, `local` CloudProviders allowed, calling
+    /// GitHub at `github_api_url`.
+    pub fn operator_with_github(&self, github_api_url: &str) -> Operator {
+        self.operator_opts(true, github_api_url)
+    }
+
+    fn operator_opts(&self, allow_local: bool, github_api_url: &str) -> Operator {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
         let ops_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
@@ -142,6 +153,8 @@ impl Stack {
             .arg("2")
             .arg("--agent-connect-timeout-secs")
             .arg("180")
+            .arg("--github-api-url")
+            .arg(github_api_url)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -133,8 +133,8 @@ impl Context {
     }
 
     /// Clones GitHub repositories with short-lived tokens minted through `github`.
-    pub fn with_github(mut self, github: Arc<crate::github::GitHub>) -> Self {
-        self.github = Some(github);
+    pub fn with_github(mut self, github: Option<Arc<crate::github::GitHub>>) -> Self {
+        self.github = github;
         self
     }
 

@@ -104,8 +104,8 @@ impl Context {
     }
 
     /// Reads GitHub repositories through `github` (the contents API, clone tokens).
-    pub fn with_github(mut self, github: Arc<crate::github::GitHub>) -> Self {
-        self.github = Some(github);
+    pub fn with_github(mut self, github: Option<Arc<crate::github::GitHub>>) -> Self {
+        self.github = github;
         self
     }
 
