@@ -33,10 +33,6 @@ pub const GITHUB_UPDATED_AT: &str = "stagely.dev/github-updated-at";
 /// draft). A late webhook about an older state of that pull request creates nothing: a
 /// `synchronize` delivered after `closed` does not resurrect the preview. Kept for a week.
 pub const PULL_REQUEST_REMOVED_PREFIX: &str = "stagely.dev/removed-pr-";
-/// Annotation: the id of the sticky PR comment Stagely keeps updated.
-pub const GITHUB_COMMENT_ID: &str = "stagely.dev/github-comment-id";
-/// Annotation: the id of the GitHub Deployment of an Environment.
-pub const GITHUB_DEPLOYMENT_ID: &str = "stagely.dev/github-deployment-id";
 
 /// The annotation on a Project recording when pull request `number`'s Environment was removed
 /// (see [`PULL_REQUEST_REMOVED_PREFIX`]).
@@ -53,10 +49,13 @@ pub const CANCEL: &str = "stagely.dev/cancel";
 /// it no memory and is deleted at once.
 pub const SETTLED: &str = "stagely.dev/settled";
 
-/// Finalizer: an Environment's VM, route and GitHub deployment are cleaned up before it goes.
+/// Finalizer: an Environment's VM, route, builds and images are cleaned up before it goes.
 pub const ENVIRONMENT_FINALIZER: &str = "stagely.dev/environment-cleanup";
 /// Finalizer: a BuildJob's builder VM is terminated before it goes.
 pub const BUILDJOB_FINALIZER: &str = "stagely.dev/buildjob-cleanup";
+/// Finalizer: an Environment's GitHub Deployment is marked inactive and its pull request comment
+/// says the preview is gone before the Environment goes.
+pub const GITHUB_FEEDBACK_FINALIZER: &str = "stagely.dev/github-feedback";
 /// Finalizer: a CloudProvider stays while VMs it started still exist.
 pub const CLOUDPROVIDER_FINALIZER: &str = "stagely.dev/cloudprovider-protection";
 
@@ -64,6 +63,9 @@ pub const CLOUDPROVIDER_FINALIZER: &str = "stagely.dev/cloudprovider-protection"
 pub const MANAGER_WEBHOOK: &str = "stagely-webhook-receiver";
 /// Server-side apply field manager of the operator's controllers.
 pub const MANAGER_OPERATOR: &str = "stagely-operator";
+/// Server-side apply field manager of the operator's GitHub feedback (`status.github` and the
+/// `GitHubFeedback` condition of Environments).
+pub const MANAGER_GITHUB_FEEDBACK: &str = "stagely-github-feedback";
 
 /// Tag/label keys Stagely puts on cloud instances, so the orphan sweep can find them.
 pub mod cloud_tags {
@@ -94,8 +96,7 @@ mod tests {
             GITHUB_DELIVERY,
             GITHUB_UPDATED_AT,
             pull_request_removed(i64::MAX).as_str(),
-            GITHUB_COMMENT_ID,
-            GITHUB_DEPLOYMENT_ID,
+            GITHUB_FEEDBACK_FINALIZER,
             CANCEL,
             ENVIRONMENT_FINALIZER,
             BUILDJOB_FINALIZER,

@@ -316,6 +316,7 @@ async fn run_operator(
                 Duration::from_secs(pipeline.agent_connect_timeout_secs),
             )
             .with_github(github.clone());
+    let feedback = github.clone().map(|github| Arc::new(controllers::feedback::Context::new(client.clone(), github)));
     let build_jobs = controllers::buildjob::Context::new(
         client,
         gateway.clone(),
@@ -352,6 +353,11 @@ async fn run_operator(
             controllers::project::run(Arc::new(projects), ops::shutdown_signal()),
             controllers::environment::run(environments, ops::shutdown_signal()),
             controllers::buildjob::run(Arc::new(build_jobs), ops::shutdown_signal()),
+            async {
+                if let Some(github) = feedback {
+                    controllers::feedback::run(github, ops::shutdown_signal()).await;
+                }
+            },
         );
         Ok(())
     };

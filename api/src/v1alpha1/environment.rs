@@ -161,6 +161,49 @@ pub struct EnvironmentStatus {
     /// Registry tags (`<repository>:<tag>`) this environment's runs pushed, deleted with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registry_tags: Vec<String>,
+
+    /// What the pull request was told on GitHub: its Deployment and its comment. Written by the
+    /// operator's GitHub feedback, which also sets the `GitHubFeedback` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<GitHubFeedbackStatus>,
+}
+
+/// The condition type the GitHub feedback sets on an Environment.
+pub const GITHUB_FEEDBACK_CONDITION: &str = "GitHubFeedback";
+
+/// What an Environment's pull request was told on GitHub.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GitHubFeedbackStatus {
+    /// The GitHub Deployment of the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<GitHubDeployment>,
+
+    /// The id of the pull request comment Stagely keeps up to date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment_id: Option<i64>,
+
+    /// A digest of the comment's last written text: it is edited only when the text changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub comment_digest: Option<String>,
+}
+
+/// A GitHub Deployment and the last status it was given.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GitHubDeployment {
+    /// GitHub's id of the Deployment.
+    pub id: i64,
+
+    /// The commit it deploys.
+    #[schemars(length(max = 64))]
+    pub sha: String,
+
+    /// The last status given: `in_progress`, `success`, `failure` or `inactive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub state: Option<String>,
 }
 
 /// A deployment of the app onto the preview VM.
@@ -229,4 +272,10 @@ pub struct RunBuild {
     /// The pushed image, by digest, once built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// When the build started on its builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
 }

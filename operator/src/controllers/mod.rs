@@ -6,6 +6,7 @@ pub mod cloudprovider;
 pub mod conditions;
 pub mod environment;
 pub mod events;
+pub mod feedback;
 pub mod follow;
 pub mod project;
 pub mod vm;

@@ -26,7 +26,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
 use stagely_api::v1alpha1::{
-    BuildJob, BuildJobPhase, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus, Project,
+    BuildJob, BuildJobPhase, CloudProvider, Environment, EnvironmentPhase, EnvironmentStatus,
+    GITHUB_FEEDBACK_CONDITION, Project,
 };
 
 use self::plan::{ConfigState, Observed};
@@ -264,30 +265,47 @@ fn slim_job(job: &mut BuildJob) {
     }
 }
 
-/// What of an Environment a reconcile acts on: all but `status.lastHeartbeat`, which the gateway
-/// writes about once a minute for every preview agent and which changes no decision. At
-/// thousands of Environments those writes would otherwise wake dozens of reconciles a second.
+/// The part of a status this controller writes: all but the gateway's `lastHeartbeat` and the
+/// GitHub feedback's `github` and `GitHubFeedback` condition, which are other writers' own.
+fn own_part(status: &EnvironmentStatus) -> EnvironmentStatus {
+    let mut own = status.clone();
+    own.last_heartbeat = None;
+    own.github = None;
+    own.conditions.retain(|c| c.type_ != GITHUB_FEEDBACK_CONDITION);
+    own
+}
+
+/// `own` with the other writers' fields of `from` put back.
+fn with_others(mut own: EnvironmentStatus, from: &EnvironmentStatus) -> EnvironmentStatus {
+    own.last_heartbeat = from.last_heartbeat.clone();
+    own.github = from.github.clone();
+    own.conditions.retain(|c| c.type_ != GITHUB_FEEDBACK_CONDITION);
+    own.conditions.extend(from.conditions.iter().filter(|c| c.type_ == GITHUB_FEEDBACK_CONDITION).cloned());
+    own
+}
+
+/// What of an Environment a reconcile acts on: all but the other writers' fields (see
+/// [`own_part`]). The gateway writes `lastHeartbeat` about once a minute for every preview agent
+/// and it changes no decision: at thousands of Environments those writes would otherwise wake
+/// dozens of reconciles a second; nor does what GitHub was told.
 fn beyond_heartbeat(env: &Environment) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     let meta = &env.metadata;
     (meta.generation, meta.deletion_timestamp.is_some(), &meta.finalizers, &meta.labels, &meta.annotations)
         .hash(&mut hasher);
-    let mut status = env.status.clone().unwrap_or_default();
-    status.last_heartbeat = None;
+    let status = own_part(&env.status.clone().unwrap_or_default());
     serde_json::to_string(&status).ok()?.hash(&mut hasher);
     Some(hasher.finish())
 }
 
 /// `env` with the status this controller last wrote, while the watch cache shows an older one.
 fn latest(env: Arc<Environment>, ctx: &Context) -> Arc<Environment> {
-    let mut cached = env.status.clone().unwrap_or_default();
-    let heartbeat = cached.last_heartbeat.take();
-    match ctx.written.newer(&env.uid().unwrap_or_default(), &cached) {
-        Some(mut newer) => {
-            newer.last_heartbeat = heartbeat;
+    let cached = env.status.clone().unwrap_or_default();
+    match ctx.written.newer(&env.uid().unwrap_or_default(), &own_part(&cached)) {
+        Some(newer) => {
             let mut env = Environment::clone(&env);
-            env.status = Some(newer);
+            env.status = Some(with_others(newer, &cached));
             Arc::new(env)
         }
         None => env,
@@ -390,11 +408,8 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
     // images of a superseded run) is removed, which a merge patch would leave behind. The
     // gateway's `lastHeartbeat` is its own and never part of it.
     let previous = env.status.clone().unwrap_or_default();
-    let mut applied = status.clone();
-    applied.last_heartbeat = None;
-    let mut before = previous.clone();
-    before.last_heartbeat = None;
-    if before != applied {
+    let applied = own_part(&status);
+    if own_part(&previous) != applied {
         let patch = json!({
             "apiVersion": "stagely.dev/v1alpha1",
             "kind": "Environment",
@@ -404,9 +419,7 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
             .patch_status(&name, &PatchParams::apply(keys::MANAGER_OPERATOR).force(), &Patch::Apply(&patch))
             .await
             .map_err(kube_error("write the status"))?;
-        let mut written = status.clone();
-        written.last_heartbeat = None;
-        ctx.written.wrote(&env.uid().unwrap_or_default(), &written);
+        ctx.written.wrote(&env.uid().unwrap_or_default(), &applied);
     }
     record_transitions(env, &previous, &status, ctx).await;
 

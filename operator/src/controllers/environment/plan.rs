@@ -247,6 +247,8 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
                 platform: want.spec.platform,
                 phase: Some(BuildJobPhase::Queued),
                 image: None,
+                started_at: None,
+                finished_at: None,
             });
             continue;
         };
@@ -270,6 +272,8 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
             platform: job.spec.platform,
             phase: Some(phase),
             image,
+            started_at: job_status.started_at.clone(),
+            finished_at: job_status.finished_at.clone(),
         });
     }
     let run = status.run.get_or_insert_with(RunStatus::default);

@@ -978,6 +978,8 @@ mod tests {
             platform,
             phase: None,
             image: None,
+            started_at: None,
+            finished_at: None,
         };
         let mut status = EnvironmentStatus {
             run: Some(RunStatus {
