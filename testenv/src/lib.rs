@@ -10,6 +10,7 @@ pub mod pki;
 pub mod registry;
 pub mod server;
 mod spawn;
+pub mod tap;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,53 +1,115 @@
-//! The Projects and their webhook secrets, kept in process by watches (reflectors): a delivery
-//! is verified without an apiserver call.
+//! The Projects and their webhook secrets, kept in process: a delivery is verified without an
+//! apiserver call.
 //!
-//! The Secret watch covers every Secret the receiver may read, but the cache keeps only each
-//! Secret's `webhookSecret` (no other key, no annotation: `kubectl apply` copies a Secret's data
-//! into one), so its memory grows with the Secrets, not with their contents.
+//! Projects are watched whole. Secrets are watched by their metadata only, so no Secret's data
+//! reaches the receiver by the watch; the Secrets that Projects reference
+//! (`spec.github.credentialsSecretRef`) are read by name in the background, when a Project starts
+//! referencing one and whenever the watch shows it at another `resourceVersion`. Of a Secret
+//! read only its `webhookSecret` is kept, and only while a Project references the Secret and
+//! the Secret exists.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use stagely_api::backoff::Backoff;
 use stagely_api::v1alpha1::Project;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// The key of a credentials Secret holding the webhook secret.
 pub const WEBHOOK_SECRET_KEY: &str = "webhookSecret";
+
+/// How long one read of a Secret may take before it counts as failed.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Secrets read at once (when the receiver starts, every referenced one is read).
+const READS_AT_ONCE: usize = 8;
+/// The first and the longest wait before a failed read is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A Project a delivery may be for, with its webhook secret if the cache has one.
 pub struct Candidate {
     /// The Project.
     pub project: Arc<Project>,
-    /// Its credentials Secret's `webhookSecret`, if the Secret exists and holds one.
-    pub secret: Option<Arc<Secret>>,
+    /// Its credentials Secret's `webhookSecret`, if the Secret was read and holds a non-empty one.
+    pub secret: Option<Arc<[u8]>>,
 }
 
 impl Candidate {
     /// The webhook secret's bytes.
     pub fn webhook_secret(&self) -> Option<&[u8]> {
-        let data = self.secret.as_ref()?.data.as_ref()?;
-        data.get(WEBHOOK_SECRET_KEY).map(|value| value.0.as_slice()).filter(|value| !value.is_empty())
+        self.secret.as_deref()
     }
+}
+
+/// Why a referenced Secret could not be read. No variant carries any of the Secret's data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver did not answer in time.
+    #[error("failed to read the Secret {namespace}/{name}: no answer within {READ_TIMEOUT:?}")]
+    Timeout {
+        /// The Secret's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The answer could not be decoded. The decoder's message is left out: it may quote the
+    /// Secret's data.
+    #[error("failed to read the Secret {namespace}/{name}: its answer could not be decoded")]
+    Undecodable {
+        /// The Secret's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The apiserver refused, or could not be reached.
+    #[error("failed to read the Secret {namespace}/{name}: {source}")]
+    Kube {
+        /// The Secret's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The cause.
+        source: kube::Error,
+    },
 }
 
 /// The cache; see the module documentation.
 pub struct Cache {
     projects: Store<Project>,
-    secrets: Store<Secret>,
+    /// Every Secret's name and `resourceVersion`: which exist, and which changed.
+    secrets: Store<PartialObjectMeta<Secret>>,
+    /// The referenced Secrets as read.
+    read: RwLock<HashMap<ObjectRef<Secret>, Read>>,
     ready: AtomicBool,
 }
 
+/// A referenced Secret as read (no `Debug`: it holds the webhook secret).
+struct Read {
+    /// The `resourceVersion` the watch showed when it was read (the read may have found a newer
+    /// one): it is read again when the watch shows another.
+    version: String,
+    /// Its `webhookSecret`, if non-empty.
+    webhook_secret: Option<Arc<[u8]>>,
+}
+
 impl Cache {
-    /// Starts watching Projects and Secrets in every namespace; the watches run as long as the
-    /// returned future is polled.
+    /// Starts watching Projects and Secrets' metadata in every namespace, and reading the
+    /// referenced Secrets; all of it runs as long as the returned future is polled.
     pub fn start(client: Client) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
         let (projects, project_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
-        let cache = Arc::new(Self { projects, secrets, ready: AtomicBool::new(false) });
+        let cache = Arc::new(Self { projects, secrets, read: RwLock::default(), ready: AtomicBool::new(false) });
+        // Any change of either store may change what is to be read; a burst of them is one pass.
+        let changed = Arc::new(Notify::new());
         let project_watch = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(|project: &mut Project| {
@@ -56,44 +118,42 @@ impl Cache {
                 project.status = None;
             })
             .reflect(project_writer)
-            .for_each(|event| async move {
-                if let Err(err) = event {
-                    tracing::warn!(%err, "the Project watch failed; retrying");
+            .for_each({
+                let changed = changed.clone();
+                move |event| {
+                    match event {
+                        Ok(_) => changed.notify_one(),
+                        Err(err) => tracing::warn!(%err, "the Project watch failed; retrying"),
+                    }
+                    async {}
                 }
             });
-        let secret_watch = watcher(Api::<Secret>::all(client), watcher::Config::default())
+        let secret_watch = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default())
             .default_backoff()
-            .modify(|secret: &mut Secret| {
+            .modify(|secret: &mut PartialObjectMeta<Secret>| {
                 secret.metadata.managed_fields = None;
                 secret.metadata.annotations = None;
                 secret.metadata.labels = None;
-                secret.string_data = None;
-                if let Some(data) = &mut secret.data {
-                    data.retain(|key, _| key == WEBHOOK_SECRET_KEY);
-                }
             })
             .reflect(secret_writer)
-            .for_each(|event| async move {
-                if let Err(err) = event {
-                    tracing::warn!(%err, "the Secret watch failed; retrying");
+            .for_each({
+                let changed = changed.clone();
+                move |event| {
+                    match event {
+                        Ok(_) => changed.notify_one(),
+                        Err(err) => tracing::warn!(%err, "the Secret metadata watch failed; retrying"),
+                    }
+                    async {}
                 }
             });
-        let ready = {
-            let cache = cache.clone();
-            async move {
-                if cache.projects.wait_until_ready().await.is_ok() && cache.secrets.wait_until_ready().await.is_ok() {
-                    cache.ready.store(true, Ordering::Release);
-                    tracing::info!(projects = cache.projects.len(), "the Project and Secret caches are ready");
-                }
-            }
-        };
+        let reads = cache.clone().keep_read(client, changed);
         let run = async move {
-            tokio::join!(project_watch, secret_watch, ready);
+            tokio::join!(project_watch, secret_watch, reads);
         };
         (cache, run)
     }
 
-    /// Whether both watches have listed once.
+    /// Whether both watches have listed once and every referenced Secret has been read since.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -109,14 +169,213 @@ impl Cache {
             }),
             (None, None) => Vec::new(),
         };
+        let read = self.read.read().unwrap_or_else(|e| e.into_inner());
         projects
             .into_iter()
             .map(|project| {
-                let name = &project.spec.github.credentials_secret_ref.name;
-                let key = ObjectRef::new(name).within(&project.namespace().unwrap_or_default());
-                let secret = self.secrets.get(&key);
+                let secret = read.get(&credentials_secret(&project)).and_then(|r| r.webhook_secret.clone());
                 Candidate { project, secret }
             })
             .collect()
+    }
+
+    /// Once both watches have listed, brings the Secrets read up to date with the stores after
+    /// every change of either, and retries failed reads with backoff; marks the cache ready
+    /// after the first pass that leaves no referenced Secret unread.
+    async fn keep_read(self: Arc<Self>, client: Client, changed: Arc<Notify>) {
+        if self.projects.wait_until_ready().await.is_err() || self.secrets.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut retries = HashMap::new();
+        loop {
+            self.pass(&client, &mut retries).await;
+            if retries.is_empty() && !self.ready.swap(true, Ordering::AcqRel) {
+                let read = self.read.read().unwrap_or_else(|e| e.into_inner()).len();
+                tracing::info!(
+                    projects = self.projects.len(),
+                    secrets_read = read,
+                    "the Project and Secret caches are ready"
+                );
+            }
+            let next_retry = retries.values().map(|retry: &Retry| retry.at).min();
+            tokio::select! {
+                () = changed.notified() => {}
+                () = sleep_until(next_retry) => {}
+            }
+        }
+    }
+
+    /// One pass: drops what is no longer wanted, and reads the Secrets due (those `plan` picks
+    /// whose retry, if any, is due). `retries` keeps the Secrets whose read failed.
+    async fn pass(&self, client: &Client, retries: &mut HashMap<ObjectRef<Secret>, Retry>) {
+        let watched: HashMap<ObjectRef<Secret>, Option<String>> = self
+            .projects
+            .state()
+            .iter()
+            .map(|project| credentials_secret(project))
+            .map(|key| {
+                let meta = self.secrets.get(&key.clone().into_kind_unchecked(()));
+                (key, meta.map(|meta| meta.metadata.resource_version.clone().unwrap_or_default()))
+            })
+            .collect();
+        let versions: HashMap<ObjectRef<Secret>, String> = {
+            let read = self.read.read().unwrap_or_else(|e| e.into_inner());
+            read.iter().map(|(key, read)| (key.clone(), read.version.clone())).collect()
+        };
+        let plan = plan(&watched, &versions);
+        // A Secret no longer referenced, or gone, needs no retry.
+        retries.retain(|key, _| plan.read.iter().any(|(to_read, _)| to_read == key));
+
+        let now = Instant::now();
+        let due: Vec<_> =
+            plan.read.into_iter().filter(|(key, _)| retries.get(key).is_none_or(|retry| retry.at <= now)).collect();
+        let results: Vec<_> = stream::iter(due)
+            .map(|(key, version)| {
+                let client = client.clone();
+                async move {
+                    let result = read_webhook_secret(&client, &key).await;
+                    (key, version, result)
+                }
+            })
+            .buffer_unordered(READS_AT_ONCE)
+            .collect()
+            .await;
+
+        let mut read = self.read.write().unwrap_or_else(|e| e.into_inner());
+        for key in &plan.drop {
+            read.remove(key);
+        }
+        for (key, version, result) in results {
+            match result {
+                Ok(webhook_secret) => {
+                    retries.remove(&key);
+                    read.insert(key, Read { version, webhook_secret });
+                }
+                Err(err) => {
+                    let retry = retries
+                        .entry(key)
+                        .or_insert_with(|| Retry { backoff: Backoff::new(RETRY_FIRST, RETRY_MAX), at: now });
+                    let delay = retry.backoff.next_delay();
+                    retry.at = Instant::now() + delay;
+                    tracing::warn!(error = %err, retry_in = ?delay, "a credentials Secret could not be read; retrying");
+                }
+            }
+        }
+    }
+}
+
+/// When a Secret whose read failed is read again.
+struct Retry {
+    backoff: Backoff,
+    at: Instant,
+}
+
+/// Waits until `at`; without one, forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The credentials Secret `project` references (in its namespace).
+fn credentials_secret(project: &Project) -> ObjectRef<Secret> {
+    ObjectRef::new(&project.spec.github.credentials_secret_ref.name).within(&project.namespace().unwrap_or_default())
+}
+
+/// What one pass does; see [`plan`].
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    /// The Secrets to read, with the `resourceVersion` the watch shows.
+    read: Vec<(ObjectRef<Secret>, String)>,
+    /// The Secrets read to forget.
+    drop: Vec<ObjectRef<Secret>>,
+}
+
+/// From `watched` (each referenced Secret with the `resourceVersion` the watch shows, `None` if
+/// there is no such Secret) and `read` (each Secret read, with the version the watch showed
+/// then): the referenced Secrets that exist and were not read at the version shown are to be
+/// read, and those read that are no longer referenced or no longer exist are to be forgotten.
+fn plan(watched: &HashMap<ObjectRef<Secret>, Option<String>>, read: &HashMap<ObjectRef<Secret>, String>) -> Plan {
+    let to_read = watched
+        .iter()
+        .filter_map(|(key, shown)| Some((key, shown.as_ref()?)))
+        .filter(|(key, shown)| read.get(*key) != Some(*shown))
+        .map(|(key, shown)| (key.clone(), shown.clone()))
+        .collect();
+    let to_drop = read.keys().filter(|key| !matches!(watched.get(*key), Some(Some(_)))).cloned().collect();
+    Plan { read: to_read, drop: to_drop }
+}
+
+/// Reads the Secret `key` and keeps its `webhookSecret` if non-empty (`None` too if the Secret
+/// is gone since the watch showed it: the watch will say so).
+async fn read_webhook_secret(client: &Client, key: &ObjectRef<Secret>) -> Result<Option<Arc<[u8]>>, Error> {
+    let (namespace, name) = (key.namespace.clone().unwrap_or_default(), key.name.clone());
+    let api = Api::<Secret>::namespaced(client.clone(), &namespace);
+    let secret = match tokio::time::timeout(READ_TIMEOUT, api.get_opt(&name)).await {
+        Ok(Ok(secret)) => secret,
+        Err(_) => return Err(Error::Timeout { namespace, name }),
+        Ok(Err(kube::Error::SerdeError(_))) => return Err(Error::Undecodable { namespace, name }),
+        Ok(Err(source)) => return Err(Error::Kube { namespace, name, source }),
+    };
+    let webhook_secret = secret
+        .and_then(|secret| secret.data)
+        .and_then(|mut data| data.remove(WEBHOOK_SECRET_KEY))
+        .filter(|value| !value.0.is_empty())
+        .map(|value| Arc::from(value.0));
+    Ok(webhook_secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectRef<Secret> {
+        ObjectRef::new(name).within("team")
+    }
+
+    fn watched(entries: &[(&str, Option<&str>)]) -> HashMap<ObjectRef<Secret>, Option<String>> {
+        entries.iter().map(|(name, version)| (key(name), version.map(str::to_owned))).collect()
+    }
+
+    fn read(entries: &[(&str, &str)]) -> HashMap<ObjectRef<Secret>, String> {
+        entries.iter().map(|(name, version)| (key(name), (*version).to_owned())).collect()
+    }
+
+    fn sorted(mut plan: Plan) -> Plan {
+        plan.read.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        plan.drop.sort_by(|a, b| a.name.cmp(&b.name));
+        plan
+    }
+
+    #[test]
+    fn a_newly_referenced_secret_is_read_at_the_version_shown() {
+        let plan = plan(&watched(&[("github", Some("7"))]), &read(&[]));
+        assert_eq!(plan, Plan { read: vec![(key("github"), "7".into())], drop: vec![] });
+    }
+
+    #[test]
+    fn a_secret_read_at_the_version_shown_is_not_read_again() {
+        let plan = plan(&watched(&[("github", Some("7"))]), &read(&[("github", "7")]));
+        assert_eq!(plan, Plan::default());
+    }
+
+    #[test]
+    fn a_secret_shown_at_another_version_is_read_again() {
+        let plan = plan(&watched(&[("github", Some("9"))]), &read(&[("github", "7")]));
+        assert_eq!(plan, Plan { read: vec![(key("github"), "9".into())], drop: vec![] });
+    }
+
+    #[test]
+    fn a_referenced_secret_that_does_not_exist_is_not_read_and_forgotten_once_deleted() {
+        assert_eq!(plan(&watched(&[("github", None)]), &read(&[])), Plan::default());
+        let plan = plan(&watched(&[("github", None)]), &read(&[("github", "7")]));
+        assert_eq!(plan, Plan { read: vec![], drop: vec![key("github")] });
+    }
+
+    #[test]
+    fn a_secret_no_project_references_is_forgotten_and_the_new_reference_read() {
+        let plan = sorted(plan(&watched(&[("second", Some("3"))]), &read(&[("first", "7")])));
+        assert_eq!(plan, Plan { read: vec![(key("second"), "3".into())], drop: vec![key("first")] });
     }
 }

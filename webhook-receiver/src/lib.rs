@@ -2,10 +2,10 @@
 //! Environment objects.
 //!
 //! A delivery is answered at once ([`server`]): verified against the webhook secrets of the
-//! Projects bound to its repository ([`cache`], kept by watches), deduplicated
-//! ([`deliveries`]), decided ([`plan`]) and queued ([`queue`]). Workers then write the
-//! Environments ([`writer`]), with retries, in the background. `/healthz`, `/readyz` and
-//! `/metrics` are served on the operations address.
+//! Projects bound to its repository ([`cache`], kept by watches and reads of the referenced
+//! Secrets), deduplicated ([`deliveries`]), decided ([`plan`]) and queued ([`queue`]). Workers
+//! then write the Environments ([`writer`]), with retries, in the background. `/healthz`,
+//! `/readyz` and `/metrics` are served on the operations address.
 
 #![forbid(unsafe_code)]
 

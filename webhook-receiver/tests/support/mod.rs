@@ -52,19 +52,21 @@ impl Team {
         Self { namespace: namespace.into(), client }
     }
 
+    /// Creates the Secret `name` holding `data`.
+    pub async fn secret(&self, name: &str, data: &[(&str, &str)]) -> Secret {
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            string_data: Some(data.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()),
+            ..Default::default()
+        };
+        self.secrets().create(&PostParams::default(), &secret).await.unwrap()
+    }
+
     /// Creates Project `name` bound to `repository` with `trigger` (JSON), and its credentials
     /// Secret `<name>-github` whose `webhookSecret` is `secret`.
     pub async fn project(&self, name: &str, repository: &str, secret: &str, trigger: Value) -> Project {
-        let pp = PostParams::default();
-        let secret = Secret {
-            metadata: ObjectMeta { name: Some(format!("{name}-github")), ..Default::default() },
-            string_data: Some(BTreeMap::from([
-                ("token".to_owned(), "ghp_not_used_by_the_receiver".to_owned()),
-                ("webhookSecret".to_owned(), secret.to_owned()),
-            ])),
-            ..Default::default()
-        };
-        Api::<Secret>::namespaced(self.client.clone(), &self.namespace).create(&pp, &secret).await.unwrap();
+        let credentials = format!("{name}-github");
+        self.secret(&credentials, &[("token", "ghp_not_used_by_the_receiver"), ("webhookSecret", secret)]).await;
         let project: Project = serde_json::from_value(serde_json::json!({
             "apiVersion": "stagely.dev/v1alpha1", "kind": "Project",
             "metadata": {"name": name, "namespace": self.namespace},
@@ -72,12 +74,20 @@ impl Team {
                 "repository": repository,
                 "cloudProviderRef": {"name": "local"},
                 "previewDomain": "preview.example.com",
-                "github": {"credentialsSecretRef": {"name": format!("{name}-github")}},
+                "github": {"credentialsSecretRef": {"name": credentials}},
                 "trigger": trigger,
             },
         }))
         .unwrap();
-        Api::<Project>::namespaced(self.client.clone(), &self.namespace).create(&pp, &project).await.unwrap()
+        Api::<Project>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &project)
+            .await
+            .unwrap()
+    }
+
+    /// The Secrets of this namespace.
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
     }
 
     /// The Environments of this namespace.
