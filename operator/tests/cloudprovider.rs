@@ -13,8 +13,8 @@ mod logs;
 #[allow(dead_code)]
 #[path = "support/prism.rs"]
 mod prism;
-#[path = "support/tap.rs"]
-mod tap;
+
+use stagely_testenv::tap;
 
 use std::collections::BTreeMap;
 use std::process::Command;

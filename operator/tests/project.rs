@@ -6,8 +6,8 @@
 
 #[path = "support/logs.rs"]
 mod logs;
-#[path = "support/tap.rs"]
-mod tap;
+
+use stagely_testenv::tap;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
