@@ -18,6 +18,7 @@ pub mod names;
 #[cfg(feature = "ops")]
 pub mod ops;
 pub mod protocol;
+pub mod pull_request;
 pub mod route;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -5,9 +5,9 @@ use std::borrow::Cow;
 
 use axum::http;
 use hmac::{Hmac, KeyInit, Mac};
-use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use sha2::Sha256;
+pub use stagely_api::pull_request::{Account, Branch, GitHubPullRequest, Label, Repository};
 
 /// Header: the event's name (`pull_request`, `ping`, `push`, …).
 pub const EVENT_HEADER: &str = "x-github-event";
@@ -108,27 +108,13 @@ pub struct Envelope {
     pub organization: Option<Account>,
 }
 
-/// A repository.
-#[derive(Debug, Deserialize)]
-pub struct Repository {
-    /// `owner/name`.
-    pub full_name: String,
-}
-
-/// A user or an organization.
-#[derive(Debug, Deserialize)]
-pub struct Account {
-    /// The login.
-    pub login: String,
-}
-
 /// A `pull_request` event.
 #[derive(Debug, Deserialize)]
 pub struct PullRequestEvent {
     /// `opened`, `synchronize`, `closed`, …
     pub action: String,
     /// The pull request as it is after the action.
-    pub pull_request: PullRequest,
+    pub pull_request: GitHubPullRequest,
     /// The repository the pull request merges into.
     pub repository: Repository,
     /// For `edited`: what changed.
@@ -137,51 +123,6 @@ pub struct PullRequestEvent {
     /// For `labeled` and `unlabeled`: the label added or removed.
     #[serde(default)]
     pub label: Option<Label>,
-}
-
-/// The fields of a pull request the receiver uses.
-#[derive(Debug, Deserialize)]
-pub struct PullRequest {
-    /// The pull request number.
-    pub number: i64,
-    /// `open` or `closed`.
-    pub state: String,
-    /// Whether it is a draft.
-    #[serde(default)]
-    pub draft: bool,
-    /// When it last changed: orders deliveries, which GitHub does not promise to send in order.
-    pub updated_at: Timestamp,
-    /// Its web address.
-    pub html_url: String,
-    /// Its author.
-    pub user: Account,
-    /// The branch it comes from.
-    pub head: Branch,
-    /// The branch it merges into.
-    pub base: Branch,
-    /// Its labels after the action.
-    #[serde(default)]
-    pub labels: Vec<Label>,
-}
-
-/// One end of a pull request.
-#[derive(Debug, Deserialize)]
-pub struct Branch {
-    /// The commit.
-    pub sha: String,
-    /// The branch name.
-    #[serde(rename = "ref")]
-    pub ref_: String,
-    /// The repository; `null` when a fork was deleted.
-    #[serde(default)]
-    pub repo: Option<Repository>,
-}
-
-/// A label.
-#[derive(Debug, Deserialize)]
-pub struct Label {
-    /// Its name.
-    pub name: String,
 }
 
 /// What an `edited` event changed; only a base change matters.

@@ -7,7 +7,9 @@
 //! about an older state changes nothing.
 
 use k8s_openapi::jiff::Timestamp;
-use stagely_api::v1alpha1::{PullRequest, Trigger, TriggerMode};
+use stagely_api::pull_request;
+pub use stagely_api::pull_request::Removal;
+use stagely_api::v1alpha1::{PullRequest, Trigger};
 
 use crate::github::PullRequestEvent;
 
@@ -86,31 +88,6 @@ pub enum Intent {
     },
 }
 
-/// Why a pull request has no preview.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Removal {
-    /// It is closed.
-    Closed,
-    /// It comes from a fork and the Project does not preview forks.
-    Fork,
-    /// It is a draft and the Project does not preview drafts.
-    Draft,
-    /// It lacks the Project's trigger label.
-    NoLabel,
-}
-
-impl Removal {
-    /// What a user reads in the webhook's answer and the logs.
-    pub fn message(self) -> &'static str {
-        match self {
-            Removal::Closed => "the pull request is closed",
-            Removal::Fork => "pull requests from forks are not previewed (the Project's spec.trigger.forks is false)",
-            Removal::Draft => "draft pull requests are not previewed (the Project's spec.trigger.drafts is false)",
-            Removal::NoLabel => "the pull request lacks the Project's trigger label (spec.trigger.label)",
-        }
-    }
-}
-
 /// What `event` asks of a Project whose trigger is `trigger`; `None` when the receiver ignores
 /// the action (or an `edited` that did not change the base branch). An error says which field
 /// of the pull request cannot make an Environment.
@@ -119,58 +96,26 @@ pub fn intent(event: &PullRequestEvent, action: Action, trigger: &Trigger) -> Re
     if action == Action::Edited && event.changes.as_ref().is_none_or(|changes| changes.base.is_none()) {
         return Ok(None);
     }
-    let remove = |reason, transition| Ok(Some(Intent::Remove { reason, transition }));
-    if action == Action::Closed || pr.state != "open" {
-        return remove(Removal::Closed, action == Action::Closed);
+    if action == Action::Closed {
+        return Ok(Some(Intent::Remove { reason: Removal::Closed, transition: true }));
     }
-    let base = &event.repository.full_name;
-    let fork = pr.head.repo.as_ref().is_none_or(|head| !head.full_name.eq_ignore_ascii_case(base));
-    if fork && !trigger.forks {
-        return remove(Removal::Fork, false);
-    }
-    if pr.draft && !trigger.drafts {
-        return remove(Removal::Draft, action == Action::ConvertedToDraft);
-    }
-    if trigger.mode == TriggerMode::Label {
-        let label = trigger.label.as_deref().unwrap_or_default();
-        if !pr.labels.iter().any(|l| l.name == label) {
-            let removed = action == Action::Unlabeled && event.label.as_ref().is_some_and(|l| l.name == label);
-            return remove(Removal::NoLabel, removed);
+    Ok(Some(match pull_request::wanted(pr, &event.repository.full_name, trigger)? {
+        Ok(pr) => Intent::Preview(pr),
+        Err(reason) => {
+            // The event that turned the preview off, as opposed to one about a pull request
+            // that had none.
+            let transition = match reason {
+                Removal::Closed => false,
+                Removal::Fork => false,
+                Removal::Draft => action == Action::ConvertedToDraft,
+                Removal::NoLabel => {
+                    let label = trigger.label.as_deref().unwrap_or_default();
+                    action == Action::Unlabeled && event.label.as_ref().is_some_and(|l| l.name == label)
+                }
+            };
+            Intent::Remove { reason, transition }
         }
-    }
-    preview(event).map(|pr| Some(Intent::Preview(pr)))
-}
-
-/// The Environment's `spec.pullRequest`, checked against the CRD's rules here so that a bad
-/// value is answered with 400 now rather than failing later, after the answer.
-fn preview(event: &PullRequestEvent) -> Result<PullRequest, String> {
-    let pr = &event.pull_request;
-    let sha = &pr.head.sha;
-    if !matches!(sha.len(), 40 | 64) || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(format!(
-            "pull_request.head.sha: {sha:?} is not a full lowercase hex commit id (40 or 64 characters)"
-        ));
-    }
-    for (field, value) in [("pull_request.head.ref", &pr.head.ref_), ("pull_request.base.ref", &pr.base.ref_)] {
-        if value.is_empty() || value.len() > 255 {
-            return Err(format!("{field}: a branch name must be 1 to 255 characters long"));
-        }
-    }
-    if pr.user.login.len() > 39 {
-        return Err("pull_request.user.login: a GitHub login is at most 39 characters long".into());
-    }
-    let url = &pr.html_url;
-    if url.len() > 2048 || !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err("pull_request.html_url: must be an http(s) address of at most 2048 characters".into());
-    }
-    Ok(PullRequest {
-        number: pr.number,
-        head_sha: sha.clone(),
-        head_ref: pr.head.ref_.clone(),
-        base_ref: pr.base.ref_.clone(),
-        author: Some(pr.user.login.clone()),
-        url: Some(url.clone()),
-    })
+    }))
 }
 
 /// One event's work on one pull request's Environment.

@@ -9,15 +9,15 @@
 //! passes; a job the apiserver refuses as invalid is dropped. Either way the delivery is
 //! forgotten, so that a redelivery from GitHub tries again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use stagely_api::backoff::Backoff;
-use stagely_api::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, Project, PullRequest};
+use stagely_api::pull_request;
+use stagely_api::v1alpha1::{Environment, Project};
 use stagely_api::{keys, names};
 use tracing::Instrument;
 
@@ -215,13 +215,14 @@ impl Writer {
         let version = existing.as_ref().and_then(|env| env.resource_version());
         match (decision, &job.intent) {
             (Decision::Create, Intent::Preview(pr)) => {
-                let env = environment(key, &name, job, pr);
+                let env = pull_request::environment(&key.namespace, &key.project, pr, &job.delivery, job.updated_at);
                 self.call("create the Environment", environments.create(&PostParams::default(), &env)).await?;
                 tracing::info!(environment = %name, sha = %pr.head_sha, "created the Environment");
                 Ok(Done::Finished("created"))
             }
             (Decision::Apply, Intent::Preview(pr)) => {
-                let mut env = environment(key, &name, job, pr);
+                let mut env =
+                    pull_request::environment(&key.namespace, &key.project, pr, &job.delivery, job.updated_at);
                 // A precondition: the apply fails if the Environment changed since it was read.
                 env.metadata.resource_version = version;
                 let params = PatchParams::apply(keys::MANAGER_WEBHOOK).force();
@@ -347,27 +348,4 @@ fn observe(env: &Environment) -> Observed {
 /// When the Project recorded the removal of pull request `number`'s preview.
 fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
     project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())
-}
-
-/// The Environment of `key` as `job` describes it.
-fn environment(key: &Key, name: &str, job: &Job, pr: &PullRequest) -> Environment {
-    let mut env = Environment::new(
-        name,
-        EnvironmentSpec { project_ref: LocalObjectRef::new(&key.project), pull_request: pr.clone(), overrides: None },
-    );
-    env.metadata = ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: Some(key.namespace.clone()),
-        labels: Some(BTreeMap::from([
-            (keys::MANAGED_BY.to_owned(), keys::MANAGED_BY_VALUE.to_owned()),
-            (keys::PROJECT.to_owned(), names::label_value(&key.project)),
-            (keys::PULL_REQUEST.to_owned(), key.number.to_string()),
-        ])),
-        annotations: Some(BTreeMap::from([
-            (keys::GITHUB_DELIVERY.to_owned(), job.delivery.clone()),
-            (keys::GITHUB_UPDATED_AT.to_owned(), job.updated_at.to_string()),
-        ])),
-        ..ObjectMeta::default()
-    };
-    env
 }
