@@ -86,9 +86,11 @@ need_node() {
   fi
 }
 
-# The DigitalOcean and Hetzner providers' tests run Prism (pinned in tools/prism) in front of fakes.
+# The DigitalOcean, Hetzner and GitHub clients' tests run Prism (pinned in tools/prism) in front of
+# fakes; GitHub's OpenAPI description comes pinned beside it (@octokit/openapi).
 tools_dir="$(cd "$(dirname "$0")/.." && pwd)/tools"
-if [ ! -x "$tools_dir/prism/node_modules/.bin/prism" ]; then
+if [ ! -x "$tools_dir/prism/node_modules/.bin/prism" ] ||
+  [ ! -f "$tools_dir/prism/node_modules/@octokit/openapi/generated/api.github.com.json" ]; then
   need_node "the provider tests run Prism"
   echo "install-deps: installing Prism"
   npm ci --prefix "$tools_dir/prism" --no-audit --no-fund --silent

@@ -21,8 +21,19 @@ fn prism_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/prism/node_modules/.bin/prism")
 }
 
-/// A spec from `/work/shared/specs` (or `$STAGELY_SPECS`), beside the repository.
+/// A spec: `node_modules/…` is one pinned in `tools/prism` beside Prism (GitHub's, from
+/// `@octokit/openapi`); anything else is a file in `/work/shared/specs` (or `$STAGELY_SPECS`),
+/// beside the repository.
 fn spec_path(file: &str) -> PathBuf {
+    if file.starts_with("node_modules/") {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/prism").join(file);
+        assert!(
+            path.exists(),
+            "the OpenAPI spec {} is missing: run `make deps` (scripts/install-deps.sh runs `npm ci --prefix tools/prism`)",
+            path.display()
+        );
+        return path;
+    }
     let dir = std::env::var_os("STAGELY_SPECS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/specs"));
@@ -32,7 +43,8 @@ fn spec_path(file: &str) -> PathBuf {
 }
 
 impl Prism {
-    /// Starts `prism proxy --errors` for `spec` in front of `upstream` and waits until it answers.
+    /// Starts `prism proxy --errors` for `spec` (see `spec_path`) in front of `upstream` and waits
+    /// until it answers.
     pub fn start(spec: &str, upstream: &str) -> Self {
         let prism = prism_binary();
         assert!(
