@@ -317,6 +317,7 @@ async fn run_operator(
             )
             .with_github(github.clone());
     let feedback = github.clone().map(|github| Arc::new(controllers::feedback::Context::new(client.clone(), github)));
+    let (resync, resync_client) = (github.clone(), client.clone());
     let build_jobs = controllers::buildjob::Context::new(
         client,
         gateway.clone(),
@@ -356,6 +357,12 @@ async fn run_operator(
             async {
                 if let Some(github) = feedback {
                     controllers::feedback::run(github, ops::shutdown_signal()).await;
+                }
+            },
+            async {
+                if let Some(github) = resync {
+                    let period = Duration::from_secs(config.github.github_resync_secs.max(1));
+                    controllers::resync::run(resync_client, github, period, ops::shutdown_signal()).await;
                 }
             },
         );

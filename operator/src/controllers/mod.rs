@@ -9,6 +9,7 @@ pub mod events;
 pub mod feedback;
 pub mod follow;
 pub mod project;
+pub mod resync;
 pub mod vm;
 
 use std::sync::Arc;

@@ -229,64 +229,8 @@ pub enum FileAnswer {
     CommitNotFound,
 }
 
-/// A pull request as the REST API gives it: the fields the operator reads.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct PullRequest {
-    /// Its number.
-    pub number: i64,
-    /// `open` or `closed`.
-    pub state: String,
-    /// Whether it is a draft.
-    #[serde(default)]
-    pub draft: bool,
-    /// When it last changed.
-    pub updated_at: k8s_openapi::jiff::Timestamp,
-    /// Its web address.
-    pub html_url: String,
-    /// Its author.
-    pub user: Option<Login>,
-    /// The branch it comes from.
-    pub head: Branch,
-    /// The branch it merges into.
-    pub base: Branch,
-    /// Its labels.
-    #[serde(default)]
-    pub labels: Vec<Label>,
-}
-
-/// A user's login.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct Login {
-    /// The login.
-    pub login: String,
-}
-
-/// One end of a pull request.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct Branch {
-    /// The commit.
-    pub sha: String,
-    /// The branch.
-    #[serde(rename = "ref")]
-    pub ref_: String,
-    /// The repository; `null` once a fork is deleted.
-    #[serde(default)]
-    pub repo: Option<RepositoryName>,
-}
-
-/// A repository's full name.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct RepositoryName {
-    /// `owner/name`.
-    pub full_name: String,
-}
-
-/// A label.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct Label {
-    /// Its name.
-    pub name: String,
-}
+/// A pull request as the REST API gives it (the fields the operator reads).
+pub use stagely_api::pull_request::GitHubPullRequest as PullRequest;
 
 /// An issue comment.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -1,0 +1,332 @@
+//! Resync: webhooks are the fast path, not the only one. Every period, each Project's open pull
+//! requests are listed on GitHub and its Environments brought in line: a missing preview is
+//! created, a moved head sha applied, and the preview of a pull request that closed while its
+//! webhook was lost deleted, but only once GitHub confirms it (`GET` of that pull request says
+//! `closed`). An error, an empty or partial page, or an answer that is not JSON fails the
+//! Project's whole resync, which then changes nothing: a list is never read as "no pull requests".
+//!
+//! It writes what the webhook receiver writes (the same Environment, from
+//! `stagely_api::pull_request`; the same `updated_at` ordering and removal records on the
+//! Project), as the same field manager, so that whichever learns of a change first, the other
+//! finds nothing to do, and neither rolls the other back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use stagely_api::pull_request::{self, Removal};
+use stagely_api::v1alpha1::{Environment, Project};
+use stagely_api::{keys, names};
+
+use crate::github::auth::read_credentials;
+use crate::github::{GitHub, GitHubError, Repository};
+
+/// How long a removal record stays on a Project (as the receiver keeps them).
+const REMOVAL_MEMORY: SignedDuration = SignedDuration::from_hours(7 * 24);
+
+/// What one Project's resync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Environments created for open pull requests that had none.
+    pub created: usize,
+    /// Environments moved to their pull request's newer state.
+    pub updated: usize,
+    /// Environments deleted: their pull request is closed (confirmed), or no longer previewed.
+    pub deleted: usize,
+    /// Environments whose pull request could not be confirmed closed, left as they are.
+    pub unconfirmed: usize,
+}
+
+/// Why a Project's resync changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// GitHub could not list the pull requests, or the credentials are unusable.
+    #[error("failed to resync Project {project} with GitHub: {source}")]
+    GitHub {
+        /// `<namespace>/<name>`.
+        project: String,
+        /// GitHub's answer.
+        source: GitHubError,
+    },
+    /// The cluster could not be read or written.
+    #[error("failed to {action} while resyncing Project {project}: {source}")]
+    Kube {
+        /// What was being done.
+        action: &'static str,
+        /// `<namespace>/<name>`.
+        project: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+/// What to do about one pull request's preview.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Nothing.
+    Keep,
+    /// Create its Environment.
+    Create(stagely_api::v1alpha1::PullRequest),
+    /// Apply the pull request's newer state to its Environment.
+    Apply(stagely_api::v1alpha1::PullRequest),
+    /// Delete its Environment (recording the removal on the Project).
+    Delete(Removal),
+}
+
+/// What to do about a pull request GitHub lists as it is at `updated_at`, wanted as `wanted`,
+/// given its Environment's recorded state (`None`: no Environment; `Some((updated_at,
+/// terminating, spec))`) and the Project's removal record for it.
+pub fn step(
+    wanted: Result<stagely_api::v1alpha1::PullRequest, Removal>,
+    updated_at: Timestamp,
+    env: Option<(Option<Timestamp>, bool, &stagely_api::v1alpha1::PullRequest)>,
+    removed_at: Option<Timestamp>,
+) -> Step {
+    match (wanted, env) {
+        // Being deleted: the receiver recreates it once it is gone; the next resync would too.
+        (_, Some((_, true, _))) => Step::Keep,
+        // The Environment reflects a state at least as new.
+        (_, Some((Some(applied), _, _))) if applied >= updated_at => Step::Keep,
+        (Ok(pr), Some((_, _, current))) if *current == pr => Step::Keep,
+        (Ok(pr), Some(_)) => Step::Apply(pr),
+        (Ok(_), None) if removed_at.is_some_and(|removed| removed >= updated_at) => Step::Keep,
+        (Ok(pr), None) => Step::Create(pr),
+        (Err(reason), Some(_)) => Step::Delete(reason),
+        (Err(_), None) => Step::Keep,
+    }
+}
+
+/// Resyncs one Project; see the module documentation.
+pub async fn resync_project(client: &Client, github: &GitHub, project: &Project) -> Result<Summary, Error> {
+    let namespace = project.namespace().unwrap_or_default();
+    let name = project.name_any();
+    let described = format!("{namespace}/{name}");
+    let github_error = |source| Error::GitHub { project: described.clone(), source };
+    let kube_error = |action| {
+        let project = described.clone();
+        move |source| Error::Kube { action, project, source }
+    };
+    let secret = &project.spec.github.credentials_secret_ref.name;
+    let Some(credentials) = read_credentials(client, &namespace, secret).await.map_err(github_error)? else {
+        return Ok(Summary::default());
+    };
+    let repository = &project.spec.repository;
+    let open = github.open_pull_requests(&credentials, Repository(repository)).await.map_err(github_error)?;
+
+    let environments: Api<Environment> = Api::namespaced(client.clone(), &namespace);
+    let selector = format!("{}={}", keys::PROJECT, names::label_value(&name));
+    let listed = environments
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_error("list the Environments"))?;
+    let mut by_number: HashMap<i64, Environment> = listed
+        .items
+        .into_iter()
+        .filter(|env| env.spec.project_ref.name == name)
+        .map(|env| (env.spec.pull_request.number, env))
+        .collect();
+
+    let mut summary = Summary::default();
+    for pr in &open {
+        let wanted = match pull_request::wanted(pr, repository, &project.spec.trigger) {
+            Ok(wanted) => wanted,
+            Err(field) => {
+                tracing::warn!(project = %described, number = pr.number, %field, "pull request cannot be previewed");
+                continue;
+            }
+        };
+        let env = by_number.remove(&pr.number);
+        let recorded = env
+            .as_ref()
+            .map(|env| (applied_at(env), env.metadata.deletion_timestamp.is_some(), &env.spec.pull_request));
+        match step(wanted, pr.updated_at, recorded, removed_at(project, pr.number)) {
+            Step::Keep => {}
+            Step::Create(spec) => {
+                let env = pull_request::environment(&namespace, &name, &spec, SOURCE, pr.updated_at);
+                match environments.create(&PostParams::default(), &env).await {
+                    Ok(_) => summary.created += 1,
+                    // Created meanwhile (by a webhook): that is the newer news.
+                    Err(kube::Error::Api(status)) if status.code == 409 => {}
+                    Err(err) => return Err(kube_error("create an Environment")(err)),
+                }
+                tracing::info!(project = %described, number = pr.number, sha = %spec.head_sha, "resync created a missing preview");
+            }
+            Step::Apply(spec) => {
+                let mut wanted = pull_request::environment(&namespace, &name, &spec, SOURCE, pr.updated_at);
+                let env = env.expect("applied to an existing Environment");
+                wanted.metadata.resource_version = env.resource_version();
+                let params = PatchParams::apply(keys::MANAGER_WEBHOOK).force();
+                match environments.patch(&env.name_any(), &params, &Patch::Apply(&wanted)).await {
+                    Ok(_) => summary.updated += 1,
+                    // Changed meanwhile: the next resync looks again.
+                    Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+                    Err(err) => return Err(kube_error("apply an Environment")(err)),
+                }
+                tracing::info!(project = %described, number = pr.number, sha = %spec.head_sha, "resync moved a preview to its pull request's head");
+            }
+            Step::Delete(reason) => {
+                let env = env.expect("deleting an existing Environment");
+                remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))?;
+                summary.deleted += 1;
+                tracing::info!(project = %described, number = pr.number, reason = reason.message(), "resync deleted a preview");
+            }
+        }
+    }
+
+    // Environments whose pull request is not listed open: deleted only once GitHub confirms it
+    // closed, at a state newer than the one they show.
+    for env in by_number.into_values().filter(|env| env.metadata.deletion_timestamp.is_none()) {
+        let number = env.spec.pull_request.number;
+        match github.pull_request(&credentials, Repository(repository), number).await {
+            Ok(Some(pr)) if pr.state == "closed" && applied_at(&env).is_none_or(|applied| applied <= pr.updated_at) => {
+                remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))?;
+                summary.deleted += 1;
+                tracing::info!(project = %described, number, "resync deleted the preview of a closed pull request");
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                summary.unconfirmed += 1;
+                tracing::warn!(project = %described, number, "GitHub has no such pull request; its preview is kept");
+            }
+            Err(err) => {
+                summary.unconfirmed += 1;
+                tracing::warn!(project = %described, number, error = %err, "could not confirm the pull request closed; its preview is kept");
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// The `stagely.dev/github-delivery` value of what the resync writes.
+pub const SOURCE: &str = "resync";
+
+/// When the pull request was as the Environment shows it.
+fn applied_at(env: &Environment) -> Option<Timestamp> {
+    env.annotations().get(keys::GITHUB_UPDATED_AT).and_then(|at| at.parse().ok())
+}
+
+/// When the Project recorded the removal of pull request `number`'s preview.
+fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
+    project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())
+}
+
+/// Records the removal on the Project (first: a late webhook must find it once the Environment is
+/// gone), then deletes the Environment if it is still as it was read.
+async fn remove(
+    client: &Client,
+    project: &Project,
+    env: &Environment,
+    updated_at: Timestamp,
+) -> Result<(), kube::Error> {
+    let namespace = project.namespace().unwrap_or_default();
+    let horizon = Timestamp::now() - REMOVAL_MEMORY;
+    let mut annotations: serde_json::Map<String, serde_json::Value> = project
+        .annotations()
+        .iter()
+        .filter(|(key, value)| {
+            key.starts_with(keys::PULL_REQUEST_REMOVED_PREFIX)
+                && value.parse::<Timestamp>().is_ok_and(|at| at < horizon)
+        })
+        .map(|(key, _)| (key.clone(), serde_json::Value::Null))
+        .collect();
+    annotations.insert(keys::pull_request_removed(env.spec.pull_request.number), updated_at.to_string().into());
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    let params = PatchParams { field_manager: Some(keys::MANAGER_WEBHOOK.into()), ..PatchParams::default() };
+    Api::<Project>::namespaced(client.clone(), &namespace)
+        .patch(&project.name_any(), &params, &Patch::Merge(&patch))
+        .await?;
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { resource_version: env.resource_version(), uid: None }),
+        ..DeleteParams::default()
+    };
+    match Api::<Environment>::namespaced(client.clone(), &namespace).delete(&env.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// Resyncs every Project every `period` until `shutdown`.
+pub async fn run(
+    client: Client,
+    github: Arc<GitHub>,
+    period: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let projects: Api<Project> = Api::all(client.clone());
+    let work = async {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let listed = match projects.list(&ListParams::default()).await {
+                Ok(listed) => listed.items,
+                Err(err) => {
+                    tracing::warn!(error = %err, "resync: failed to list the Projects");
+                    continue;
+                }
+            };
+            for project in &listed {
+                match resync_project(&client, &github, project).await {
+                    Ok(summary) if summary != Summary::default() => {
+                        tracing::info!(namespace = ?project.namespace(), project = %project.name_any(), ?summary, "resynced with GitHub");
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "resync failed; nothing was changed"),
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = shutdown => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stagely_api::v1alpha1::PullRequest;
+
+    fn pr(sha: char) -> PullRequest {
+        PullRequest {
+            number: 7,
+            head_sha: sha.to_string().repeat(40),
+            head_ref: "f".into(),
+            base_ref: "main".into(),
+            author: None,
+            url: None,
+        }
+    }
+
+    #[test]
+    fn the_resync_never_rolls_back_and_only_removes_what_it_saw_go() {
+        let t = |s| Timestamp::from_second(s).unwrap();
+        let (a, b) = (pr('a'), pr('b'));
+        let cases = [
+            (Ok(a.clone()), t(10), None, None, Step::Create(a.clone()), "missing: created"),
+            (Ok(a.clone()), t(10), None, Some(t(10)), Step::Keep, "removed at this state: not resurrected"),
+            (Ok(a.clone()), t(10), None, Some(t(5)), Step::Create(a.clone()), "reopened after its removal"),
+            (Ok(b.clone()), t(10), Some((Some(t(5)), false, &a)), None, Step::Apply(b.clone()), "moved head"),
+            (Ok(b.clone()), t(10), Some((Some(t(20)), false, &a)), None, Step::Keep, "a newer webhook won"),
+            (Ok(a.clone()), t(10), Some((Some(t(5)), false, &a)), None, Step::Keep, "same state"),
+            (Ok(b.clone()), t(10), Some((Some(t(5)), true, &a)), None, Step::Keep, "being deleted"),
+            (
+                Err(Removal::NoLabel),
+                t(10),
+                Some((Some(t(5)), false, &a)),
+                None,
+                Step::Delete(Removal::NoLabel),
+                "label gone",
+            ),
+            (Err(Removal::Draft), t(10), Some((Some(t(20)), false, &a)), None, Step::Keep, "newer than the list"),
+            (Err(Removal::Fork), t(10), None, None, Step::Keep, "nothing to remove"),
+        ];
+        for (wanted, updated_at, env, removed_at, expected, case) in cases {
+            assert_eq!(step(wanted, updated_at, env, removed_at), expected, "{case}");
+        }
+    }
+}
