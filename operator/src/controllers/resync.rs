@@ -169,9 +169,10 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
             }
             Step::Delete(reason) => {
                 let env = env.expect("deleting an existing Environment");
-                remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))?;
-                summary.deleted += 1;
-                tracing::info!(project = %described, number = pr.number, reason = reason.message(), "resync deleted a preview");
+                if remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))? {
+                    summary.deleted += 1;
+                    tracing::info!(project = %described, number = pr.number, reason = reason.message(), "resync deleted a preview");
+                }
             }
         }
     }
@@ -182,9 +183,10 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
         let number = env.spec.pull_request.number;
         match github.pull_request(&credentials, Repository(repository), number).await {
             Ok(Some(pr)) if pr.state == "closed" && applied_at(&env).is_none_or(|applied| applied <= pr.updated_at) => {
-                remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))?;
-                summary.deleted += 1;
-                tracing::info!(project = %described, number, "resync deleted the preview of a closed pull request");
+                if remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))? {
+                    summary.deleted += 1;
+                    tracing::info!(project = %described, number, "resync deleted the preview of a closed pull request");
+                }
             }
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -214,13 +216,14 @@ fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
 }
 
 /// Records the removal on the Project (first: a late webhook must find it once the Environment is
-/// gone), then deletes the Environment if it is still as it was read.
+/// gone), then deletes the Environment if it is still the one read: `Ok(false)` when there was
+/// nothing left to delete.
 async fn remove(
     client: &Client,
     project: &Project,
     env: &Environment,
     updated_at: Timestamp,
-) -> Result<(), kube::Error> {
+) -> Result<bool, kube::Error> {
     let namespace = project.namespace().unwrap_or_default();
     let horizon = Timestamp::now() - REMOVAL_MEMORY;
     let mut annotations: serde_json::Map<String, serde_json::Value> = project
@@ -238,13 +241,16 @@ async fn remove(
     Api::<Project>::namespaced(client.clone(), &namespace)
         .patch(&project.name_any(), &params, &Patch::Merge(&patch))
         .await?;
+    // By UID, not resourceVersion: controllers write to a live Environment all the time, and a
+    // webhook that reopens the pull request later finds the removal older than its news.
     let params = DeleteParams {
-        preconditions: Some(Preconditions { resource_version: env.resource_version(), uid: None }),
+        preconditions: Some(Preconditions { resource_version: None, uid: env.uid() }),
         ..DeleteParams::default()
     };
     match Api::<Environment>::namespaced(client.clone(), &namespace).delete(&env.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(()),
+        Ok(_) => Ok(true),
+        // Gone already, or replaced by another Environment of the same name.
+        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(false),
         Err(err) => Err(err),
     }
 }

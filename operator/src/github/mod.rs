@@ -564,14 +564,23 @@ impl GitHub {
                         message: format!("{path} was not found"),
                     }
                 })?;
-            let found: Vec<T> = decode(call, &answer.body)?;
+            let found: Result<Vec<T>, GitHubError> = decode(call, &answer.body);
             let more = has_next(&answer.headers);
-            if found.is_empty() && more {
-                return Err(GitHubError::Malformed {
+            let found = match found {
+                Ok(found) if found.is_empty() && more => Err(GitHubError::Malformed {
                     call: call.into(),
                     message: format!("page {page} is empty but links to a next page"),
-                });
-            }
+                }),
+                other => other,
+            };
+            let found = match found {
+                Ok(found) => found,
+                Err(err) => {
+                    // Not kept for conditional requests: a 304 would hand it back again.
+                    self.forget_conditional(credentials, path, &query);
+                    return Err(err);
+                }
+            };
             items.extend(found);
             if !more {
                 return Ok(items);
@@ -776,6 +785,12 @@ impl GitHub {
                 s => return Err(GitHubError::Rejected { call: described(), status: s.as_u16(), message }),
             }
         }
+    }
+
+    /// Forgets the conditional answer kept for a GET of `path` with `query`.
+    fn forget_conditional(&self, credentials: &Credentials, path: &str, query: &[(&str, &str)]) {
+        let key = (credentials.identity(), format!("{}{path}?{query:?}", self.base_url));
+        self.etags.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     }
 
     fn exhausted_until(&self, identity: &str) -> Option<SystemTime> {
