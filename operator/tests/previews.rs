@@ -1,10 +1,15 @@
 //! Previews end to end, everything real: the operator binary, a preview VM that is a real agent
 //! process deploying with podman-compose, the Project's secrets from Kubernetes Secrets, routes in
-//! redis-server and the edge proxy serving `<hash>.<domain>`. Each test works in a namespace of
-//! its own.
+//! redis-server and the edge proxy serving `<hash>.<domain>`, and GitHub feedback to the GitHub
+//! fake behind Prism (a Deployment per run and one comment on the pull request). Each test works
+//! in a namespace of its own.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
+#[path = "support/github_fake.rs"]
+mod fake;
+#[path = "support/prism.rs"]
+mod prism;
 #[path = "support/stack.rs"]
 mod stack;
 
@@ -24,12 +29,49 @@ use stagely_testenv::server::eventually;
 
 const DOMAIN: &str = "preview.example.com";
 
+/// The GitHub fake behind Prism, knowing the Projects' repository `acme/shop`, the token their
+/// credentials Secret holds (see `Stack::namespace`), and pull request #1.
+fn github() -> &'static (fake::GitHubFake, prism::Prism) {
+    static GITHUB: OnceLock<(fake::GitHubFake, prism::Prism)> = OnceLock::new();
+    GITHUB.get_or_init(|| {
+        let fake = fake::GitHubFake::default();
+        fake.add_repo("acme/shop");
+        fake.add_personal_token("ghp_not_used_by_the_git_source", "stagely-bot");
+        fake.open_pull("acme/shop", fake::Pull::new(1, "feature", &"f".repeat(40)));
+        let prism = prism::Prism::start(
+            "node_modules/@octokit/openapi/generated/api.github.com.json",
+            &prism::serve(fake.router()),
+        );
+        fake.set_base_url(&prism.url);
+        (fake, prism)
+    })
+}
+
 fn stack() -> (&'static Stack, &'static EdgeProxy) {
     let stack = Stack::shared();
     static OPERATOR: OnceLock<Operator> = OnceLock::new();
     static PROXY: OnceLock<EdgeProxy> = OnceLock::new();
-    OPERATOR.get_or_init(|| stack.operator());
+    OPERATOR.get_or_init(|| stack.operator_with_github(&github().1.url));
     (stack, PROXY.get_or_init(|| stack.edge_proxy(DOMAIN)))
+}
+
+/// The states of the GitHub Deployments of `sha`, in order, each with its URL.
+fn deployment_states(sha: &str) -> Vec<(String, Option<String>)> {
+    github()
+        .0
+        .deployments("acme/shop")
+        .into_iter()
+        .filter(|d| d.sha == sha)
+        .flat_map(|d| d.statuses.into_iter().map(|s| (s.state, s.environment_url)))
+        .collect()
+}
+
+/// The body of Environment `namespace/name`'s comment on pull request #1, if there is exactly one.
+fn comment_of(namespace: &str, name: &str) -> Option<String> {
+    let marker = format!("<!-- stagely:preview {namespace}/{name} -->");
+    let ours: Vec<_> =
+        github().0.comments("acme/shop", 1).into_iter().filter(|c| c.body.starts_with(&marker)).collect();
+    (ours.len() == 1).then(|| ours[0].body.clone())
 }
 
 /// Waits for the Environment to be Ready or Failed; fails on Failed with its status.
@@ -100,6 +142,26 @@ async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_a
     assert_eq!(body.trim(), "project=shop pr=1 greeting=hello from a secret");
     assert!(status.expires_at.is_some(), "expiresAt is kept for the reaper");
 
+    // GitHub was told: a Deployment in progress then live at the URL, and one comment saying so.
+    let url = status.url.clone().unwrap();
+    eventually("the Deployment's success", STEP_TIMEOUT, || async {
+        let states = deployment_states(&sha);
+        (states.last() == Some(&("success".to_owned(), Some(url.clone())))).then_some(())
+    })
+    .await;
+    assert_eq!(deployment_states(&sha)[0].0, "in_progress");
+    let comment = eventually("the comment", STEP_TIMEOUT, || async {
+        comment_of(ns, "shop-pr-1").filter(|body| body.contains("Preview ready"))
+    })
+    .await;
+    assert!(comment.contains(&url) && comment.contains(&sha[..12]), "{comment}");
+    let env = eventually("the GitHubFeedback condition", STEP_TIMEOUT, || async {
+        let env = envs.get("shop-pr-1").await.ok()?;
+        (condition(&env, "GitHubFeedback")?.0 == "True").then_some(env)
+    })
+    .await;
+    assert_eq!(condition(&env, "Deployed").unwrap().0, "True", "the Environment controller's conditions stay");
+
     // A new commit is served from the same preview VM.
     std::fs::write(repo.join("www/index.html"), "version two\n").unwrap();
     let second = stack::commit(&repo, "version two");
@@ -156,6 +218,14 @@ async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_a
     let (code, _, _) = proxy.get(&host, "/").unwrap();
     assert_eq!(code, 404);
     assert!(jobs_of(&jobs_api, "shop-pr-1").await.is_empty(), "no BuildJob left");
+    assert_eq!(
+        deployment_states(&second).last().map(|s| s.0.as_str()),
+        Some("inactive"),
+        "{:?}",
+        deployment_states(&second)
+    );
+    let comment = comment_of(ns, "shop-pr-1").expect("still one comment");
+    assert!(comment.contains("Preview torn down"), "{comment}");
     stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
     let containers = stack.podman.run(&["ps", "-a", "--format", "{{.Names}}"]);
     assert!(!containers.contains("shop-pr-1"), "containers left: {containers}");
