@@ -587,3 +587,76 @@ async fn deployment_states_and_comments_are_written_as_github_documents_them() {
         Ok(FileAnswer::CommitNotFound | FileAnswer::FileNotFound)
     ));
 }
+
+#[tokio::test]
+async fn a_projects_ready_says_whether_github_accepts_its_credentials_for_its_repository() {
+    use stagely_operator::controllers::project;
+    logs::capture();
+    let fake = &stack().fake;
+    fake.add_repo("acme/checked");
+    fake.add_repo("acme/elsewhere");
+    fake.set_private("acme/checked", true);
+    fake.add_installation(105, &["acme/elsewhere"]);
+    fake.add_personal_token("ghp_checked", "octocat");
+    let client = plane().client().await.unwrap();
+    std::thread::spawn(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let client = plane().client().await.expect("client");
+            let ctx = project::Context::new(client, stagely_operator::metrics::Metrics::default())
+                .with_github(Some(Arc::new(github())));
+            project::run(Arc::new(ctx), std::future::pending()).await;
+        });
+    });
+    let key = stack().key.clone();
+    let cases = [
+        (
+            "gh-check-ok",
+            vec![("token", "ghp_checked")],
+            "True",
+            "ReferencesFound",
+            "GitHub accepts the credentials for acme/checked",
+        ),
+        (
+            "gh-check-401",
+            vec![("token", "ghp_revoked")],
+            "False",
+            "GitHubCredentialsRejected",
+            "GitHub refused the credentials in Secret gh-check-401/gh (Bad credentials)",
+        ),
+        (
+            "gh-check-404",
+            vec![("appId", "5151"), ("installationId", "105"), ("privateKey", key.as_str())],
+            "False",
+            "GitHubRepositoryNotAccessible",
+            "GitHub shows the credentials in Secret gh-check-404/gh no repository acme/checked",
+        ),
+    ];
+    for (ns, keys, status, reason, message) in cases {
+        namespace(&client, ns).await;
+        let mut keys = keys.clone();
+        keys.push(("webhookSecret", "w"));
+        secret(&client, ns, "gh", &keys).await;
+        let provider: stagely_api::v1alpha1::CloudProvider = serde_json::from_value(json!({
+            "apiVersion": "stagely.dev/v1alpha1", "kind": "CloudProvider",
+            "metadata": {"name": "cloud", "namespace": ns},
+            "spec": {"type": "local", "local": {"engine": "podman"}},
+        }))
+        .unwrap();
+        let providers: Api<stagely_api::v1alpha1::CloudProvider> = Api::namespaced(client.clone(), ns);
+        providers.create(&PostParams::default(), &provider).await.unwrap();
+        let ready = json!({"apiVersion": "stagely.dev/v1alpha1", "kind": "CloudProvider", "status": {"conditions": [
+            {"type": "Ready", "status": "True", "reason": "CredentialsValid", "message": "ok", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        providers.patch_status("cloud", &PatchParams::apply("test").force(), &Patch::Apply(&ready)).await.unwrap();
+        project(&client, ns, "acme/checked", json!({})).await;
+        let projects: Api<Project> = Api::namespaced(client.clone(), ns);
+        let condition = eventually(&format!("{ns}: Ready={status} {reason}"), || async {
+            let project = projects.get("shop").await.ok()?;
+            let ready = project.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+            (ready.status == status && ready.reason == reason).then_some(ready)
+        })
+        .await;
+        assert!(condition.message.contains(message), "{ns}: {}", condition.message);
+    }
+    assert!(!logs::text().contains("ghp_revoked"), "a token is in no log line");
+}
