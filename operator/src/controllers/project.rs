@@ -322,7 +322,10 @@ fn readiness(project: &Project, observed: &Observed) -> Readiness {
     }
 
     let repository = &spec.repository;
+    // A Secret with keys missing is reported once, as incomplete, not as invalid too.
+    let incomplete = problems.iter().any(|(reason, _)| *reason == GITHUB_SECRET_INCOMPLETE);
     match &observed.github {
+        GitHubCheck::Invalid(_) if incomplete => {}
         GitHubCheck::Invalid(problem) => problems.push((
             GITHUB_SECRET_INVALID,
             format!("Secret {namespace}/{github_name} (spec.github.credentialsSecretRef): {problem}"),
@@ -510,12 +513,13 @@ async fn check_github(
     version: &str,
     credentials: &Result<Option<Credentials>, String>,
 ) -> GitHubCheck {
+    // With GitHub off, nothing uses the credentials: they are not judged.
+    let Some(github) = &state.ctx.github else { return GitHubCheck::NotChecked };
     let credentials = match credentials {
         Err(problem) => return GitHubCheck::Invalid(problem.clone()),
         Ok(None) => return GitHubCheck::NotChecked,
         Ok(Some(credentials)) => credentials,
     };
-    let Some(github) = &state.ctx.github else { return GitHubCheck::NotChecked };
     let key = ObjectRef::from_obj(project);
     let subject = (credentials.identity(), project.spec.repository.clone(), version.to_owned());
     if let Some(known) = state.checks.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {

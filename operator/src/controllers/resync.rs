@@ -264,7 +264,8 @@ pub async fn run(
 ) {
     let projects: Api<Project> = Api::all(client.clone());
     let work = async {
-        let mut ticks = tokio::time::interval(period);
+        // The first after one period too: at startup the webhooks' work is fresh.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;

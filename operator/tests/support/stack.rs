@@ -155,6 +155,10 @@ impl Stack {
             .arg("180")
             .arg("--github-api-url")
             .arg(github_api_url)
+            // The tests apply Environments themselves; the resync (tested in tests/github.rs)
+            // would apply the fake GitHub's pull requests over them.
+            .arg("--github-resync-secs")
+            .arg("86400")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
