@@ -91,7 +91,16 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&log_dir)?;
     let log = std::fs::File::create(log_dir.join("webhook-receiver.log"))?;
     let (addr, ops) = (free_addr()?, free_addr()?);
-    let mut receiver = Command::new(&args.receiver_bin);
+    // With RECEIVER_CPUS (e.g. `0`), the receiver runs on those cores only (`taskset`), apart
+    // from this driver and the control plane, which webhook.sh then pins to the others.
+    let mut receiver = match std::env::var("RECEIVER_CPUS").ok().filter(|cpus| !cpus.is_empty()) {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &cpus]).arg(&args.receiver_bin);
+            command
+        }
+        None => Command::new(&args.receiver_bin),
+    };
     receiver
         .env("KUBECONFIG", plane.kubeconfig())
         .env("RUST_LOG", "info")

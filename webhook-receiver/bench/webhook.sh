@@ -21,6 +21,16 @@ export STAGELY_TESTENV_BIN
 cargo build -q --release -p stagely-webhook-receiver --bin stagely-webhook-receiver --example webhook-bench
 target="${CARGO_TARGET_DIR:-target}/release"
 
-"$target/examples/webhook-bench" --receiver-bin "$target/stagely-webhook-receiver" \
+# PIN=1: the receiver on core 0, this load generator and the control plane on core 1, so that the
+# load generator's own CPU does not queue the receiver's answers (as wrk is kept apart from the
+# server it measures).
+pin=()
+if [ "${PIN:-0}" = 1 ]; then
+  command -v taskset >/dev/null || { echo "bench-webhook: PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+  export RECEIVER_CPUS=0
+  pin=(taskset -c 1)
+fi
+
+"${pin[@]}" "$target/examples/webhook-bench" --receiver-bin "$target/stagely-webhook-receiver" \
     --seconds "$SECONDS_EACH" --connections "$CONNECTIONS" --pull-requests "$PULL_REQUESTS" \
     --fraction "$FRACTION" ${KEEP:+--keep "$KEEP"}
