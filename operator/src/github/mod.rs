@@ -481,6 +481,20 @@ impl GitHub {
         Ok(decode::<Id>("deployments", &answer.body)?.id)
     }
 
+    /// The ids of the Deployments of `sha` to `environment`, newest first.
+    pub async fn deployments(
+        &self,
+        credentials: &Credentials,
+        repository: Repository<'_>,
+        sha: &str,
+        environment: &str,
+    ) -> Result<Vec<u64>, GitHubError> {
+        let path = format!("{}/deployments", repository.path());
+        let found: Vec<Id> =
+            self.list(credentials, "deployments", &path, &[("sha", sha), ("environment", environment)]).await?;
+        Ok(found.into_iter().map(|d| d.id).collect())
+    }
+
     /// Adds a status to Deployment `id`: `Ok(false)` when the Deployment is gone.
     pub async fn create_deployment_status(
         &self,

@@ -245,15 +245,17 @@ async fn tell(
     if let Some((state, url, description)) = plan::deployment(env) {
         let sha = env.status.as_ref().and_then(|s| s.run.as_ref()).map(|r| r.sha.clone()).unwrap_or_default();
         if feedback.deployment.as_ref().is_none_or(|d| d.sha != sha) {
-            let id = github
-                .create_deployment(
-                    &target.credentials,
-                    repository,
-                    &sha,
-                    &plan::environment_name(target.number),
-                    "Stagely preview",
-                )
-                .await?;
+            let environment = plan::environment_name(target.number);
+            // One created before a crash kept its id from the status is taken up, not doubled.
+            let existing = github.deployments(&target.credentials, repository, &sha, &environment).await?;
+            let id = match existing.first() {
+                Some(id) => *id,
+                None => {
+                    github
+                        .create_deployment(&target.credentials, repository, &sha, &environment, "Stagely preview")
+                        .await?
+                }
+            };
             feedback.deployment = Some(GitHubDeployment { id: id as i64, sha, state: None });
         }
         let deployment = feedback.deployment.as_mut().expect("set above");
