@@ -306,6 +306,7 @@ async fn run_operator(
     let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
     let projects = controllers::project::Context::new(client.clone(), metrics.clone()).with_github(github.clone());
     let capacity = Arc::new(controllers::capacity::Capacity::new());
+    let watched_routes = routes.clone();
     let environments =
         controllers::environment::Context::new(client.clone(), loader, registry.clone(), routes, metrics.clone())
             .with_previews(
@@ -357,6 +358,11 @@ async fn run_operator(
             async {
                 if let Some(github) = feedback {
                     controllers::feedback::run(github, ops::shutdown_signal()).await;
+                }
+            },
+            async {
+                if let Some(routes) = watched_routes {
+                    routes.watch(routes::CHECK_EVERY, ops::shutdown_signal()).await;
                 }
             },
             async {

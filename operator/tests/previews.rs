@@ -162,6 +162,23 @@ async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_a
     .await;
     assert_eq!(condition(&env, "Deployed").unwrap().0, "True", "the Environment controller's conditions stay");
 
+    // Redis loses its data (here only the route and the operator's mark, not to disturb the other
+    // test's logs): the proxy serves on from its cache, and the operator writes the route back.
+    let mut conn = redis::Client::open(stack.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let lost = std::time::Instant::now();
+    redis::cmd("DEL")
+        .arg(format!("route:{hash}"))
+        .arg(stagely_operator::routes::EPOCH_KEY)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let (code, _, body) = proxy.get(&host, "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "version one\n"), "served from the proxy's cache");
+    let restored =
+        eventually("the route written back", STEP_TIMEOUT, || async { stack::route(stack, &hash).await }).await;
+    eprintln!("e2e_route_restored_ms={}", lost.elapsed().as_millis());
+    assert_eq!(restored["status"], "ready", "{restored}");
+
     // A new commit is served from the same preview VM.
     std::fs::write(repo.join("www/index.html"), "version two\n").unwrap();
     let second = stack::commit(&repo, "version two");
