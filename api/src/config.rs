@@ -247,7 +247,11 @@ pub fn parse(yaml: &str) -> Result<StagelyConfig, ConfigError> {
 
 /// Turns a deserialization error into a [`FieldError`] at the failing field.
 fn serde_error(error: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
-    let path = error.path().to_string();
+    // A key that is the empty string names no field: `"": 1` at the top is about the document.
+    let path = match error.path().to_string() {
+        path if path.is_empty() => ROOT_PATH.to_owned(),
+        path => path,
+    };
     let error = error.into_inner();
     let line = error.location().map(|location| location.line());
     let mut reason = error.to_string();
@@ -1217,5 +1221,15 @@ test:
         assert_eq!(error.line, Some(5));
         assert!(!error.reason.contains("at line 5"), "{}", error.reason);
         assert!(error.reason.starts_with("found unexpected end of stream"), "{}", error.reason);
+    }
+
+    #[test]
+    fn an_empty_key_still_yields_a_field_path() {
+        // Found by the `stagely_yaml` fuzz target: serde_path_to_error names a top-level `""`
+        // key with an empty path.
+        for yaml in ["\"\": 1", "? \"\"\n: x", "version: 2\n\"\": x"] {
+            let err = parse(yaml).unwrap_err();
+            assert!(err.errors.iter().all(|e| !e.path.is_empty()), "{yaml:?}: {err:?}");
+        }
     }
 }
