@@ -5,11 +5,15 @@ SHELL := bash
 
 CARGO ?= cargo
 DEMO_DIR ?= .demo
+# Seconds `make fuzz` runs each fuzz target for.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = stagely_yaml agent_protocol webhook_payload proxy_head
+CARGO_FUZZ ?= $(or $(STAGELY_CACHE),$(HOME)/.cache/stagely)/cargo-fuzz/bin/cargo-fuzz
 # The control plane binaries (etcd, kube-apiserver, kube-controller-manager, kubectl), built once
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook
+.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -22,6 +26,19 @@ testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).
 
 test: deps testenv ## Run every test, unit and integration, against the real control plane.
 	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test --workspace --all-features --no-fail-fast
+
+fuzz: ## Run each fuzz target (fuzz/) for FUZZ_SECONDS (default 60); crashes go to fuzz/artifacts/<target>/.
+	@[ -x "$(CARGO_FUZZ)" ] || scripts/install-deps.sh
+	$(CARGO_FUZZ) build -s none
+	@logs=$$(mktemp -d); trap 'rm -rf "$$logs"' EXIT; \
+	for target in $(FUZZ_TARGETS); do \
+	  echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+	  $(CARGO_FUZZ) run -s none "$$target" -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    >"$$logs/$$target" 2>&1 || { tail -n 40 "$$logs/$$target" >&2; exit 1; }; \
+	done; \
+	for target in $(FUZZ_TARGETS); do \
+	  echo "fuzz_$${target}_execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' "$$logs/$$target")"; \
+	done
 
 check: fmt-check clippy crds-check ## Formatting, lints, and CRD drift.
 

@@ -71,6 +71,13 @@ for tool in rustfmt cargo-clippy; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool is required (rustup component add rustfmt clippy)" >&2; exit 1; }
 done
 
+# `make fuzz` runs the fuzz targets in fuzz/ with cargo-fuzz, kept under the cache.
+cargo_fuzz_root=${STAGELY_CACHE:-$HOME/.cache/stagely}/cargo-fuzz
+if [ ! -x "$cargo_fuzz_root/bin/cargo-fuzz" ]; then
+  echo "install-deps: installing cargo-fuzz"
+  cargo install --quiet --locked cargo-fuzz --root "$cargo_fuzz_root"
+fi
+
 # The AWS provider's tests run against moto's EC2 server.
 if ! command -v moto_server >/dev/null || ! python3 -c 'import flask, moto' 2>/dev/null; then
   echo "install-deps: installing moto[server]"
