@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
 use serde::Deserialize;
 
-use crate::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, PullRequest, Trigger, TriggerMode};
+use crate::v1alpha1::{Environment, EnvironmentSpec, LocalObjectRef, Project, PullRequest, Trigger, TriggerMode};
 use crate::{keys, names};
 
 /// The fields of a GitHub pull request Stagely uses.
@@ -183,4 +184,35 @@ pub fn environment(
         ..ObjectMeta::default()
     };
     env
+}
+
+/// How long a pull request's removal stays recorded on its Project: longer than GitHub lets a
+/// delivery be redelivered (three days).
+pub const REMOVAL_MEMORY: SignedDuration = SignedDuration::from_hours(7 * 24);
+
+/// The pull request's `updated_at` the Environment was last written at.
+pub fn applied_at(env: &Environment) -> Option<Timestamp> {
+    env.annotations().get(keys::GITHUB_UPDATED_AT).and_then(|at| at.parse().ok())
+}
+
+/// When the Project recorded the removal of pull request `number`'s preview.
+pub fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
+    project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())
+}
+
+/// The merge patch recording on `project` that pull request `number` has no preview as of
+/// `updated_at`, forgetting removals recorded longer than [`REMOVAL_MEMORY`] before `now`.
+pub fn removal_patch(project: &Project, number: i64, updated_at: Timestamp, now: Timestamp) -> serde_json::Value {
+    let horizon = now - REMOVAL_MEMORY;
+    let mut annotations: serde_json::Map<String, serde_json::Value> = project
+        .annotations()
+        .iter()
+        .filter(|(key, value)| {
+            key.starts_with(keys::PULL_REQUEST_REMOVED_PREFIX)
+                && value.parse::<Timestamp>().is_ok_and(|at| at < horizon)
+        })
+        .map(|(key, _)| (key.clone(), serde_json::Value::Null))
+        .collect();
+    annotations.insert(keys::pull_request_removed(number), updated_at.to_string().into());
+    serde_json::json!({"metadata": {"annotations": annotations}})
 }

@@ -11,8 +11,6 @@ mod logs;
 mod prism;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,8 +42,7 @@ struct Stack {
 fn stack() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
     STACK.get_or_init(|| {
-        let key = openssl(&["genrsa", "-traditional", "2048"], b"");
-        let public = openssl(&["rsa", "-pubout"], key.as_bytes());
+        let (key, public) = fake::rsa_key_pair();
         let fake = GitHubFake::default();
         fake.set_app(APP_ID, "stagely", &public);
         let direct = prism::serve(fake.router());
@@ -53,20 +50,6 @@ fn stack() -> &'static Stack {
         fake.set_base_url(&prism.url);
         Stack { fake, prism, key }
     })
-}
-
-fn openssl(args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("openssl is installed (the tests make the App's RSA key with it; scripts/install-deps.sh installs it)");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "openssl {args:?} failed");
-    String::from_utf8(output.stdout).unwrap()
 }
 
 fn plane() -> &'static ControlPlane {

@@ -8,8 +8,6 @@ mod fake;
 #[path = "support/prism.rs"]
 mod prism;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +35,7 @@ struct Stack {
 fn stack() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
     STACK.get_or_init(|| {
-        let (key, public) = rsa_key_pair();
+        let (key, public) = fake::rsa_key_pair();
         let fake = GitHubFake::default();
         fake.set_app(APP_ID, "stagely", &public);
         let direct = prism::serve(fake.router());
@@ -45,28 +43,6 @@ fn stack() -> &'static Stack {
         fake.set_base_url(&prism.url);
         Stack { fake, prism, direct, key }
     })
-}
-
-fn openssl(args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("openssl is installed (the tests make the App's RSA key with it; scripts/install-deps.sh installs it)");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "openssl {args:?} failed");
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// A fresh RSA key pair: (private, public), PEM. The private key is PKCS#1 (`RSA PRIVATE KEY`),
-/// the form GitHub hands out App keys in.
-fn rsa_key_pair() -> (String, String) {
-    let private = openssl(&["genrsa", "-traditional", "2048"], b"");
-    let public = openssl(&["rsa", "-pubout"], private.as_bytes());
-    (private, public)
 }
 
 fn epoch() -> i64 {
@@ -191,7 +167,7 @@ async fn an_app_jwt_mints_tokens_that_reach_their_installation_only() {
     assert_eq!(send(call(Method::GET, "/repos/acme/auth", "")).await.status(), StatusCode::UNAUTHORIZED);
 
     // Bad JWTs: another key, expired, longer than ten minutes, not RS256, a token instead.
-    let (other_key, _) = rsa_key_pair();
+    let (other_key, _) = fake::rsa_key_pair();
     let hs256 = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &json!({ "iss": APP_ID.to_string(), "iat": epoch() - 60, "exp": epoch() + 300 }),

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use stagely_api::backoff::Backoff;
@@ -26,9 +26,6 @@ use crate::metrics::WebhookMetrics;
 use crate::plan::{self, Decision, Intent, Job, Observed, Retry};
 use crate::queue::{Key, Queue};
 
-/// How long a pull request's removal stays recorded on its Project: longer than GitHub lets a
-/// delivery be redelivered (three days).
-const REMOVAL_MEMORY: SignedDuration = SignedDuration::from_hours(7 * 24);
 /// Times a job is decided again in a row because the Environment changed under it.
 const CONFLICT_ATTEMPTS: u32 = 5;
 /// How often a job waits for an Environment being deleted to be gone.
@@ -210,7 +207,7 @@ impl Writer {
             }
         }
         let observed = existing.as_ref().map(observe);
-        let removed_at = project.as_ref().and_then(|project| removed_at(project, key.number));
+        let removed_at = project.as_ref().and_then(|project| pull_request::removed_at(project, key.number));
         let decision = plan::decide(job, observed.as_ref(), removed_at);
         let version = existing.as_ref().and_then(|env| env.resource_version());
         match (decision, &job.intent) {
@@ -281,7 +278,7 @@ impl Writer {
     }
 
     /// Records on the Project that pull request `number` has no preview as of `updated_at`, and
-    /// forgets removals older than [`REMOVAL_MEMORY`].
+    /// forgets removals older than [`pull_request::REMOVAL_MEMORY`].
     async fn record_removal(
         &self,
         projects: &Api<Project>,
@@ -289,18 +286,7 @@ impl Writer {
         number: i64,
         updated_at: Timestamp,
     ) -> Result<(), WriteError> {
-        let horizon = Timestamp::now() - REMOVAL_MEMORY;
-        let mut annotations: serde_json::Map<String, serde_json::Value> = project
-            .annotations()
-            .iter()
-            .filter(|(key, value)| {
-                key.starts_with(keys::PULL_REQUEST_REMOVED_PREFIX)
-                    && value.parse::<Timestamp>().is_ok_and(|at| at < horizon)
-            })
-            .map(|(key, _)| (key.clone(), serde_json::Value::Null))
-            .collect();
-        annotations.insert(keys::pull_request_removed(number), updated_at.to_string().into());
-        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        let patch = pull_request::removal_patch(project, number, updated_at, Timestamp::now());
         let params = PatchParams { field_manager: Some(keys::MANAGER_WEBHOOK.into()), ..PatchParams::default() };
         let name = project.name_any();
         self.call("record the removal on the Project", projects.patch(&name, &params, &Patch::Merge(&patch))).await?;
@@ -340,12 +326,7 @@ fn observe(env: &Environment) -> Observed {
     let annotations = env.annotations();
     Observed {
         delivery: annotations.get(keys::GITHUB_DELIVERY).cloned(),
-        updated_at: annotations.get(keys::GITHUB_UPDATED_AT).and_then(|at| at.parse().ok()),
+        updated_at: pull_request::applied_at(env),
         terminating: env.metadata.deletion_timestamp.is_some(),
     }
-}
-
-/// When the Project recorded the removal of pull request `number`'s preview.
-fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
-    project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())
 }

@@ -335,9 +335,9 @@ impl GitHub {
         let jwt = app.jwt(SystemTime::now()).map_err(GitHubError::Credentials)?;
         let path = format!("/app/installations/{}/access_tokens", app.installation_id);
         let answer = self
-            .send(credentials, &jwt, "installation_token", Method::POST, &path, &[], body.as_ref(), false)
+            .send_raw(credentials, &jwt, "installation_token", Method::POST, &path, &[], body.as_ref(), false)
             .await?
-            .ok_or_else(|| GitHubError::Unauthorized {
+            .map_err(|_| GitHubError::Unauthorized {
                 identity: credentials.identity(),
                 message: format!("installation {} of App {} was not found", app.installation_id, app.app_id),
             })?;
@@ -662,21 +662,6 @@ impl GitHub {
             }
             other => other,
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &self,
-        credentials: &Credentials,
-        token: &Sensitive,
-        call: &'static str,
-        method: Method,
-        path: &str,
-        query: &[(&str, &str)],
-        body: Option<&serde_json::Value>,
-        conditional: bool,
-    ) -> Result<Option<Answer>, GitHubError> {
-        Ok(self.send_raw(credentials, token, call, method, path, query, body, conditional).await?.ok())
     }
 
     /// Sends one call with `token`, waiting out a short secondary rate limit.

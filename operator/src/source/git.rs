@@ -203,18 +203,9 @@ impl RepositorySource for GitSource {
         path: &'a str,
         max_bytes: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
-        Box::pin(async move {
-            // Dropping the read on timeout kills the git process groups it started.
-            match tokio::time::timeout(self.timeout, self.read(repo, commit, path, max_bytes)).await {
-                Ok(result) => result,
-                Err(_) => Err(SourceError::Timeout {
-                    url: public_url(&repo.clone_url),
-                    commit: commit.into(),
-                    path: path.into(),
-                    after: self.timeout,
-                }),
-            }
-        })
+        // Dropping the read on timeout kills the git process groups it started.
+        let url = public_url(&repo.clone_url);
+        Box::pin(super::within(self.timeout, url, commit, path, self.read(repo, commit, path, max_bytes)))
     }
 }
 

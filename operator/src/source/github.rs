@@ -67,16 +67,7 @@ impl RepositorySource for GitHubSource {
         path: &'a str,
         max_bytes: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, SourceError>> {
-        Box::pin(async move {
-            match tokio::time::timeout(self.timeout, self.read(repo, commit, path, max_bytes)).await {
-                Ok(result) => result,
-                Err(_) => Err(SourceError::Timeout {
-                    url: repo.clone_url.clone(),
-                    commit: commit.into(),
-                    path: path.into(),
-                    after: self.timeout,
-                }),
-            }
-        })
+        let url = repo.clone_url.clone();
+        Box::pin(super::within(self.timeout, url, commit, path, self.read(repo, commit, path, max_bytes)))
     }
 }

@@ -148,6 +148,20 @@ pub enum SourceError {
     },
 }
 
+/// `read` of `path` at `commit` from `url`, abandoned after `after` as [`SourceError::Timeout`]
+/// (dropping it stops what it started).
+async fn within<T>(
+    after: Duration,
+    url: String,
+    commit: &str,
+    path: &str,
+    read: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(after, read)
+        .await
+        .unwrap_or_else(|_| Err(SourceError::Timeout { url, commit: commit.into(), path: path.into(), after }))
+}
+
 /// The configuration file read at the root of the repository.
 pub const CONFIG_FILE: &str = "stagely.yaml";
 /// Read instead of [`CONFIG_FILE`] when a commit has no `stagely.yaml`. When both exist,

@@ -1964,3 +1964,28 @@ async fn delete_comment(
     inner.comments.remove(&id);
     StatusCode::NO_CONTENT.into_response()
 }
+
+/// `openssl` with `args`, fed `input`; its output.
+fn openssl(args: &[&str], input: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("openssl is installed (the tests make the App's RSA key with it; scripts/install-deps.sh installs it)");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "openssl {args:?} failed");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A fresh RSA key pair: (private, public), PEM. The private key is PKCS#1 (`RSA PRIVATE KEY`),
+/// the form GitHub hands out App keys in.
+pub fn rsa_key_pair() -> (String, String) {
+    let private = openssl(&["genrsa", "-traditional", "2048"], b"");
+    let public = openssl(&["rsa", "-pubout"], private.as_bytes());
+    (private, public)
+}
