@@ -14,18 +14,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
-use stagely_api::pull_request::{self, Removal};
+use stagely_api::pull_request::{self, Removal, applied_at, removed_at};
 use stagely_api::v1alpha1::{Environment, Project};
 use stagely_api::{keys, names};
 
 use crate::github::auth::read_credentials;
 use crate::github::{GitHub, GitHubError, Repository};
-
-/// How long a removal record stays on a Project (as the receiver keeps them).
-const REMOVAL_MEMORY: SignedDuration = SignedDuration::from_hours(7 * 24);
 
 /// What one Project's resync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -155,17 +152,11 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
                 tracing::info!(project = %described, number = pr.number, sha = %spec.head_sha, "resync created a missing preview");
             }
             Step::Apply(spec) => {
-                let mut wanted = pull_request::environment(&namespace, &name, &spec, SOURCE, pr.updated_at);
                 let env = env.expect("applied to an existing Environment");
-                wanted.metadata.resource_version = env.resource_version();
-                let params = PatchParams::apply(keys::MANAGER_WEBHOOK).force();
-                match environments.patch(&env.name_any(), &params, &Patch::Apply(&wanted)).await {
-                    Ok(_) => summary.updated += 1,
-                    // Changed meanwhile: the next resync looks again.
-                    Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
-                    Err(err) => return Err(kube_error("apply an Environment")(err)),
+                if apply(&environments, env, &spec, pr.updated_at).await.map_err(kube_error("apply an Environment"))? {
+                    summary.updated += 1;
+                    tracing::info!(project = %described, number = pr.number, sha = %spec.head_sha, "resync moved a preview to its pull request's head");
                 }
-                tracing::info!(project = %described, number = pr.number, sha = %spec.head_sha, "resync moved a preview to its pull request's head");
             }
             Step::Delete(reason) => {
                 let env = env.expect("deleting an existing Environment");
@@ -205,14 +196,41 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
 /// The `stagely.dev/github-delivery` value of what the resync writes.
 pub const SOURCE: &str = "resync";
 
-/// When the pull request was as the Environment shows it.
-fn applied_at(env: &Environment) -> Option<Timestamp> {
-    env.annotations().get(keys::GITHUB_UPDATED_AT).and_then(|at| at.parse().ok())
-}
+/// Times an apply is decided again because the Environment changed under it (controllers write
+/// to a live Environment all the time).
+const CONFLICT_ATTEMPTS: u32 = 5;
 
-/// When the Project recorded the removal of pull request `number`'s preview.
-fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
-    project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())
+/// Applies `spec` (the pull request at `updated_at`) to `env`, on condition that it did not
+/// change since it was read; on a conflict it is read again and applied only if it still shows
+/// an older state. `Ok(false)` when there was nothing left to apply.
+async fn apply(
+    environments: &Api<Environment>,
+    mut env: Environment,
+    spec: &stagely_api::v1alpha1::PullRequest,
+    updated_at: Timestamp,
+) -> Result<bool, kube::Error> {
+    let params = PatchParams::apply(keys::MANAGER_WEBHOOK).force();
+    for _ in 0..CONFLICT_ATTEMPTS {
+        let recorded = (applied_at(&env), env.metadata.deletion_timestamp.is_some(), &env.spec.pull_request);
+        if step(Ok(spec.clone()), updated_at, Some(recorded), None) == Step::Keep {
+            return Ok(false);
+        }
+        let project = env.spec.project_ref.name.clone();
+        let mut wanted =
+            pull_request::environment(&env.namespace().unwrap_or_default(), &project, spec, SOURCE, updated_at);
+        wanted.metadata.resource_version = env.resource_version();
+        match environments.patch(&env.name_any(), &params, &Patch::Apply(&wanted)).await {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => match environments.get_opt(&env.name_any()).await? {
+                Some(again) => env = again,
+                None => return Ok(false),
+            },
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
+            Err(err) => return Err(err),
+        }
+    }
+    // Still changing: the next resync looks again.
+    Ok(false)
 }
 
 /// Records the removal on the Project (first: a late webhook must find it once the Environment is
@@ -225,18 +243,7 @@ async fn remove(
     updated_at: Timestamp,
 ) -> Result<bool, kube::Error> {
     let namespace = project.namespace().unwrap_or_default();
-    let horizon = Timestamp::now() - REMOVAL_MEMORY;
-    let mut annotations: serde_json::Map<String, serde_json::Value> = project
-        .annotations()
-        .iter()
-        .filter(|(key, value)| {
-            key.starts_with(keys::PULL_REQUEST_REMOVED_PREFIX)
-                && value.parse::<Timestamp>().is_ok_and(|at| at < horizon)
-        })
-        .map(|(key, _)| (key.clone(), serde_json::Value::Null))
-        .collect();
-    annotations.insert(keys::pull_request_removed(env.spec.pull_request.number), updated_at.to_string().into());
-    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    let patch = pull_request::removal_patch(project, env.spec.pull_request.number, updated_at, Timestamp::now());
     let params = PatchParams { field_manager: Some(keys::MANAGER_WEBHOOK.into()), ..PatchParams::default() };
     Api::<Project>::namespaced(client.clone(), &namespace)
         .patch(&project.name_any(), &params, &Patch::Merge(&patch))
