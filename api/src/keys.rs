@@ -44,6 +44,16 @@ pub fn pull_request_removed(number: i64) -> String {
 /// why, shown in its status, e.g. `cancelled: build web (linux/arm64) failed`.
 pub const CANCEL: &str = "stagely.dev/cancel";
 
+/// Annotation an admin sets on an Environment, BuildJob or CloudProvider being deleted whose
+/// cleanup keeps failing: stop trying and let it go now (any value). What was left is said in an
+/// Event; VMs left behind carry Stagely's tags, and the orphan sweep keeps trying to stop them.
+pub const ABANDON_CLEANUP: &str = "stagely.dev/abandon-cleanup";
+
+/// Annotation the reaper sets on an Environment just before deleting it: `<Reason>: <why>`
+/// (`Expired: ...`, `HeartbeatLost: ...`), so the pull request's comment can say why the
+/// preview went.
+pub const REAPED: &str = "stagely.dev/reaped";
+
 /// Label on a BuildJob that holds nothing any more (finished, its VM gone), set as its finalizer
 /// is removed: the BuildJob controller watches only BuildJobs without it, so a settled job costs
 /// it no memory and is deleted at once.

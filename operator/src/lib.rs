@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod github;
 pub mod metrics;
 pub mod providers;
+pub mod reaper;
 pub mod registry;
 pub mod routes;
 pub mod source;
@@ -55,6 +56,10 @@ pub struct Config {
     /// GitHub.
     #[command(flatten)]
     pub github: GitHubConfig,
+
+    /// The reaper and the orphan sweep.
+    #[command(flatten)]
+    pub reaper: reaper::ReaperConfig,
 }
 
 /// How the operator reaches GitHub.
@@ -303,7 +308,15 @@ async fn run_operator(
     };
     let loader = Arc::new(source::ConfigLoader::new(source));
 
-    let cloud_providers = controllers::cloudprovider::Context::new(client.clone(), endpoints.clone());
+    let cloud_providers =
+        controllers::cloudprovider::Context::new(client.clone(), endpoints.clone()).with_metrics(metrics.clone());
+    let reaper = Arc::new(reaper::Reaper::new(
+        client.clone(),
+        Some(gateway.clone()),
+        endpoints.clone(),
+        metrics.clone(),
+        config.reaper.clone(),
+    ));
     let projects = controllers::project::Context::new(client.clone(), metrics.clone()).with_github(github.clone());
     let capacity = Arc::new(controllers::capacity::Capacity::new());
     let watched_routes = routes.clone();
@@ -360,6 +373,7 @@ async fn run_operator(
                     controllers::feedback::run(github, ops::shutdown_signal()).await;
                 }
             },
+            reaper.run(ops::shutdown_signal()),
             async {
                 if let Some(routes) = watched_routes {
                     routes.watch(routes::CHECK_EVERY, ops::shutdown_signal()).await;

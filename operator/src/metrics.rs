@@ -33,6 +33,20 @@ pub struct ControllerLabels {
     pub controller: String,
 }
 
+/// Labels of a reaper action.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `Expired`, `HeartbeatLost`, `BuildStuck` or `DeployStuck`.
+    pub reason: String,
+}
+
+/// Labels of an orphan sweep's count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    /// The CloudProvider's type: `aws`, `digitalocean`, `hetzner`, `local`.
+    pub provider: String,
+}
+
 /// What the controllers count and time. Cheap to clone; clones share the values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -44,6 +58,12 @@ pub struct Metrics {
     pub followed_jobs: Family<ControllerLabels, Gauge>,
     /// GitHub calls and rate limits.
     pub github: crate::github::GitHubMetrics,
+    /// Environments the reaper deleted or failed, by reason.
+    pub reaped: Family<ReasonLabels, Counter>,
+    /// Orphaned VMs found by the sweep, by provider type.
+    pub orphans_found: Family<ProviderLabels, Counter>,
+    /// Orphaned VMs the sweep (or a CloudProvider's finalizer) terminated, by provider type.
+    pub orphans_terminated: Family<ProviderLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,6 +75,9 @@ impl Default for Metrics {
             reconciles: Family::default(),
             followed_jobs: Family::default(),
             github: crate::github::GitHubMetrics::default(),
+            reaped: Family::default(),
+            orphans_found: Family::default(),
+            orphans_terminated: Family::default(),
         }
     }
 }
@@ -81,12 +104,31 @@ impl Metrics {
                 "GitHub API calls left in the current rate-limit window, by credentials",
                 this.github.rate_limit_remaining,
             );
+            registry.register("reaped", "Environments the reaper deleted or failed, by reason", this.reaped);
+            registry.register("orphans_found", "Orphaned VMs the sweep found, by provider type", this.orphans_found);
+            registry.register(
+                "orphans_terminated",
+                "Orphaned VMs terminated by the sweep or a CloudProvider's finalizer, by provider type",
+                this.orphans_terminated,
+            );
         })
     }
 
     /// The gauge of jobs `controller` follows.
     pub fn followed(&self, controller: &str) -> Gauge {
         self.followed_jobs.get_or_create(&ControllerLabels { controller: controller.to_owned() }).clone()
+    }
+
+    /// Counts one reaper action for `reason`.
+    pub fn reap(&self, reason: &str) {
+        self.reaped.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts a sweep's orphans of a `provider`-type CloudProvider: `found`, of which `terminated`.
+    pub fn swept(&self, provider: &str, found: usize, terminated: usize) {
+        let labels = ProviderLabels { provider: provider.to_owned() };
+        self.orphans_found.get_or_create(&labels).inc_by(found as u64);
+        self.orphans_terminated.get_or_create(&labels).inc_by(terminated as u64);
     }
 
     /// Counts one reconcile of `controller` ending in `outcome`.

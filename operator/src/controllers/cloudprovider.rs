@@ -2,6 +2,14 @@
 //! result as the `Ready` condition (with a message a user can act on) and the number of VMs
 //! carrying Stagely's tags, and checks again whenever the credentials Secret changes.
 //!
+//! Its finalizer keeps a CloudProvider while VMs it started exist, as Kubernetes' own
+//! `pvc-protection` keeps a volume while a pod uses it: deleting it stops new VMs at once,
+//! terminates its orphans (no grace), and then waits, saying in `Ready` which VMs are still in
+//! use and by whom, until their Environments and BuildJobs are gone (those have deadlines of their
+//! own). It lets go early only when an admin sets `stagely.dev/abandon-cleanup`, or when its VMs
+//! cannot even be listed for the cleanup deadline (its credentials are gone: nothing more can be
+//! done through it); an Event then says what may be left.
+//!
 //! Credentials are read, used and dropped: they never reach a log line, an event or the status.
 //! Secrets are watched by their metadata only (a change is all the watch needs to see), so no
 //! Secret's data is held here; a check reads its one credentials Secret with a targeted GET.
@@ -19,11 +27,16 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 
+use crate::controllers::cleanup;
+use crate::controllers::conditions::set_condition;
 use crate::controllers::events::Recorder;
+use crate::metrics::Metrics;
+use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use stagely_api::keys;
 use stagely_api::v1alpha1::{CloudProvider, CloudProviderStatus, ProviderType};
 
 use crate::providers::account::{self, AccountError, Endpoints, provider_reason};
@@ -36,6 +49,9 @@ const RECHECK: Duration = Duration::from_secs(300);
 /// Checked again this soon after the provider could not be reached or throttled us.
 const RETRY: Duration = Duration::from_secs(30);
 
+/// How long deletion waits for VMs that cannot even be listed before letting go.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(600);
+
 /// What the reconciler needs.
 pub struct Context {
     /// The cluster.
@@ -43,19 +59,37 @@ pub struct Context {
     /// Where the clouds are.
     pub endpoints: Endpoints,
     recorder: Recorder,
+    metrics: Metrics,
 }
 
 impl Context {
     /// A context for `client`.
     pub fn new(client: Client, endpoints: Endpoints) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, endpoints }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, endpoints, metrics: Metrics::default() }
+    }
+
+    /// Counts orphans terminated on deletion in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
 /// Why a reconcile failed (and will be retried).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Deletion waits for VMs.
+    #[error("CloudProvider {name} is kept: {what}")]
+    Waiting {
+        /// The CloudProvider.
+        name: String,
+        /// What it waits for.
+        what: String,
+    },
+    /// The finalizer could not be added or removed.
+    #[error("failed to manage the finalizer of a CloudProvider: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// Writing the status failed.
     #[error("cannot update the status of {name}: {source}")]
     Status {
@@ -118,11 +152,109 @@ fn provider_name(type_: ProviderType) -> &'static str {
     }
 }
 
-/// Checks one CloudProvider and writes what it found.
+/// Reconciles one CloudProvider: its finalizer first, then the check.
 pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    finalizer(&api, keys::CLOUDPROVIDER_FINALIZER, object, |event| async {
+        match event {
+            finalizer::Event::Apply(object) => check_and_report(object, &ctx).await,
+            finalizer::Event::Cleanup(object) => cleanup(object, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
+        other => Error::Finalizer(Box::new(other)),
+    })
+}
+
+/// The CloudProvider is being deleted: its orphans are terminated now; while VMs of live
+/// Environments or BuildJobs remain, it stays and says which (see the module's doc).
+async fn cleanup(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Error> {
+    let name = object.name_any();
+    let swept = crate::reaper::sweep_provider(
+        &ctx.client,
+        &ctx.endpoints,
+        &ctx.metrics,
+        &ctx.recorder,
+        &object,
+        Duration::ZERO,
+    )
+    .await;
+    let (what, in_use) = match &swept {
+        Ok(swept) if swept.owned.is_empty() && swept.failed.is_empty() => return Ok(Action::await_change()),
+        Ok(swept) => {
+            let mut parts = Vec::new();
+            if !swept.owned.is_empty() {
+                let vms: Vec<String> =
+                    swept.owned.iter().map(|(id, owner)| format!("{id} (owner UID {owner})")).collect();
+                parts.push(format!(
+                    "{} VM{} still in use: {}; delete their Environments and BuildJobs, or set {} to leave them",
+                    vms.len(),
+                    if vms.len() == 1 { "" } else { "s" },
+                    vms.join(", "),
+                    keys::ABANDON_CLEANUP
+                ));
+            }
+            if !swept.failed.is_empty() {
+                let vms: Vec<String> = swept.failed.iter().map(|(id, err)| format!("{id}: {err}")).collect();
+                parts.push(format!("orphaned VMs not terminated yet ({})", vms.join("; ")));
+            }
+            (parts.join("; "), !swept.owned.is_empty())
+        }
+        Err(err) => (format!("its VMs cannot be listed: {err}"), false),
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    // VMs in use keep it (only an admin lets go of them); VMs that cannot be reached, for a while.
+    let give_up = match cleanup::give_up(&object.metadata, CLEANUP_DEADLINE, now) {
+        Some(why) if why.starts_with("an admin") || !in_use => Some(why),
+        _ => None,
+    };
+    if let Some(why) = give_up {
+        let note = format!("deleted ({why}) although {what}");
+        tracing::warn!(namespace = ?object.namespace(), %name, %note, "releasing the CloudProvider");
+        publish(&object, ctx, true, "CleanupAbandoned", note).await;
+        return Ok(Action::await_change());
+    }
+    report_deleting(&object, ctx, &what).await;
+    Err(Error::Waiting { name, what })
+}
+
+/// Writes `Ready` False, reason `Deleting`, with what deletion waits for (once per change).
+async fn report_deleting(object: &CloudProvider, ctx: &Context, what: &str) {
+    let message = format!("being deleted; waiting: {what}");
+    let mut conditions = object.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    if conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "Deleting" && c.message == message) {
+        return;
+    }
+    let now = k8s_openapi::jiff::Timestamp::now();
+    set_condition(&mut conditions, "Ready", false, "Deleting", &message, object.metadata.generation, now);
+    let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    let patch = json!({ "status": { "conditions": conditions } });
+    if let Err(err) = api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        tracing::debug!(name = %object.name_any(), error = %err, "cannot report the deletion yet");
+    }
+    publish(object, ctx, false, "Deleting", message).await;
+}
+
+async fn publish(object: &CloudProvider, ctx: &Context, warning: bool, reason: &str, note: String) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(name = %object.name_any(), error = %err, "cannot record event");
+    }
+}
+
+/// Checks one CloudProvider and writes what it found.
+async fn check_and_report(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Error> {
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_default();
-    let found = check(&object, &ctx).await;
+    let found = check(&object, ctx).await;
     let status = if found.ready { "True" } else { "False" };
 
     let previous = object.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
@@ -173,6 +305,10 @@ pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<
 }
 
 fn error_policy(object: Arc<CloudProvider>, err: &Error, _ctx: Arc<Context>) -> Action {
+    if object.metadata.deletion_timestamp.is_some() {
+        tracing::info!(name = %object.name_any(), error = %err, "deletion waits");
+        return Action::requeue(cleanup::retry_after(&object.metadata, k8s_openapi::jiff::Timestamp::now()));
+    }
     tracing::warn!(name = %object.name_any(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }

@@ -2,6 +2,7 @@
 
 pub mod buildjob;
 pub mod capacity;
+pub mod cleanup;
 pub mod cloudprovider;
 pub mod conditions;
 pub mod environment;
@@ -17,6 +18,42 @@ use std::sync::Arc;
 use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource};
+
+/// Deletes the Environment `env` if it is still the one read (by UID), first recording on its
+/// Project that its pull request's preview was removed as of `record`'s `updated_at` (first: a
+/// late webhook, or the resync, must find the record once the Environment is gone, and create
+/// nothing for that state of the pull request). `Ok(false)` when there was nothing to delete.
+pub async fn remove_environment(
+    client: &Client,
+    record: Option<(&stagely_api::v1alpha1::Project, k8s_openapi::jiff::Timestamp)>,
+    env: &stagely_api::v1alpha1::Environment,
+) -> Result<bool, kube::Error> {
+    use kube::ResourceExt;
+    use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+    let namespace = env.namespace().unwrap_or_default();
+    if let Some((project, updated_at)) = record {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let patch = stagely_api::pull_request::removal_patch(project, env.spec.pull_request.number, updated_at, now);
+        let params =
+            PatchParams { field_manager: Some(stagely_api::keys::MANAGER_WEBHOOK.into()), ..PatchParams::default() };
+        Api::<stagely_api::v1alpha1::Project>::namespaced(client.clone(), &namespace)
+            .patch(&project.name_any(), &params, &Patch::Merge(&patch))
+            .await?;
+    }
+    // By UID, not resourceVersion: controllers write to a live Environment all the time, and a
+    // webhook that reopens the pull request later finds the removal older than its news.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { resource_version: None, uid: env.uid() }),
+        ..DeleteParams::default()
+    };
+    let api = Api::<stagely_api::v1alpha1::Environment>::namespaced(client.clone(), &namespace);
+    match api.delete(&env.name_any(), &params).await {
+        Ok(_) => Ok(true),
+        // Gone already, or replaced by another Environment of the same name.
+        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
 
 /// Where a Project's code is on GitHub, when the operator talks to GitHub and the Project uses
 /// GitHub's own clone URL (no `spec.cloneUrl`): stagely.yaml is then read through the contents

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use stagely_api::pull_request::{self, Removal, applied_at, removed_at};
 use stagely_api::v1alpha1::{Environment, Project};
@@ -160,7 +160,10 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
             }
             Step::Delete(reason) => {
                 let env = env.expect("deleting an existing Environment");
-                if remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))? {
+                if super::remove_environment(client, Some((project, pr.updated_at)), &env)
+                    .await
+                    .map_err(kube_error("delete an Environment"))?
+                {
                     summary.deleted += 1;
                     tracing::info!(project = %described, number = pr.number, reason = reason.message(), "resync deleted a preview");
                 }
@@ -174,7 +177,10 @@ pub async fn resync_project(client: &Client, github: &GitHub, project: &Project)
         let number = env.spec.pull_request.number;
         match github.pull_request(&credentials, Repository(repository), number).await {
             Ok(Some(pr)) if pr.state == "closed" && applied_at(&env).is_none_or(|applied| applied <= pr.updated_at) => {
-                if remove(client, project, &env, pr.updated_at).await.map_err(kube_error("delete an Environment"))? {
+                if super::remove_environment(client, Some((project, pr.updated_at)), &env)
+                    .await
+                    .map_err(kube_error("delete an Environment"))?
+                {
                     summary.deleted += 1;
                     tracing::info!(project = %described, number, "resync deleted the preview of a closed pull request");
                 }
@@ -231,35 +237,6 @@ async fn apply(
     }
     // Still changing: the next resync looks again.
     Ok(false)
-}
-
-/// Records the removal on the Project (first: a late webhook must find it once the Environment is
-/// gone), then deletes the Environment if it is still the one read: `Ok(false)` when there was
-/// nothing left to delete.
-async fn remove(
-    client: &Client,
-    project: &Project,
-    env: &Environment,
-    updated_at: Timestamp,
-) -> Result<bool, kube::Error> {
-    let namespace = project.namespace().unwrap_or_default();
-    let patch = pull_request::removal_patch(project, env.spec.pull_request.number, updated_at, Timestamp::now());
-    let params = PatchParams { field_manager: Some(keys::MANAGER_WEBHOOK.into()), ..PatchParams::default() };
-    Api::<Project>::namespaced(client.clone(), &namespace)
-        .patch(&project.name_any(), &params, &Patch::Merge(&patch))
-        .await?;
-    // By UID, not resourceVersion: controllers write to a live Environment all the time, and a
-    // webhook that reopens the pull request later finds the removal older than its news.
-    let params = DeleteParams {
-        preconditions: Some(Preconditions { resource_version: None, uid: env.uid() }),
-        ..DeleteParams::default()
-    };
-    match Api::<Environment>::namespaced(client.clone(), &namespace).delete(&env.name_any(), &params).await {
-        Ok(_) => Ok(true),
-        // Gone already, or replaced by another Environment of the same name.
-        Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(false),
-        Err(err) => Err(err),
-    }
 }
 
 /// Resyncs every Project every `period` until `shutdown`.

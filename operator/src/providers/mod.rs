@@ -14,6 +14,7 @@ pub mod hetzner;
 pub mod http;
 pub mod local;
 pub mod names;
+pub mod orphans;
 pub mod sizes;
 
 use std::collections::BTreeMap;

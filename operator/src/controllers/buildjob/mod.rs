@@ -42,6 +42,7 @@ use tracing::Instrument;
 pub use self::plan::Timings;
 use self::plan::{CreateFailure, Observed, ProviderView, Step, VmView, live_vm};
 use crate::controllers::capacity::Capacity;
+use crate::controllers::cleanup;
 use crate::controllers::events::Recorder;
 use crate::controllers::vm::{self, AgentSettings, VmError};
 use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
@@ -381,6 +382,10 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
         Ok(provider) => {
             let ready = object.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
             let view = match ready {
+                _ if object.metadata.deletion_timestamp.is_some() => ProviderView::Unavailable {
+                    reason: "CloudProviderDeleting",
+                    message: format!("CloudProvider {key} is being deleted: no new VM is started through it"),
+                },
                 Some(ready) if ready.status == "True" => ProviderView::Ready {
                     max_instances: usize::try_from(object.spec.max_instances.max(1)).unwrap_or(1),
                 },
@@ -758,20 +763,32 @@ async fn cleanup(job: Arc<BuildJob>, ctx: &Context) -> Result<Action, Error> {
     ctx.followers.stop(&job_id(&uid));
     ctx.written.forget(&uid);
     let target = dereference(&job, ctx).await?;
+    // A failure is tried again with a growing backoff, until the deadline or an admin's
+    // annotation: then the job goes, and the orphan sweep finds its VM by its owner tag.
+    let job_ref = &job;
+    let give_up = |problem: String| async move {
+        let job = job_ref;
+        let Some(why) = cleanup::give_up(&job.metadata, CLEANUP_DEADLINE, Timestamp::now()) else {
+            return Err(problem);
+        };
+        let note = format!("gave up terminating the builder VM ({why}): {problem}; the orphan sweep keeps trying");
+        publish(job, ctx, true, "CleanupAbandoned", &note).await;
+        Ok(Vec::new())
+    };
     let terminated = match (&target.provider, &target.object) {
         (Some(_), _) => {
             let recorded = job.status.as_ref().and_then(|s| s.vm.as_ref()).and_then(|vm| vm.provider_id.as_deref());
-            terminate(&job, &target, recorded).await?
+            match terminate(&job, &target, recorded).await {
+                Ok(terminated) => terminated,
+                Err(err) => {
+                    let problem = err.to_string();
+                    give_up(problem).await.map_err(|_| err)?
+                }
+            }
         }
         // The CloudProvider is there but cannot be used now: try again, for a while.
         (None, Some(_)) => {
-            let deleting = job.metadata.deletion_timestamp.as_ref().map_or(Timestamp::now(), |t| t.0);
-            if plan::elapsed(deleting, Timestamp::now()) < CLEANUP_DEADLINE {
-                return Err(Error::NoProvider { job: describe(&job), why: target.why_unusable() });
-            }
-            let note = format!("gave up terminating the builder VM ({}); the orphan sweep will", target.why_unusable());
-            publish(&job, ctx, true, "CleanupAbandoned", &note).await;
-            Vec::new()
+            give_up(target.why_unusable()).await.map_err(|why| Error::NoProvider { job: describe(&job), why })?
         }
         // The Project or its CloudProvider is gone: look for the job's VMs wherever they can be.
         (None, None) => terminate_anywhere(&job, ctx).await,
@@ -815,6 +832,9 @@ async fn terminate_anywhere(job: &BuildJob, ctx: &Context) -> Vec<String> {
 
 fn error_policy(job: Arc<BuildJob>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(namespace = ?job.namespace(), name = %job.name_any(), error = %err, "reconcile failed; retrying");
+    if job.metadata.deletion_timestamp.is_some() {
+        return Action::requeue(cleanup::retry_after(&job.metadata, Timestamp::now()));
+    }
     Action::requeue(RETRY)
 }
 

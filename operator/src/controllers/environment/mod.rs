@@ -30,7 +30,9 @@ use stagely_api::v1alpha1::{
     GITHUB_FEEDBACK_CONDITION, Project,
 };
 
-use self::plan::{ConfigState, Observed};
+use self::plan::{CLEANED_UP, ConfigState, Observed};
+use crate::controllers::cleanup;
+use crate::controllers::conditions::set_condition;
 use crate::controllers::events::Recorder;
 use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::metrics::Metrics;
@@ -47,8 +49,6 @@ const RETRY: Duration = Duration::from_secs(15);
 /// How often an Environment is looked at without news, as a safety net behind the watches: a
 /// requeue while it is on its way, the resync sweep once it is Ready.
 const RESYNC: Duration = Duration::from_secs(600);
-/// How often deletion checks whether its BuildJobs are gone.
-const CLEANUP_POLL: Duration = Duration::from_secs(2);
 /// How long deletion keeps trying before it releases the Environment and reports what is left.
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -448,6 +448,10 @@ async fn record_transitions(
         if before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason) {
             let warning = condition.status == "False"
                 && !matches!(condition.reason.as_str(), "Building" | "ConfigNotValid" | "NotServing");
+            // A stuck run failed instead of hanging is the reaper's kind of action: counted as one.
+            if matches!(condition.reason.as_str(), plan::BUILD_STUCK | preview::DEPLOY_STUCK_REASON) {
+                ctx.metrics.reap(&condition.reason);
+            }
             events.push((warning, condition.reason.clone(), format!("{}: {}", condition.type_, condition.message)));
         }
     }
@@ -512,14 +516,14 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         leftovers.push(format!("BuildJobs {} (stopping their VMs)", names.join(", ")));
     }
     if !leftovers.is_empty() {
-        let since = env.metadata.deletion_timestamp.as_ref().map_or(Timestamp::now(), |t| t.0);
-        let waited = Timestamp::now().duration_since(since).unsigned_abs();
-        if waited < CLEANUP_DEADLINE {
-            return Err(Error::Waiting { namespace, name, what: leftovers.join("; ") });
-        }
-        // Past the deadline the Environment goes; what is left is said, and the orphan sweep
-        // (which finds VMs by their owner tag) keeps trying.
-        let note = format!("gave up cleaning after {}s, left: {}", waited.as_secs(), leftovers.join("; "));
+        let what = leftovers.join("; ");
+        let Some(why) = cleanup::give_up(&env.metadata, CLEANUP_DEADLINE, Timestamp::now()) else {
+            report_cleanup(env, &what, ctx).await;
+            return Err(Error::Waiting { namespace, name, what });
+        };
+        // Past the deadline (or told to by an admin) the Environment goes; what is left is said,
+        // and the orphan sweep (which finds VMs by their owner tag) keeps trying.
+        let note = format!("gave up cleaning up ({why}); left: {what}");
         tracing::warn!(%namespace, %name, %note, "releasing the finalizer");
         event(ctx, env, true, "CleanupAbandoned", note).await;
     }
@@ -527,11 +531,39 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// Says in the status (condition `CleanedUp`, False) what the teardown still waits for, once per
+/// change, with an Event: `kubectl describe env` shows why a deletion takes its time.
+async fn report_cleanup(env: &Environment, what: &str, ctx: &Context) {
+    let status = env.status.clone().unwrap_or_default();
+    let message = format!("waiting for {what}");
+    if status.conditions.iter().any(|c| c.type_ == CLEANED_UP && c.message == message) {
+        return;
+    }
+    let mut conditions = status.conditions;
+    set_condition(
+        &mut conditions,
+        CLEANED_UP,
+        false,
+        "CleaningUp",
+        &message,
+        env.metadata.generation,
+        Timestamp::now(),
+    );
+    let api: Api<Environment> = Api::namespaced(ctx.client.clone(), &env.namespace().unwrap_or_default());
+    let patch = json!({ "status": { "conditions": conditions } });
+    if let Err(err) =
+        api.patch_status(&env.name_any(), &PatchParams::apply(keys::MANAGER_OPERATOR), &Patch::Merge(&patch)).await
+    {
+        tracing::debug!(name = %env.name_any(), error = %err, "cannot report the cleanup yet");
+    }
+    event(ctx, env, false, "CleaningUp", message).await;
+}
+
 fn error_policy(env: Arc<Environment>, err: &Error, _ctx: Arc<Context>) -> Action {
     match err {
         Error::Waiting { .. } => {
             tracing::debug!(name = %env.name_any(), error = %err, "waiting");
-            Action::requeue(CLEANUP_POLL)
+            Action::requeue(cleanup::retry_after(&env.metadata, Timestamp::now()))
         }
         _ => {
             tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "reconcile failed; retrying");

@@ -4,6 +4,7 @@
 //! whole decision table is tested below without them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
@@ -19,12 +20,21 @@ use stagely_api::v1alpha1::{
     RunBuild, RunStatus,
 };
 
+use crate::controllers::buildjob::plan::human;
 use crate::controllers::conditions::set_condition;
 
 /// Condition: stagely.yaml was read and is valid at the run's commit.
 pub const CONFIG_VALID: &str = "ConfigValid";
 /// Condition: every build of the run succeeded.
 pub const BUILDS_SUCCEEDED: &str = "BuildsSucceeded";
+/// `BuildsSucceeded` reason: the run outlasted its builds' timeouts (see [`BUILD_STUCK_MARGIN`]).
+pub const BUILD_STUCK: &str = "BuildStuck";
+/// Condition, only while an Environment is being deleted: what its teardown still waits for.
+pub const CLEANED_UP: &str = "CleanedUp";
+
+/// How much longer than its longest build timeout a run may stay Building (waiting in the
+/// CloudProvider's queue, starting builder VMs, agents connecting) before it fails as stuck.
+pub const BUILD_STUCK_MARGIN: Duration = Duration::from_secs(30 * 60);
 
 /// Registry tags remembered for teardown; the oldest beyond this are left to the registry's
 /// garbage collection.
@@ -316,6 +326,33 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         if let Some((job, why)) = waiting {
             message.push_str(&format!("; {} ({}): {why}", job.spec.service, job.spec.platform));
         }
+        // A run whose builds outlast every timeout they have is stuck, not slow: it fails and
+        // says so rather than hanging (its BuildJobs are stopped).
+        let longest = config.builds.values().map(|build| build.timeout).max().unwrap_or_default();
+        let limit = longest + BUILD_STUCK_MARGIN;
+        let started = status.run.as_ref().and_then(|run| run.started_at.as_ref()).map_or(now, |t| t.0);
+        if Duration::try_from(now.duration_since(started)).unwrap_or_default() > limit {
+            for job in &jobs {
+                let phase = job.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+                if !phase.is_finished() && !is_cancelled(job) && job.metadata.deletion_timestamp.is_none() {
+                    actions.push(Action::CancelBuildJob {
+                        name: job.name_any(),
+                        reason: "cancelled: the run was stuck building".into(),
+                    });
+                }
+            }
+            let message = format!(
+                "the builds have not finished {} after the run started (the longest build timeout, {}, plus {} \
+                 for queueing and starting builders): {message}",
+                human(limit),
+                human(longest),
+                human(BUILD_STUCK_MARGIN)
+            );
+            set_condition(&mut status.conditions, BUILDS_SUCCEEDED, false, BUILD_STUCK, &message, generation, now);
+            status.phase = Some(EnvironmentPhase::Failed);
+            actions.push(Action::WriteRoute(route(RouteStatus::Failed)));
+            return Plan { actions, status, retry };
+        }
         set_condition(&mut status.conditions, BUILDS_SUCCEEDED, false, "Building", &message, generation, now);
         status.phase = Some(EnvironmentPhase::Building);
         actions.push(Action::WriteRoute(route(RouteStatus::Building)));
@@ -494,6 +531,7 @@ pub fn condition<'a>(status: &'a EnvironmentStatus, type_: &str) -> Option<&'a C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::SignedDuration;
     use stagely_api::v1alpha1::{
         BuildJobStatus, CloudProviderSpec, EnvironmentSpec, LocalObjectRef, Platform, ProjectSpec, PullRequest,
     };
@@ -719,6 +757,56 @@ mod tests {
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Building"));
         assert_eq!(c.message, "1 of 3 builds done; worker (linux/amd64): waiting for an instance: 5 of 5 in use");
         assert_eq!(plan.status.phase, Some(EnvironmentPhase::Building));
+    }
+
+    #[test]
+    fn a_run_building_past_its_longest_timeout_and_the_margin_fails_as_stuck() {
+        let cfg = two_builds();
+        let (p, cp) = (project(), provider());
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let longest = cfg.builds.values().map(|b| b.timeout).max().unwrap();
+        let limit = SignedDuration::try_from(longest + BUILD_STUCK_MARGIN).unwrap();
+        for (started_ago, stuck) in
+            [(limit - SignedDuration::from_secs(60), false), (limit + SignedDuration::from_secs(60), true)]
+        {
+            let mut env = environment(SHA);
+            let mut jobs = jobs_of(&env, &cfg);
+            env.status = Some(EnvironmentStatus {
+                run: Some(RunStatus {
+                    sha: SHA.into(),
+                    started_at: Some(Time(now - started_ago)),
+                    ..RunStatus::default()
+                }),
+                ..EnvironmentStatus::default()
+            });
+            jobs[0] = with_phase(jobs[0].clone(), BuildJobPhase::Succeeded, Some("sha256:aa"), None);
+            jobs[1] = with_phase(jobs[1].clone(), BuildJobPhase::Building, None, None);
+            jobs[2] = with_phase(jobs[2].clone(), BuildJobPhase::Queued, None, Some("waiting for an instance"));
+            let plan = plan(&observe(&env, Some(&p), Some(&cp), Some(ConfigState::Loaded(&cfg)), &jobs));
+            let c = cond(&plan, BUILDS_SUCCEEDED);
+            let cancelled = plan.actions.iter().filter(|a| matches!(a, Action::CancelBuildJob { .. })).count();
+            if stuck {
+                assert_eq!(plan.status.phase, Some(EnvironmentPhase::Failed));
+                assert_eq!(c.reason, BUILD_STUCK);
+                assert!(
+                    c.message.starts_with("the builds have not finished 1h after the run started"),
+                    "{}",
+                    c.message
+                );
+                assert!(
+                    c.message.ends_with("1 of 3 builds done; worker (linux/amd64): waiting for an instance"),
+                    "{}",
+                    c.message
+                );
+                assert_eq!(cancelled, 2, "the unfinished builds stop");
+                assert_eq!(route_status(&plan), Some(RouteStatus::Failed));
+            } else {
+                assert_eq!(
+                    (plan.status.phase, c.reason.as_str(), cancelled),
+                    (Some(EnvironmentPhase::Building), "Building", 0)
+                );
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Secret edits closer together than this are deployed once, with the last values.
 pub const SECRET_SETTLE: Duration = Duration::from_secs(2);
+/// How long a deployment may run before the Environment fails as stuck.
+pub const DEPLOY_STUCK: Duration = Duration::from_secs(30 * 60);
+/// `Deployed` reason: the deployment outlasted [`DEPLOY_STUCK`].
+pub const DEPLOY_STUCK_REASON: &str = "DeployStuck";
 /// How long teardown waits for the agent to stop the app.
 pub const TERMINATE_WAIT: Duration = Duration::from_secs(30);
 /// Lifetime of the pull credential DEPLOY carries (the registry caps it at one hour).
@@ -333,6 +337,11 @@ pub async fn advance(
     // The preview VM: one for the Environment's life, behind the provider's capacity.
     let size = preview_size(inputs.config, env, project);
     let instance_id = status.vm.as_ref().and_then(|vm| vm.provider_id.clone());
+    if instance_id.is_none() && provider_object.metadata.deletion_timestamp.is_some() {
+        let message = format!("CloudProvider {key} is being deleted: no new VM is started through it");
+        fail(status, VM_READY, "CloudProviderDeleting", &message);
+        return Ok(Outcome::after(Duration::from_secs(60)));
+    }
     let instance = match instance_id {
         None => {
             let max = usize::try_from(provider_object.spec.max_instances.max(1)).unwrap_or(1);
@@ -662,6 +671,24 @@ pub async fn advance(
         }
         _ => {
             let detail = latest.and_then(|s| s.message).map(|m| format!(": {m}")).unwrap_or_default();
+            // A deployment that outlasts any reasonable `compose up` is stuck, not slow: the run
+            // fails and says so rather than hanging. A late success still makes it Ready.
+            let running_for = deployment
+                .started_at
+                .as_ref()
+                .and_then(|t| Duration::try_from(now.duration_since(t.0)).ok())
+                .unwrap_or_default();
+            if running_for > DEPLOY_STUCK {
+                let message = format!(
+                    "deployment {} has not finished after {}{detail}",
+                    deployment.job_id,
+                    crate::controllers::buildjob::plan::human(DEPLOY_STUCK)
+                );
+                fail(status, DEPLOYED, DEPLOY_STUCK_REASON, &message);
+                status.phase = Some(EnvironmentPhase::Failed);
+                write_route(env, status, ctx, RouteStatus::Failed, None, project).await;
+                return Ok(Outcome::default());
+            }
             fail(status, DEPLOYED, "Deploying", &format!("deploying {}{detail}", deployment.job_id));
             write_route(env, status, ctx, RouteStatus::Deploying, None, project).await;
             Ok(Outcome::default())

@@ -326,13 +326,11 @@ async fn tear_down(env: &Environment, target: &Target, ctx: &Context) -> Result<
     match tell(env, target, ctx, &mut feedback).await {
         Ok(()) => Ok(Action::await_change()),
         Err(err) => {
-            let since = env.metadata.deletion_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
-            let waited = Timestamp::now().as_second() - since.as_second();
-            if waited >= TEARDOWN_DEADLINE.as_secs() as i64 {
+            if let Some(why) = crate::controllers::cleanup::give_up(&env.metadata, TEARDOWN_DEADLINE, Timestamp::now())
+            {
                 let note = format!(
-                    "gave up telling GitHub the preview is gone after {}s: {err}; the pull request's Deployment and \
-                     comment may still show it",
-                    TEARDOWN_DEADLINE.as_secs()
+                    "gave up telling GitHub the preview is gone ({why}): {err}; the pull request's Deployment and \
+                     comment may still show it"
                 );
                 event(ctx, env, EventType::Warning, "GitHubFeedbackAbandoned", note).await;
                 return Ok(Action::await_change());

@@ -27,7 +27,11 @@ pub fn deployment(env: &Environment) -> Option<(DeploymentState, Option<String>,
     let sha = &status.run.as_ref()?.sha;
     let short = &sha[..sha.len().min(7)];
     if env.metadata.deletion_timestamp.is_some() || status.phase == Some(EnvironmentPhase::Terminating) {
-        return Some((DeploymentState::Inactive, None, "The preview was torn down".into()));
+        let description = match reaped(env) {
+            Some(why) => format!("The preview was torn down: {why}"),
+            None => "The preview was torn down".into(),
+        };
+        return Some((DeploymentState::Inactive, None, description));
     }
     Some(match status.phase.unwrap_or_default() {
         EnvironmentPhase::Ready => {
@@ -39,6 +43,11 @@ pub fn deployment(env: &Environment) -> Option<(DeploymentState, Option<String>,
         EnvironmentPhase::Deploying => (DeploymentState::InProgress, None, format!("Deploying {short}")),
         _ => (DeploymentState::InProgress, None, format!("Building {short}")),
     })
+}
+
+/// Why the reaper deleted the Environment (`Expired: ...`, `HeartbeatLost: ...`), if it did.
+pub fn reaped(env: &Environment) -> Option<&str> {
+    env.metadata.annotations.as_ref()?.get(stagely_api::keys::REAPED).map(String::as_str)
 }
 
 /// `Type: message` of the first pipeline condition that is False with a failure.
@@ -70,6 +79,9 @@ pub fn comment(env: &Environment) -> String {
         (false, _) => "🔨 **Building the preview**",
     };
     text.push_str(&format!("### Stagely: {headline}\n\n"));
+    if deleting && let Some(why) = reaped(env) {
+        text.push_str(&format!("**Why:** {}\n\n", escape(why)));
+    }
     match (&status.url, deleting) {
         (Some(url), false) if phase == EnvironmentPhase::Ready => text.push_str(&format!("**URL:** {url}\n\n")),
         (Some(url), false) => text.push_str(&format!("**URL (once ready):** {url}\n\n")),
@@ -199,7 +211,16 @@ mod tests {
         assert!(!failed.contains("**URL:**"), "{failed}");
 
         let gone = comment(&env(run("Ready"), true));
-        assert!(gone.contains("Preview torn down") && !gone.contains("URL"), "{gone}");
+        assert!(gone.contains("Preview torn down") && !gone.contains("URL") && !gone.contains("Why"), "{gone}");
+        let mut expired = env(run("Ready"), true);
+        let why = "Expired: its TTL (72h after its last commit) ran out";
+        expired.metadata.annotations = Some([(stagely_api::keys::REAPED.to_owned(), why.to_owned())].into());
+        assert!(comment(&expired).contains(&format!("**Why:** {why}\n")), "{}", comment(&expired));
+        let (state, _, description) = deployment(&expired).unwrap();
+        assert_eq!(
+            (state, description.as_str()),
+            (DeploymentState::Inactive, &*format!("The preview was torn down: {why}"))
+        );
         assert_ne!(digest(&ready), digest(&failed));
         assert_eq!(digest(&ready), digest(&comment(&env(run("Ready"), false))));
     }
