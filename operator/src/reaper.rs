@@ -275,6 +275,16 @@ impl Reaper {
     }
 }
 
+/// Why a sweep of one CloudProvider could not look at its VMs.
+#[derive(Debug)]
+pub struct SweepFailure {
+    /// What failed, for the user.
+    pub message: String,
+    /// Nothing will reach this account's VMs through this CloudProvider (its credentials Secret
+    /// is gone or the provider rejects the credentials), as opposed to a failure worth retrying.
+    pub permanent: bool,
+}
+
 /// Sweeps one CloudProvider: terminates its namespace's orphans older than `grace`, each with an
 /// Event on the CloudProvider and a count; a failure to list or terminate is an Event too. Used
 /// by the periodic sweep and by the CloudProvider's finalizer (with no grace).
@@ -285,7 +295,7 @@ pub async fn sweep_provider(
     recorder: &Recorder,
     object: &CloudProviderObject,
     grace: Duration,
-) -> Result<orphans::Swept, String> {
+) -> Result<orphans::Swept, SweepFailure> {
     let namespace = object.namespace().unwrap_or_default();
     let name = object.name_any();
     let type_ = object.spec.type_.as_str();
@@ -306,15 +316,22 @@ pub async fn sweep_provider(
         }
     };
     let swept = match account::connect(client, object, endpoints).await {
-        Ok(provider) => orphans::sweep(provider.as_ref(), client, &namespace, grace).await.map_err(|e| e.to_string()),
-        Err(err) => Err(err.to_string()),
+        Ok(provider) => orphans::sweep(provider.as_ref(), client, &namespace, grace).await.map_err(|err| {
+            let permanent =
+                matches!(&err, orphans::SweepError::List(crate::providers::ProviderError::InvalidCredentials { .. }));
+            SweepFailure { message: err.to_string(), permanent }
+        }),
+        Err(err) => {
+            let permanent = !matches!(err, account::AccountError::Kube { .. });
+            Err(SweepFailure { message: err.to_string(), permanent })
+        }
     };
     let swept = match swept {
         Ok(swept) => swept,
-        Err(err) => {
-            tracing::warn!(%namespace, %name, error = %err, "orphan sweep failed");
-            publish(true, "SweepFailed", format!("the orphan sweep failed: {err}")).await;
-            return Err(err);
+        Err(failure) => {
+            tracing::warn!(%namespace, %name, error = %failure.message, "orphan sweep failed");
+            publish(true, "SweepFailed", format!("the orphan sweep failed: {}", failure.message)).await;
+            return Err(failure);
         }
     };
     metrics.swept(type_, swept.terminated.len() + swept.failed.len(), swept.terminated.len());

@@ -7,8 +7,9 @@
 //! terminates its orphans (no grace), and then waits, saying in `Ready` which VMs are still in
 //! use and by whom, until their Environments and BuildJobs are gone (those have deadlines of their
 //! own). It lets go early only when an admin sets `stagely.dev/abandon-cleanup`, or when its VMs
-//! cannot even be listed for the cleanup deadline (its credentials are gone: nothing more can be
-//! done through it); an Event then says what may be left.
+//! cannot be listed: at once when nothing can reach them through it any more (its credentials
+//! Secret is gone, or the provider rejects its credentials), after the cleanup deadline when the
+//! provider keeps failing; an Event then says what may be left.
 //!
 //! Credentials are read, used and dropped: they never reach a log line, an event or the status.
 //! Secrets are watched by their metadata only (a change is all the watch needs to see), so no
@@ -202,7 +203,17 @@ async fn cleanup(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Er
             }
             (parts.join("; "), !swept.owned.is_empty())
         }
-        Err(err) => (format!("its VMs cannot be listed: {err}"), false),
+        // Nothing can reach its VMs any more (its Secret is gone, its credentials rejected):
+        // keeping it would help nobody.
+        Err(failure) if failure.permanent => {
+            let note = format!(
+                "deleted although its VMs cannot be listed ({}): any left must be stopped by hand",
+                failure.message
+            );
+            publish(&object, ctx, true, "CleanupAbandoned", note).await;
+            return Ok(Action::await_change());
+        }
+        Err(failure) => (format!("its VMs cannot be listed: {}", failure.message), false),
     };
     let now = k8s_openapi::jiff::Timestamp::now();
     // VMs in use keep it (only an admin lets go of them); VMs that cannot be reached, for a while.

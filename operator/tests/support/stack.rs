@@ -105,16 +105,22 @@ impl Stack {
     /// Starts the operator binary against this stack, with `--allow-local-provider` or without;
     /// GitHub is off.
     pub fn operator_with(&self, allow_local: bool) -> Operator {
-        self.operator_opts(allow_local, "off")
+        self.operator_opts(allow_local, "off", &[])
     }
 
     /// Starts the operator binary against this stack, `local` CloudProviders allowed, calling
     /// GitHub at `github_api_url`.
     pub fn operator_with_github(&self, github_api_url: &str) -> Operator {
-        self.operator_opts(true, github_api_url)
+        self.operator_opts(true, github_api_url, &[])
     }
 
-    fn operator_opts(&self, allow_local: bool, github_api_url: &str) -> Operator {
+    /// Starts the operator binary against this stack, `local` CloudProviders allowed, GitHub
+    /// off, with `extra` arguments (e.g. the reaper's periods).
+    pub fn operator_with_args(&self, extra: &[&str]) -> Operator {
+        self.operator_opts(true, "off", extra)
+    }
+
+    fn operator_opts(&self, allow_local: bool, github_api_url: &str, extra: &[&str]) -> Operator {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
         let ops_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
@@ -165,6 +171,7 @@ impl Stack {
         if allow_local {
             command.arg("--allow-local-provider");
         }
+        command.args(extra);
         let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
         let port = self.gateway_port;
         crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
