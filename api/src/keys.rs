@@ -68,6 +68,9 @@ pub const BUILDJOB_FINALIZER: &str = "stagely.dev/buildjob-cleanup";
 pub const GITHUB_FEEDBACK_FINALIZER: &str = "stagely.dev/github-feedback";
 /// Finalizer: a CloudProvider stays while VMs it started still exist.
 pub const CLOUDPROVIDER_FINALIZER: &str = "stagely.dev/cloudprovider-protection";
+/// Finalizer on a CloudProvider's credentials Secret: it stays while a CloudProvider using it
+/// does, so that deleting a whole namespace still tears its VMs down with working credentials.
+pub const CREDENTIALS_FINALIZER: &str = "stagely.dev/credentials-in-use";
 
 /// Server-side apply field manager of the webhook receiver.
 pub const MANAGER_WEBHOOK: &str = "stagely-webhook-receiver";

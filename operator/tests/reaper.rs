@@ -11,6 +11,7 @@ mod stack;
 
 use std::sync::OnceLock;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -248,4 +249,56 @@ async fn orphans_are_terminated_and_a_cloudprovider_waits_for_the_vms_still_in_u
     .await;
     assert_eq!(running(&cloud).await, ["kept-vm"], "what the admin left is left");
     cloud.terminate("kept-vm").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_deleted_all_at_once_still_stops_its_vms_with_the_credentials_it_kept() {
+    let (stack, _operator) = stack();
+    let ns = "whole";
+    let repo = stack.dir.path().join("repos").join(ns);
+    let sha = stack::single_repo(&repo, &stack::slow_dockerfile(300));
+    stack.namespace(ns, &repo, 10).await;
+    let client = stack.client().await;
+    let pp = PostParams::default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let providers: Api<CloudProvider> = Api::namespaced(client.clone(), ns);
+    let projects: Api<Project> = Api::namespaced(client.clone(), ns);
+    let envs: Api<Environment> = Api::namespaced(client.clone(), ns);
+
+    // The CloudProvider's credentials Secret is kept for it while it lives.
+    let creds = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("creds".into()), ..Default::default() },
+        string_data: Some([("token".to_owned(), "unused-by-local".to_owned())].into()),
+        ..Default::default()
+    };
+    secrets.create(&pp, &creds).await.unwrap();
+    let patch = serde_json::json!({"spec": {"credentialsSecretRef": {"name": "creds"}}});
+    providers.patch("local", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("the credentials Secret protected", STEP_TIMEOUT, || async {
+        let secret = secrets.get("creds").await.ok()?;
+        secret.finalizers().iter().any(|f| f == keys::CREDENTIALS_FINALIZER).then_some(())
+    })
+    .await;
+
+    // A build in progress: its builder VM runs.
+    let watch = InstanceWatch::start(stack.local_dir(ns));
+    envs.create(&pp, &environment("shop-pr-3", 3, &sha)).await.unwrap();
+    eventually("a builder VM running", BUILD_TIMEOUT, || async {
+        (!stack::builders(&stack.local_dir(ns)).is_empty()).then_some(())
+    })
+    .await;
+
+    // Everything deleted at once, the Secret and the Project first, as the namespace controller
+    // does (testenv runs none): the Secret stays while the CloudProvider needs it.
+    let dp = DeleteParams::default();
+    secrets.delete("creds", &dp).await.unwrap();
+    projects.delete("shop", &dp).await.unwrap();
+    envs.delete("shop-pr-3", &dp).await.unwrap();
+    providers.delete("local", &dp).await.unwrap();
+    let kept = secrets.get("creds").await.expect("the Secret is kept while its CloudProvider cleans up");
+    assert!(kept.metadata.deletion_timestamp.is_some());
+    gone(&envs, "shop-pr-3", "the Environment torn down without its Project").await;
+    gone(&providers, "local", "the CloudProvider gone once its VMs are").await;
+    gone(&secrets, "creds", "the Secret gone after its last CloudProvider").await;
+    stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
 }

@@ -11,6 +11,11 @@
 //! Secret is gone, or the provider rejects its credentials), after the cleanup deadline when the
 //! provider keeps failing; an Event then says what may be left.
 //!
+//! Its credentials Secret carries a finalizer of its own while a CloudProvider uses it, so that a
+//! namespace deleted whole (everything at once) still has working credentials for its
+//! Environments' teardown and this sweep; the Secret goes right after the last CloudProvider
+//! using it.
+//!
 //! Credentials are read, used and dropped: they never reach a log line, an event or the status.
 //! Secrets are watched by their metadata only (a change is all the watch needs to see), so no
 //! Secret's data is held here; a check reads its one credentials Secret with a targeted GET.
@@ -23,7 +28,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
@@ -169,9 +174,20 @@ pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<
     })
 }
 
-/// The CloudProvider is being deleted: its orphans are terminated now; while VMs of live
-/// Environments or BuildJobs remain, it stays and says which (see the module's doc).
+/// The CloudProvider is being deleted: see [`sweep_before_release`]; once it lets go, its
+/// credentials Secret is no longer kept for it.
 async fn cleanup(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Error> {
+    let action = sweep_before_release(Arc::clone(&object), ctx).await?;
+    let namespace = object.namespace().unwrap_or_default();
+    protect_credentials(&ctx.client, &namespace, None, Some(&object.name_any()))
+        .await
+        .map_err(|source| Error::Status { name: object.name_any(), source })?;
+    Ok(action)
+}
+
+/// Its orphans are terminated now; while VMs of live Environments or BuildJobs remain, it stays
+/// and says which (see the module's doc).
+async fn sweep_before_release(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Error> {
     let name = object.name_any();
     let swept = crate::reaper::sweep_provider(
         &ctx.client,
@@ -261,9 +277,60 @@ async fn publish(object: &CloudProvider, ctx: &Context, warning: bool, reason: &
     }
 }
 
+/// Keeps a finalizer on exactly the Secrets of `namespace` that a CloudProvider still uses (one
+/// not deleted, or still cleaning up; `releasing` is letting go now), plus `protect` (the one
+/// being checked now), and on no other.
+async fn protect_credentials(
+    client: &Client,
+    namespace: &str,
+    protect: Option<&str>,
+    releasing: Option<&str>,
+) -> Result<(), kube::Error> {
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), namespace).list(&ListParams::default()).await?;
+    let used: std::collections::BTreeSet<String> = providers
+        .items
+        .iter()
+        .filter(|cp| Some(cp.name_any().as_str()) != releasing)
+        .filter(|cp| {
+            cp.metadata.deletion_timestamp.is_none()
+                || cp.finalizers().iter().any(|f| f == keys::CLOUDPROVIDER_FINALIZER)
+        })
+        .filter_map(|cp| cp.spec.credentials_secret_ref.as_ref().map(|r| r.name.clone()))
+        .chain(protect.map(str::to_owned))
+        .collect();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for secret in secrets.list_metadata(&ListParams::default()).await?.items {
+        let name = secret.name_any();
+        let has = secret.finalizers().iter().any(|f| f == keys::CREDENTIALS_FINALIZER);
+        let wanted = used.contains(&name);
+        if has == wanted {
+            continue;
+        }
+        let mut finalizers: Vec<String> =
+            secret.finalizers().iter().filter(|f| *f != keys::CREDENTIALS_FINALIZER).cloned().collect();
+        if wanted {
+            finalizers.push(keys::CREDENTIALS_FINALIZER.to_owned());
+        }
+        // Conditional on the version read: another controller's finalizers are never lost.
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": secret.resource_version()}});
+        match secrets.patch_metadata(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            // Changed meanwhile (the next check fixes it), or gone.
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 /// Checks one CloudProvider and writes what it found.
 async fn check_and_report(object: Arc<CloudProvider>, ctx: &Context) -> Result<Action, Error> {
     let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let secret = object.spec.credentials_secret_ref.as_ref().map(|r| r.name.as_str());
+    if let Err(err) = protect_credentials(&ctx.client, &namespace, secret, None).await {
+        tracing::warn!(%namespace, %name, error = %err, "cannot protect the credentials Secret yet");
+    }
     let namespace = object.namespace().unwrap_or_default();
     let found = check(&object, ctx).await;
     let status = if found.ready { "True" } else { "False" };

@@ -499,7 +499,18 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         Some(project) => cached(ctx.providers.as_ref(), &ctx.client, &namespace, &project.spec.cloud_provider_ref.name)
             .await
             .map_err(kube_error("read the CloudProvider"))?,
-        None => None,
+        // The Project went first (as when a namespace is deleted whole): with one CloudProvider
+        // in the namespace, the VM can only be there; with several, the orphan sweep finds it.
+        None => {
+            let providers = Api::<stagely_api::v1alpha1::CloudProvider>::namespaced(ctx.client.clone(), &namespace)
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(kube_error("list the CloudProviders"))?;
+            match <[_; 1]>::try_from(providers.items) {
+                Ok([only]) => Some(Arc::new(only)),
+                Err(_) => None,
+            }
+        }
     };
     let mut leftovers = preview::teardown(env, ctx, provider.as_deref()).await;
 
