@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod controllers;
 pub mod gateway;
 pub mod github;
@@ -106,11 +107,18 @@ pub struct PipelineConfig {
     #[arg(long, env = "STAGELY_AGENT_GATEWAY_CA_FILE")]
     pub agent_gateway_ca_file: Option<std::path::PathBuf>,
 
-    /// Where cloud VMs download the agent binary (`local` VMs run `--local-agent-bin`).
+    /// The agent binaries the operator carries and serves to VMs over the gateway's address
+    /// (`/v1/agent/download/linux-amd64`, with its SHA-256): `stagely-agent-linux-amd64` and
+    /// `stagely-agent-linux-arm64`. The operator image carries both.
+    #[arg(long, env = "STAGELY_AGENT_BIN_DIR", default_value = "/usr/local/lib/stagely/agents")]
+    pub agent_bin_dir: std::path::PathBuf,
+
+    /// Where cloud VMs download the agent binary instead (one URL for every platform); empty:
+    /// from the gateway, the binaries of `--agent-bin-dir`.
     #[arg(long, env = "STAGELY_AGENT_DOWNLOAD_URL", default_value = "")]
     pub agent_download_url: String,
 
-    /// The agent binary's SHA-256 (hex), checked on the VM before it runs.
+    /// The SHA-256 (hex) of the binary at `--agent-download-url`, checked on the VM before it runs.
     #[arg(long, env = "STAGELY_AGENT_SHA256", default_value = "")]
     pub agent_sha256: String,
 
@@ -146,9 +154,10 @@ pub struct CloudsConfig {
     #[arg(long, env = "STAGELY_HETZNER_ENDPOINT")]
     pub hetzner_endpoint: Option<String>,
 
-    /// The agent binary `local` CloudProviders start.
-    #[arg(long, env = "STAGELY_LOCAL_AGENT_BIN", default_value = "/usr/local/bin/stagely-agent")]
-    pub local_agent_bin: std::path::PathBuf,
+    /// The agent binary `local` CloudProviders start (default: the one for this host's
+    /// architecture in `--agent-bin-dir`, the binary cloud VMs download).
+    #[arg(long, env = "STAGELY_LOCAL_AGENT_BIN")]
+    pub local_agent_bin: Option<std::path::PathBuf>,
 
     /// Where `local` CloudProviders keep their agents' state.
     #[arg(long, env = "STAGELY_LOCAL_STATE_DIR", default_value = "/var/lib/stagely/local")]
@@ -161,11 +170,28 @@ pub struct CloudsConfig {
 }
 
 impl Config {
+    /// The agent binary `local` CloudProviders start: `--local-agent-bin`, else this host's
+    /// architecture's binary in `--agent-bin-dir`.
+    pub fn local_agent_bin(&self) -> std::path::PathBuf {
+        self.clouds.local_agent_bin.clone().unwrap_or_else(|| {
+            let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+            self.pipeline.agent_bin_dir.join(format!("stagely-agent-linux-{arch}"))
+        })
+    }
+
     /// How new VMs find their agent and the gateway: the gateway URL (by default the gateway's
-    /// own address on loopback, `wss://` when it serves TLS) and its CA, checked now so that a bad
-    /// file stops the operator at startup rather than failing every VM.
+    /// own address on loopback, `wss://` when it serves TLS), the agent binaries served over it,
+    /// and its CA, checked now so that a bad file stops the operator at startup rather than
+    /// failing every VM.
     pub fn agent_settings(&self) -> Result<controllers::vm::AgentSettings, RunError> {
         let pipeline = &self.pipeline;
+        let served = agents::AgentBinaries::load(&pipeline.agent_bin_dir)?;
+        if served.platforms().is_empty() && pipeline.agent_download_url.is_empty() {
+            tracing::warn!(
+                dir = %pipeline.agent_bin_dir.display(),
+                "no agent binaries in --agent-bin-dir and no --agent-download-url: only local VMs can start"
+            );
+        }
         if let Some(path) = &pipeline.agent_gateway_ca_file {
             providers::cloudinit::read_gateway_ca(path)?;
         }
@@ -178,6 +204,7 @@ impl Config {
                 .unwrap_or_else(|| format!("{scheme}://127.0.0.1:{port}{}", stagely_api::protocol::CONNECT_PATH)),
             agent_url: pipeline.agent_download_url.clone(),
             agent_sha256: pipeline.agent_sha256.clone(),
+            served: std::sync::Arc::new(served),
             enrollment_ttl: std::time::Duration::from_secs(pipeline.agent_connect_timeout_secs.max(60)),
             gateway_ca_file: pipeline.agent_gateway_ca_file.clone(),
         })
@@ -191,7 +218,7 @@ impl CloudsConfig {
             aws: self.aws_endpoint.clone(),
             digitalocean: self.digitalocean_endpoint.clone(),
             hetzner: self.hetzner_endpoint.clone(),
-            local_agent_bin: self.local_agent_bin.clone(),
+            local_agent_bin: self.local_agent_bin.clone().unwrap_or_default(),
             local_state_dir: self.local_state_dir.clone(),
             local_env: Default::default(),
             allow_local: self.allow_local_provider,
@@ -218,6 +245,9 @@ pub enum RunError {
     /// Redis could not be reached for routes.
     #[error(transparent)]
     Routes(#[from] routes::RouteError),
+    /// The agent binaries could not be read.
+    #[error(transparent)]
+    AgentBinaries(#[from] agents::AgentBinariesError),
     /// The CA handed to agents is unusable.
     #[error(transparent)]
     GatewayCa(#[from] providers::cloudinit::GatewayCaError),
@@ -274,6 +304,7 @@ async fn run_operator(
     // kube's rustls needs a process-wide provider; the AWS SDK compiles in a second one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let agents = config.agent_settings()?;
+    let served_agents = std::sync::Arc::clone(&agents.served);
     let client = kube::Client::try_default().await.map_err(RunError::Kube)?;
     let gateway = config.gateway.build(client.clone()).await?;
     let registry = config.registry.build()?;
@@ -289,7 +320,11 @@ async fn run_operator(
     }
     let metrics = metrics::Metrics::default();
     let addr = config.gateway.gateway_addr;
-    let endpoints = providers::account::Endpoints { factory, ..config.clouds.endpoints() };
+    let endpoints = providers::account::Endpoints {
+        factory,
+        local_agent_bin: config.local_agent_bin(),
+        ..config.clouds.endpoints()
+    };
     let pipeline = &config.pipeline;
     let timings = controllers::buildjob::Timings {
         agent_connect: Duration::from_secs(pipeline.agent_connect_timeout_secs),
@@ -344,7 +379,8 @@ async fn run_operator(
     )
     .with_github(github.clone());
     // Builders fetch registry tokens where they reach the operator already: the gateway.
-    let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default();
+    // VMs download their agent there too.
+    let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default().merge(served_agents.router());
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
     if !gateway.is_tls() {

@@ -163,6 +163,7 @@ impl Harness {
             gateway_url: gateway_url.unwrap_or_else(|| self.gateway.as_ref().unwrap().connect_url()),
             agent_url: "http://unused.invalid/stagely-agent".into(),
             agent_sha256: "0".repeat(64),
+            served: Default::default(),
             enrollment_ttl: Duration::from_secs(600),
             gateway_ca_file: None,
         };

@@ -20,10 +20,13 @@ use crate::providers::{CloudProvider, Instance, InstanceSpec, InstanceState, Pro
 pub struct AgentSettings {
     /// The WebSocket URL agents connect to (`wss://…/v1/agent/connect`).
     pub gateway_url: String,
-    /// Where VMs download the agent binary.
+    /// Where VMs download the agent binary, when set (one binary for every platform); else from
+    /// the gateway, which serves [`served`](Self::served).
     pub agent_url: String,
-    /// The binary's SHA-256 (hex), checked before it runs.
+    /// The SHA-256 (hex) of the binary at `agent_url`, checked before it runs.
     pub agent_sha256: String,
+    /// The binaries the operator carries and serves over the gateway's address, per platform.
+    pub served: std::sync::Arc<crate::agents::AgentBinaries>,
     /// How long a VM's enrollment token stays valid: long enough for the VM to boot.
     pub enrollment_ttl: Duration,
     /// The PEM file of the CA certificates agents pin the gateway to; read for each VM, so a
@@ -42,6 +45,17 @@ pub enum VmError {
         name: String,
         /// The cause.
         source: GatewayError,
+    },
+    /// No agent binary can be handed to a VM of this platform.
+    #[error(
+        "no agent binary for {platform}: the operator carries [{carried}] in --agent-bin-dir and no \
+         --agent-download-url is set"
+    )]
+    NoAgentBinary {
+        /// The VM's platform.
+        platform: &'static str,
+        /// The platforms the operator has binaries for.
+        carried: String,
     },
     /// The CloudProvider lacks its region.
     #[error("CloudProvider {0} has no region")]
@@ -101,6 +115,27 @@ pub fn idempotency_key(role: Role, uid: &str) -> String {
     format!("stagely-{}-{uid}", role.as_str())
 }
 
+/// Where a VM of `platform` downloads its agent, and its SHA-256: the configured URL if any,
+/// else the binary the operator serves for that platform. `local` VMs download nothing (they run
+/// `--local-agent-bin`).
+fn agent_download(
+    agents: &AgentSettings,
+    provider: &CloudProviderObject,
+    platform: Platform,
+) -> Result<(String, String), VmError> {
+    if !agents.agent_url.is_empty() {
+        return Ok((agents.agent_url.clone(), agents.agent_sha256.clone()));
+    }
+    if provider.spec.type_ == ProviderType::Local {
+        return Ok((String::new(), String::new()));
+    }
+    let url = crate::agents::download_url(&agents.gateway_url, platform);
+    match (agents.served.get(platform), url) {
+        (Some(binary), Some(url)) => Ok((url, binary.sha256.clone())),
+        _ => Err(VmError::NoAgentBinary { platform: platform.as_str(), carried: agents.served.platforms().join(", ") }),
+    }
+}
+
 /// What to start for `scope`'s VM of `role` through `provider`: the agent's cloud-init carries a
 /// fresh enrollment token for this scope only, valid for `agents.enrollment_ttl`, and the
 /// gateway's CA when there is one. Only `local` agents (on the operator's host) are sent to a
@@ -126,9 +161,9 @@ pub fn instance_spec(
     let token = gateway
         .mint_enrollment_token(scope, &name, agents.enrollment_ttl)
         .map_err(|source| VmError::Token { name: name.clone(), source })?;
-    let bootstrap =
-        AgentBootstrap::new(&agents.gateway_url, &name, token.expose(), role, &agents.agent_url, &agents.agent_sha256)
-            .with_gateway_ca(gateway_ca);
+    let (agent_url, agent_sha256) = agent_download(agents, provider, platform)?;
+    let bootstrap = AgentBootstrap::new(&agents.gateway_url, &name, token.expose(), role, &agent_url, &agent_sha256)
+        .with_gateway_ca(gateway_ca);
     let user_data = cloudinit::render(&bootstrap);
     cloudinit::check_size(&user_data, provider.spec.type_)?;
     Ok(InstanceSpec {
@@ -215,12 +250,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_a_download_url_vms_fetch_the_binary_the_gateway_serves_for_their_platform() {
+        let gateway = Gateway::builder().build().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stagely-agent-linux-amd64"), b"amd64 agent").unwrap();
+        let served = std::sync::Arc::new(crate::agents::AgentBinaries::load(dir.path()).unwrap());
+        let agents = AgentSettings {
+            gateway_url: "wss://agents.example.com:8443/v1/agent/connect".into(),
+            agent_url: String::new(),
+            agent_sha256: String::new(),
+            served: std::sync::Arc::clone(&served),
+            enrollment_ttl: Duration::from_secs(600),
+            gateway_ca_file: None,
+        };
+        let scope =
+            Scope { kind: ScopeKind::BuildJob, namespace: "team-a".into(), name: "web".into(), uid: UID.into() };
+        let spec = serde_json::json!({"type": "hetzner", "region": "fsn1"});
+        let provider = CloudProviderObject::new("hetzner", serde_json::from_value(spec).unwrap());
+        let built =
+            instance_spec(&gateway, &agents, &provider, Role::Builder, &scope, Size::Small, Platform::LinuxAmd64)
+                .unwrap();
+        let sha = &served.get(Platform::LinuxAmd64).unwrap().sha256;
+        assert!(built.user_data.contains("https://agents.example.com:8443/v1/agent/download/linux-amd64"));
+        assert!(built.user_data.contains(&format!("{sha}  ")), "the served binary's checksum is checked");
+        let err = instance_spec(&gateway, &agents, &provider, Role::Builder, &scope, Size::Small, Platform::LinuxArm64)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no agent binary for linux/arm64: the operator carries [linux/amd64] in --agent-bin-dir and no \
+             --agent-download-url is set"
+        );
+    }
+
+    #[tokio::test]
     async fn the_spec_carries_a_scoped_token_tags_and_the_provider_defaults() {
         let gateway = Gateway::builder().build().await.unwrap();
         let agents = AgentSettings {
             gateway_url: "wss://agents.example.com/v1/agent/connect".into(),
             agent_url: "https://agents.example.com/agent".into(),
             agent_sha256: "a".repeat(64),
+            served: Default::default(),
             enrollment_ttl: Duration::from_secs(600),
             gateway_ca_file: None,
         };

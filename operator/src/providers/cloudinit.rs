@@ -199,6 +199,7 @@ pub fn check_size(user_data: &str, provider: ProviderType) -> Result<(), Provide
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stagely_api::v1alpha1::Platform;
 
     fn bootstrap() -> AgentBootstrap {
         AgentBootstrap::new(
@@ -260,6 +261,15 @@ mod tests {
     /// shell and its tools, a `curl` that "downloads" [`AGENT_BYTES`] and a `systemctl` that
     /// only records its arguments: the script itself, as cloud-init would run it.
     fn install(bootstrap: &AgentBootstrap) -> Installed {
+        let fake_download = format!(
+            r#"while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done; printf '{}' > "$out""#,
+            AGENT_BYTES.replace('\n', "\\n")
+        );
+        install_with(bootstrap, &fake_download)
+    }
+
+    /// [`install`], with `curl` doing what `curl_body` says.
+    fn install_with(bootstrap: &AgentBootstrap, curl_body: &str) -> Installed {
         let busybox = std::path::Path::new("/bin/busybox");
         assert!(busybox.exists(), "/bin/busybox is missing: run scripts/install-deps.sh (busybox-static)");
         let root = tempfile::tempdir().unwrap();
@@ -268,7 +278,7 @@ mod tests {
             std::fs::create_dir_all(path(dir)).unwrap();
         }
         std::fs::copy(busybox, path("/bin/busybox")).unwrap();
-        for applet in ["sh", "sha256sum", "chmod", "mv", "rm", "cat", "touch"] {
+        for applet in ["sh", "sha256sum", "chmod", "mv", "rm", "cat", "touch", "wget"] {
             std::os::unix::fs::symlink("busybox", path(&format!("/bin/{applet}"))).unwrap();
         }
         let stub = |name: &str, body: &str| {
@@ -280,13 +290,7 @@ mod tests {
             .unwrap();
         };
         stub("systemctl", r#"echo "$*" >> /systemctl.log"#);
-        stub(
-            "curl",
-            &format!(
-                r#"while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done; printf '{}' > "$out""#,
-                AGENT_BYTES.replace('\n', "\\n")
-            ),
-        );
+        stub("curl", curl_body);
         std::fs::write(path(INSTALL_SCRIPT_PATH), install_script(bootstrap)).unwrap();
         // Found here: the child's PATH below is the root's.
         let chroot = ["/usr/sbin/chroot", "/usr/bin/chroot"]
@@ -319,6 +323,28 @@ mod tests {
         let mut good = bootstrap();
         good.agent_sha256 = sha256_hex(AGENT_BYTES.as_bytes());
         let installed = install(&good);
+        assert!(installed.succeeded, "{}", installed.output);
+        assert!(installed.agent_installed);
+        assert!(installed.systemctl.ends_with("enable --now stagely-agent\n"), "{}", installed.systemctl);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_install_script_downloads_and_checks_the_binary_the_gateway_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stagely-agent-linux-amd64"), AGENT_BYTES).unwrap();
+        let served = std::sync::Arc::new(crate::agents::AgentBinaries::load(dir.path()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_url = format!("ws://{}/v1/agent/connect", listener.local_addr().unwrap());
+        tokio::spawn({
+            let served = std::sync::Arc::clone(&served);
+            async move { axum::serve(listener, served.router()).await }
+        });
+        let mut bootstrap = bootstrap();
+        bootstrap.agent_url = crate::agents::download_url(&gateway_url, Platform::LinuxAmd64).unwrap();
+        bootstrap.agent_sha256 = served.get(Platform::LinuxAmd64).unwrap().sha256.clone();
+        // A real download over HTTP from the operator's route (busybox's wget standing in for curl).
+        let wget = r#"while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; shift; fi; url=$1; shift; done; wget -q -O "$out" "$url""#;
+        let installed = tokio::task::spawn_blocking(move || install_with(&bootstrap, wget)).await.unwrap();
         assert!(installed.succeeded, "{}", installed.output);
         assert!(installed.agent_installed);
         assert!(installed.systemctl.ends_with("enable --now stagely-agent\n"), "{}", installed.systemctl);

@@ -574,7 +574,7 @@ async fn create_vm(job: &BuildJob, target: &Target, ctx: &Context) -> Result<pro
     let spec = spec.map_err(|err| CreateFailure {
         permanent: match &err {
             VmError::Token { .. } => false,
-            VmError::NoRegion(_) | VmError::PlainGateway { .. } => true,
+            VmError::NoRegion(_) | VmError::PlainGateway { .. } | VmError::NoAgentBinary { .. } => true,
             // The file may be in the middle of being replaced.
             VmError::GatewayCa(_) => false,
             VmError::Provider(err) => permanent(err),
