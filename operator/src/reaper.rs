@@ -164,7 +164,8 @@ impl Reaper {
     pub async fn reap(&self) -> Result<usize, kube::Error> {
         let api: Api<Environment> = Api::all(self.client.clone());
         let timeout = Duration::from_secs(self.config.heartbeat_timeout_secs);
-        let mut params = ListParams::default().limit(500);
+        // Small pages: a look at thousands of Environments must not swell the operator's memory.
+        let mut params = ListParams::default().limit(100);
         let mut reaped = 0;
         loop {
             let page = api.list(&params).await?;
