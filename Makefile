@@ -13,7 +13,7 @@ CARGO_FUZZ ?= $(or $(STAGELY_CACHE),$(HOME)/.cache/stagely)/cargo-fuzz/bin/cargo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz
+.PHONY: deps build test canary check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -26,6 +26,9 @@ testenv: ## Build the test control plane (cold: 10-20 minutes; then cached).
 
 test: deps testenv ## Run every test, unit and integration, against the real control plane.
 	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test --workspace --all-features --no-fail-fast
+
+canary: deps testenv ## The canary secret test alone (it runs in `make test` too): a Secret value through the whole flow, then searched for everywhere but the app container; prints canary_hits=0.
+	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test -p stagely-operator --test canary -- --nocapture
 
 fuzz: ## Run each fuzz target (fuzz/) for FUZZ_SECONDS (default 60); crashes go to fuzz/artifacts/<target>/.
 	@[ -x "$(CARGO_FUZZ)" ] || scripts/install-deps.sh

@@ -2,12 +2,17 @@
 //! (optionally) kube-controller-manager, built from Go modules by `testenv/build.sh` and started
 //! on free loopback ports in a temporary directory.
 //!
+//! The apiserver encrypts Secrets at rest (an `EncryptionConfiguration` with `secretbox` and a
+//! random key per control plane, `identity` only to read what was written before), as a
+//! production cluster should: a Secret's value is never in etcd's data files in clear text.
+//!
 //! A [`ControlPlane`] stops every process it started when it is dropped, including while a
 //! test panics. The processes also get `PR_SET_PDEATHSIG`, so they die with the test process
 //! even when it is killed before any destructor can run.
 
 pub mod pki;
 pub mod registry;
+pub mod scan;
 pub mod server;
 mod spawn;
 pub mod tap;
@@ -135,6 +140,7 @@ impl ControlPlane {
         let owner = dir.join("owner.pid");
         std::fs::write(&owner, std::process::id().to_string()).map_err(|source| Error::Io { path: owner, source })?;
         let pki = pki::write(&dir)?;
+        let encryption = write_encryption_config(&dir)?;
         let mut plane = ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
             server: String::new(),
@@ -173,6 +179,7 @@ impl ControlPlane {
             .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
             .arg(format!("--service-account-key-file={}", pki.sa_public.display()))
             .arg(format!("--service-account-signing-key-file={}", pki.sa_private.display()))
+            .arg(format!("--encryption-provider-config={}", encryption.display()))
             .arg("--v=1");
         plane.spawn("kube-apiserver", apiserver)?;
         write_kubeconfig(&plane.kubeconfig, &plane.server, &pki)?;
@@ -396,6 +403,50 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &pki::Files) -> Result<()> {
     });
     let yaml = serde_yaml::to_string(&kubeconfig).expect("kubeconfig serializes");
     std::fs::write(path, yaml).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+/// The file holding the apiserver's `EncryptionConfiguration` in a control plane's directory.
+pub const ENCRYPTION_CONFIG: &str = "encryption-config.yaml";
+
+/// The resource key prefix that Secrets encrypted at rest carry in etcd (`k8s:enc:<provider>:v1:<key name>:`).
+pub const ENCRYPTED_PREFIX: &str = "k8s:enc:secretbox:v1:testenv:";
+
+/// Writes the `EncryptionConfiguration` (0600: it holds the key) that makes the apiserver encrypt
+/// Secrets at rest with `secretbox` (XSalsa20-Poly1305) and a new random 32-byte key, unless `dir`
+/// has one already; `identity` comes last, so only what was stored before encryption was on is
+/// read in clear.
+fn write_encryption_config(dir: &Path) -> Result<PathBuf> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(ENCRYPTION_CONFIG);
+    // A directory given again (`make demo`) may hold etcd data encrypted with the key it holds.
+    if path.exists() {
+        return Ok(path);
+    }
+    let io = |source| Error::Io { path: path.clone(), source };
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|err| io(std::io::Error::other(err)))?;
+    let config = serde_json::json!({
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "EncryptionConfiguration",
+        "resources": [{
+            "resources": ["secrets"],
+            "providers": [
+                {"secretbox": {"keys": [{"name": "testenv", "secret": base64::engine::general_purpose::STANDARD.encode(key)}]}},
+                {"identity": {}},
+            ],
+        }],
+    });
+    let yaml = serde_yaml::to_string(&config).expect("the encryption configuration serializes");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(yaml.as_bytes()))
+        .map_err(io)?;
+    Ok(path)
 }
 
 /// Removes temporary directories left by earlier test processes (a shared plane's directory

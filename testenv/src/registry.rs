@@ -114,6 +114,12 @@ impl Registry {
         self.0.pid()
     }
 
+    /// The directory holding its configuration, its log and, under `data/`, its storage (blobs:
+    /// image configs and layers; manifests).
+    pub fn dir(&self) -> &std::path::Path {
+        self.0.dir()
+    }
+
     /// The HTTP status of `GET path` (accepting image manifests), if the registry answered.
     pub fn get_status(&self, path: &str) -> Option<u16> {
         get_status(self.0.port(), path)

@@ -17,6 +17,8 @@ pub struct Server {
     scheme: &'static str,
     port: u16,
     child: Child,
+    /// Where its files and log are.
+    dir: PathBuf,
     /// The temporary directory, unless the server runs detached in a directory of its own.
     _dir: Option<tempfile::TempDir>,
     /// Left running when dropped (set once it is ready: one that failed to start is stopped).
@@ -110,7 +112,7 @@ impl Server {
         command.current_dir(&path).stdin(Stdio::null()).stdout(log).stderr(err);
         let detach = dir.is_some();
         let child = crate::spawn::spawn(command, detach).map_err(|source| Error::Spawn { name, source })?;
-        let mut server = Self { name, scheme, port, child, _dir: tempdir, detached: false };
+        let mut server = Self { name, scheme, port, child, dir: path.clone(), _dir: tempdir, detached: false };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let reason = match server.child.try_wait() {
@@ -134,6 +136,11 @@ impl Server {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The directory holding its files and its log (`<name>.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Its port on 127.0.0.1.

@@ -476,10 +476,7 @@ impl Drop for EdgeProxy {
 impl Stack {
     /// Starts the edge proxy for `domain`.
     pub fn edge_proxy(&self, domain: &str) -> EdgeProxy {
-        let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", "stagely-edge-proxy"]).status().unwrap();
-        assert!(status.success(), "building stagely-edge-proxy failed");
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().unwrap().parent().unwrap().join("stagely-edge-proxy");
+        let bin = workspace_bin("stagely-edge-proxy");
         let port = free_port();
         let log = std::fs::File::create(self.dir.path().join("edge-proxy.log")).unwrap();
         let mut command = Command::new(bin);
@@ -497,6 +494,135 @@ impl Stack {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
         EdgeProxy { child, port }
+    }
+}
+
+/// The binary of the workspace's package `package` (named as it is), built now if it is not
+/// up to date: a binary of another package than the operator, which its tests cannot name.
+fn workspace_bin(package: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "-p", package]).status().unwrap();
+    assert!(status.success(), "building {package} failed");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(package)
+}
+
+/// The webhook receiver on loopback ports; it dies with the test process.
+pub struct WebhookReceiver {
+    child: Child,
+    /// Where it takes webhooks (`POST /v1/webhooks/github`).
+    pub port: u16,
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Stack {
+    /// The webhook receiver's log.
+    pub fn webhook_receiver_log(&self) -> PathBuf {
+        self.dir.path().join("webhook-receiver.log")
+    }
+
+    /// Starts the webhook receiver against this stack's control plane and waits until it is
+    /// ready (its caches listed).
+    pub fn webhook_receiver(&self) -> WebhookReceiver {
+        let bin = workspace_bin("stagely-webhook-receiver");
+        let (port, ops_port) = (free_port(), free_port());
+        let log = std::fs::File::create(self.webhook_receiver_log()).unwrap();
+        let mut command = Command::new(bin);
+        command
+            .env("KUBECONFIG", self.plane.kubeconfig())
+            .env("RUST_LOG", "info,stagely_webhook_receiver=debug")
+            .arg("--listen-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--ops-addr")
+            .arg(format!("127.0.0.1:{ops_port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = stagely_testenv::spawn_tied(command).expect("the webhook receiver starts");
+        crate::agent_support::wait_for("the webhook receiver to be ready", STEP_TIMEOUT, || {
+            crate::agent_support::http_get(ops_port, "/readyz").filter(|(code, _)| *code == 200)
+        });
+        WebhookReceiver { child, port }
+    }
+}
+
+impl WebhookReceiver {
+    /// Posts `body` as GitHub delivers an `event` webhook, signed with `secret`: the answer's
+    /// status and body.
+    pub fn deliver(&self, event: &str, delivery: &str, secret: &[u8], body: &[u8]) -> Option<(u16, String)> {
+        use hmac::{Hmac, KeyInit, Mac};
+        use std::io::{Read, Write};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+        mac.update(body);
+        let signature: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            stream,
+            "POST /v1/webhooks/github HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             X-GitHub-Event: {event}\r\nX-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: sha256={signature}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .ok()?;
+        stream.write_all(body).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
+    }
+}
+
+/// Keeps every file an instance of the local provider has at its top level (`agent.json`, the
+/// agent configuration from its cloud-init user data; `agent.log`; `instance.json`) after the
+/// instance is gone: a background thread hard-links each into `into` as soon as it appears, so
+/// the link sees everything written to the file later, and keeps it when the instance's
+/// directory is removed. Observation only: nothing waits on it.
+pub struct InstanceFiles {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl InstanceFiles {
+    /// Starts keeping the files of the instances under `dir` (a namespace's local state
+    /// directory) in `into`, as `<instance>.<file>`.
+    pub fn start(dir: PathBuf, into: PathBuf) -> Self {
+        std::fs::create_dir_all(&into).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let providers = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+                for instance in providers.flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten()) {
+                    for file in std::fs::read_dir(instance.path()).into_iter().flatten().flatten() {
+                        if !file.file_type().is_ok_and(|t| t.is_file()) {
+                            continue;
+                        }
+                        let name = format!(
+                            "{}.{}",
+                            instance.file_name().to_string_lossy(),
+                            file.file_name().to_string_lossy()
+                        );
+                        let link = into.join(name);
+                        if !link.exists() {
+                            let _ = std::fs::hard_link(file.path(), link);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self { stop }
+    }
+}
+
+impl Drop for InstanceFiles {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
