@@ -10,6 +10,7 @@ use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hmac::{Hmac, KeyInit, Mac};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -163,6 +164,8 @@ pub struct TokenKeys {
     logs_validation: Validation,
     /// Used enrollment tokens: a digest of each id (16 bytes, not a string), with its expiry.
     used: Mutex<HashMap<[u8; 16], u64>>,
+    /// The key of [`TokenKeys::secrets_mac`], derived from the signing key.
+    secrets_key: [u8; 32],
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -188,7 +191,19 @@ impl TokenKeys {
             agent_validation: validation(&[ENROLLMENT_AUDIENCE, SESSION_AUDIENCE]),
             logs_validation: validation(&[LOGS_AUDIENCE]),
             used: Mutex::new(HashMap::new()),
+            secrets_key: {
+                let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key.0).expect("HMAC accepts any key length");
+                mac.update(b"stagely/secrets-digest/v1");
+                mac.finalize().into_bytes().into()
+            },
         }
+    }
+
+    /// A MAC keyed by the operator's secret, for digests of secret values that objects show
+    /// (`status.deployment.secretsDigest`): unlike a plain hash, nobody who can read the status
+    /// can test guesses of a secret against it.
+    pub fn secrets_mac(&self) -> Hmac<sha2::Sha256> {
+        Hmac::<sha2::Sha256>::new_from_slice(&self.secrets_key).expect("HMAC accepts any key length")
     }
 
     /// Signs `claims` as they are (tests use it to make expired or foreign tokens).

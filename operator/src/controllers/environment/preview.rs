@@ -16,7 +16,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use sha2::Digest;
 use stagely_api::config::StagelyConfig;
 use stagely_api::protocol::{
     self, GLOBAL_SCOPE, JobState, Message, Scope, ScopeKind, SecretKind, SecretValue, Sensitive, ServiceStatus,
@@ -87,9 +86,11 @@ pub fn deploy_job_id(uid: &str, commit: &str, digest: &str) -> String {
     format!("deploy-{uid}-{}-{}", &commit[..commit.len().min(12)], &digest[..digest.len().min(12)])
 }
 
-/// A digest of the secret values to deploy: it changes when any value, key or placement does.
-pub fn secrets_digest(secrets: &[SecretValue]) -> String {
-    let mut hasher = sha2::Sha256::new();
+/// A digest of the secret values to deploy, keyed by `mac` (the operator's secret, see
+/// [`TokenKeys::secrets_mac`](crate::gateway::token::TokenKeys::secrets_mac)): it changes when
+/// any value, key or placement does, and reveals nothing testable about them.
+pub fn secrets_digest(secrets: &[SecretValue], mut hasher: hmac::Hmac<sha2::Sha256>) -> String {
+    use hmac::Mac;
     for secret in secrets {
         for part in [
             secret.key.as_str(),
@@ -101,12 +102,12 @@ pub fn secrets_digest(secrets: &[SecretValue]) -> String {
             },
             secret.path.as_deref().unwrap_or(""),
         ] {
-            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(&(part.len() as u64).to_le_bytes());
             hasher.update(part.as_bytes());
         }
-        hasher.update(secret.mode.unwrap_or(0).to_le_bytes());
+        hasher.update(&secret.mode.unwrap_or(0).to_le_bytes());
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hasher.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The secret values of the Project's `secretRefs`, from `secrets` by name; `Err` names the
@@ -502,7 +503,7 @@ pub async fn advance(
             return Ok(Outcome::after(Duration::from_secs(30)));
         }
     };
-    let digest = secrets_digest(&values);
+    let digest = secrets_digest(&values, preview.gateway.tokens().secrets_mac());
     let commit = status.run.as_ref().map(|run| run.sha.clone()).unwrap_or_default();
     let job_id = deploy_job_id(&uid, &commit, &digest);
 
@@ -979,13 +980,25 @@ mod tests {
             path: None,
             mode: None,
         };
-        let a = secrets_digest(&[secret("one")]);
-        assert_eq!(a, secrets_digest(&[secret("one")]));
-        assert_ne!(a, secrets_digest(&[secret("two")]));
+        let keys = crate::gateway::token::TokenKeys::new(
+            &crate::gateway::token::SigningKey::generate().unwrap(),
+            std::time::Duration::ZERO,
+        );
+        let digest = |secrets: &[SecretValue]| secrets_digest(secrets, keys.secrets_mac());
+        let a = digest(&[secret("one")]);
+        assert_eq!(a, digest(&[secret("one")]));
+        assert_ne!(a, digest(&[secret("two")]));
         assert!(!a.contains("one"));
+        // Keyed: the plain SHA-256 of the same input, which anyone could compute from a guess,
+        // is not what is shown; another operator key gives another digest.
+        let other = crate::gateway::token::TokenKeys::new(
+            &crate::gateway::token::SigningKey::generate().unwrap(),
+            std::time::Duration::ZERO,
+        );
+        assert_ne!(a, secrets_digest(&[secret("one")], other.secrets_mac()));
         let sha = "9f2c1e0b7a6d5c4b3a29180f7e6d5c4b3a291807";
         assert_eq!(deploy_job_id("uid", sha, &a), deploy_job_id("uid", sha, &a));
-        assert_ne!(deploy_job_id("uid", sha, &a), deploy_job_id("uid", sha, &secrets_digest(&[secret("two")])));
+        assert_ne!(deploy_job_id("uid", sha, &a), deploy_job_id("uid", sha, &digest(&[secret("two")])));
         assert_ne!(deploy_job_id("uid", sha, &a), deploy_job_id("uid", &"1".repeat(40), &a));
     }
 
