@@ -44,6 +44,8 @@ pub struct Metrics {
     pub followed_jobs: Family<ControllerLabels, Gauge>,
     /// GitHub calls and rate limits.
     pub github: crate::github::GitHubMetrics,
+    /// 1 while this replica holds the leader Lease (and so acts), 0 while it follows.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,7 @@ impl Default for Metrics {
             reconciles: Family::default(),
             followed_jobs: Family::default(),
             github: crate::github::GitHubMetrics::default(),
+            leader: Gauge::default(),
         }
     }
 }
@@ -80,6 +83,11 @@ impl Metrics {
                 "github_rate_limit_remaining",
                 "GitHub API calls left in the current rate-limit window, by credentials",
                 this.github.rate_limit_remaining,
+            );
+            registry.register(
+                "leader",
+                "1 while this replica holds the leader Lease (and so acts), 0 while it follows",
+                this.leader,
             );
         })
     }
