@@ -44,6 +44,12 @@ fn status_of(operator: &Operator) -> Option<u16> {
     operator.readyz().map(|(status, _)| status)
 }
 
+/// Whether something listens on loopback `port`. Binding, not connecting: a connect can reach a
+/// container's published port through the engine's NAT rules, or the connecting socket itself.
+fn listens(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
 /// The holder of Lease `name` in `default`.
 async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get(name).await.ok()?.spec?.holder_identity
@@ -85,7 +91,7 @@ async fn a_killed_leaders_follower_takes_over_mid_build_and_the_preview_comes_up
     assert!(body.contains(&format!("default/{lease}")), "{body}");
     assert_eq!(a.metric("stagely_operator_leader").await, Some(1.0));
     assert_eq!(b.metric("stagely_operator_leader").await, Some(0.0));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", b.gateway_port)).is_err(), "a follower serves no agent");
+    assert!(!listens(b.gateway_port), "a follower serves no agent");
 
     // The leader provisions a builder; it is killed while the build runs.
     envs.create(&PostParams::default(), &environment("shop-pr-1", 1, &sha)).await.unwrap();
@@ -198,7 +204,7 @@ async fn a_follower_reconciles_nothing_and_is_not_ready_until_the_lease_is_relea
     assert!(env.status.is_none(), "a follower wrote a status: {:#?}", env.status);
     assert!(env.finalizers().is_empty(), "a follower added finalizers: {:?}", env.finalizers());
     assert_eq!(follower.readyz().map(|(status, _)| status), Some(503));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", follower.gateway_port)).is_err(), "a follower serves no agent");
+    assert!(!listens(follower.gateway_port), "a follower serves no agent");
 
     // The holder releases the Lease (as a leader does on SIGTERM): the follower takes it, and acts.
     let release = serde_json::json!({"spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null}});
@@ -213,6 +219,28 @@ async fn a_follower_reconciles_nothing_and_is_not_ready_until_the_lease_is_relea
     envs.delete("shop-pr-2", &DeleteParams::default()).await.unwrap();
     eventually("the Environment to go", STEP_TIMEOUT, || async {
         envs.get_opt("shop-pr-2").await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_stopped_with_sigterm_releases_the_lease_to_its_follower() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let stack = Stack::shared();
+    let lease = "stagely-handover";
+    let leases: Api<Lease> = Api::namespaced(stack.client().await, "default");
+    let c = stack.replica(lease, "replica-c");
+    eventually("replica-c to lead", STEP_TIMEOUT, || async { (status_of(&c) == Some(200)).then_some(()) }).await;
+    let d = stack.replica(lease, "replica-d");
+    assert_eq!(status_of(&d), Some(503));
+
+    let exit = c.terminate();
+    assert!(exit.success(), "a leader stops cleanly on SIGTERM: {exit:?}");
+    // Released before the process exited: without the release, replica-c would hold the Lease
+    // for its whole duration.
+    assert_ne!(holder(&leases, lease).await.as_deref(), Some("replica-c"), "the Lease was released");
+    eventually("replica-d to lead", STEP_TIMEOUT, || async {
+        (holder(&leases, lease).await.as_deref() == Some("replica-d") && status_of(&d) == Some(200)).then_some(())
     })
     .await;
 }

@@ -283,6 +283,13 @@ impl Operator {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; waits for the process to exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        self.child.wait().unwrap()
+    }
+
     /// The value of the operator's metric sample `sample` (name and labels, as exposed), if
     /// it shows.
     pub async fn metric(&self, sample: &str) -> Option<f64> {
