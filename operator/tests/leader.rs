@@ -50,6 +50,16 @@ fn listens(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
+/// Deletes Environment `name` and waits until its finalizer has let it go: the leader has torn
+/// it down, leaving the next test nothing to act on.
+async fn delete(envs: &Api<Environment>, name: &str) {
+    envs.delete(name, &DeleteParams::default()).await.unwrap();
+    eventually("the Environment to go", STEP_TIMEOUT, || async {
+        envs.get_opt(name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
 /// The holder of Lease `name` in `default`.
 async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get(name).await.ok()?.spec?.holder_identity
@@ -141,12 +151,8 @@ async fn a_killed_leaders_follower_takes_over_mid_build_and_the_preview_comes_up
         assert_eq!(instances_of(owner, role).len(), 1, "one {role} instance for owner {owner}: {seen:?}");
     }
 
-    // The new leader tears the preview down, leaving the next test nothing to act on.
-    envs.delete("shop-pr-1", &DeleteParams::default()).await.unwrap();
-    eventually("the Environment to go", STEP_TIMEOUT, || async {
-        envs.get_opt("shop-pr-1").await.unwrap().is_none().then_some(())
-    })
-    .await;
+    // The new leader tears the preview down.
+    delete(&envs, "shop-pr-1").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,11 +222,7 @@ async fn a_follower_reconciles_nothing_and_is_not_ready_until_the_lease_is_relea
     .await;
     assert_eq!(follower.metric("stagely_operator_leader").await, Some(1.0));
     stack::wait_env(&envs, "shop-pr-2", "a status from the new leader", STEP_TIMEOUT, |e| e.status.is_some()).await;
-    envs.delete("shop-pr-2", &DeleteParams::default()).await.unwrap();
-    eventually("the Environment to go", STEP_TIMEOUT, || async {
-        envs.get_opt("shop-pr-2").await.unwrap().is_none().then_some(())
-    })
-    .await;
+    delete(&envs, "shop-pr-2").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
