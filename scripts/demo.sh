@@ -331,7 +331,7 @@ up() {
     --github-api-url off \
     --source-cache-dir "$demo_dir/source" \
     --vm-check-interval-secs 5
-  wait_until "the operator's /healthz" 60 healthy "$operator_ops_port"
+  wait_until "the operator's /readyz (it leads)" 60 ready "$operator_ops_port"
   start_detached webhook-receiver env KUBECONFIG="$demo_dir/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$target_dir/stagely-webhook-receiver" \
     --listen-addr "127.0.0.1:$webhook_port" \

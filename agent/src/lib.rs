@@ -99,7 +99,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     ));
     let connection = connection::Connection::new(config.clone(), executor, outbox, connected);
     tokio::select! {
-        served = ops::serve_until_signal(cli.ops_addr.unwrap_or(config.ops_addr), metrics()) => served?,
+        served = ops::serve_until_signal(cli.ops_addr.unwrap_or(config.ops_addr), ops::router(metrics())) => served?,
         connected = connection.run() => connected?,
     }
     tracing::info!("stagely-agent stopped");

@@ -1,5 +1,5 @@
-//! What every Stagely binary does the same way: operations endpoints (`/healthz`, `/metrics`),
-//! logging setup and the shutdown signal.
+//! What every Stagely binary does the same way: operations endpoints (`/healthz`, `/readyz`,
+//! `/metrics`), logging setup and the shutdown signal.
 //!
 //! Behind the `ops` feature, so that the API types stay free of I/O for whoever needs only
 //! them (the CRD generator, tests); each binary enables it.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
@@ -67,9 +67,55 @@ impl Metrics {
     }
 }
 
-/// `/healthz` and `/metrics`.
+/// Whether a binary should get traffic now, as `/readyz` tells Kubernetes: `/healthz` says the
+/// process lives, `/readyz` that a Service may route to it (the webhook receiver once its caches
+/// have listed, the operator while it holds the leader Lease). Cheap to clone; asked on every
+/// `/readyz`, so the check must not block.
+#[derive(Clone)]
+pub struct Readiness(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl Readiness {
+    /// Always ready: for binaries that can take traffic as soon as they serve.
+    pub fn always() -> Self {
+        Self(Arc::new(|| Ok(())))
+    }
+
+    /// Ready when `check` says so; its `Err` is the 503's body, saying why not.
+    pub fn when(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(check))
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Readiness").field(&self.check()).finish()
+    }
+}
+
+/// `/healthz`, `/readyz` (always ready) and `/metrics`.
 pub fn router(metrics: Metrics) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" })).route("/metrics", get(serve_metrics)).with_state(metrics)
+    router_with(metrics, Readiness::always())
+}
+
+/// `/healthz`, `/readyz` answering from `readiness` (200, or 503 with the reason) and `/metrics`.
+pub fn router_with(metrics: Metrics, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(move || serve_readiness(readiness.clone())))
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics)
+}
+
+async fn serve_readiness(readiness: Readiness) -> impl IntoResponse {
+    match readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn serve_metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
@@ -121,8 +167,8 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
-/// Binds `addr` and serves `/healthz` and `/metrics` from `metrics` until SIGTERM or Ctrl-C.
-pub async fn serve_until_signal(addr: std::net::SocketAddr, metrics: Metrics) -> Result<(), ServeError> {
+/// Binds `addr` and serves `router` (see [`router`] and [`router_with`]) until SIGTERM or Ctrl-C.
+pub async fn serve_until_signal(addr: std::net::SocketAddr, router: Router) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })?;
-    serve(listener, router(metrics), shutdown_signal()).await.map_err(ServeError::Serve)
+    serve(listener, router, shutdown_signal()).await.map_err(ServeError::Serve)
 }

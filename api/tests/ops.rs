@@ -13,6 +13,29 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 #[tokio::test]
+async fn readyz_answers_503_with_the_reason_until_the_check_passes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&ready);
+    let readiness = stagely_api::ops::Readiness::when(move || {
+        if flag.load(std::sync::atomic::Ordering::Relaxed) { Ok(()) } else { Err("not yet: warming up".to_owned()) }
+    });
+    let router = stagely_api::ops::router_with(stagely_api::ops::Metrics::new("stagely_test", "1.2.3"), readiness);
+    tokio::spawn(stagely_api::ops::serve(listener, router, std::future::pending()));
+
+    let answer = get(addr, "/readyz").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nnot yet: warming up"), "{answer}");
+    assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"), "live while not ready");
+
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answer = get(addr, "/readyz").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nready"), "{answer}");
+}
+
+#[tokio::test]
 async fn healthz_and_metrics_answer_and_shutdown_stops_the_server() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -33,6 +56,9 @@ async fn healthz_and_metrics_answer_and_shutdown_stops_the_server() {
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     let want = "stagely_test_build_info{version=\"1.2.3\"} 1";
     assert!(metrics.contains(want), "{metrics}");
+
+    let ready = get(addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
 

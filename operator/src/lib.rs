@@ -1,8 +1,9 @@
 //! The Stagely operator: the kube-rs controllers (Project, CloudProvider, Environment, BuildJob), the
 //! cloud providers, the agent gateway and the reaper.
 //!
-//! It runs the CloudProvider controller and the agent gateway, and serves `/healthz` and
-//! `/metrics` on its operations address.
+//! It serves `/healthz`, `/readyz` and `/metrics` on its operations address; the replica that
+//! holds the leader Lease ([`leader`]) runs the controllers and the agent gateway, and is the one
+//! ready.
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,7 @@ pub mod agents;
 pub mod controllers;
 pub mod gateway;
 pub mod github;
+pub mod leader;
 pub mod metrics;
 pub mod providers;
 pub mod reaper;
@@ -30,7 +32,7 @@ use stagely_api::ops;
     about = "Stagely operator: controllers, cloud providers and the agent gateway"
 )]
 pub struct Config {
-    /// Address of the operations endpoints (`/healthz`, `/metrics`).
+    /// Address of the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "STAGELY_OPS_ADDR", default_value = "0.0.0.0:8080")]
     pub ops_addr: SocketAddr,
 
@@ -61,6 +63,10 @@ pub struct Config {
     /// The reaper and the orphan sweep.
     #[command(flatten)]
     pub reaper: reaper::ReaperConfig,
+
+    /// Which replica acts.
+    #[command(flatten)]
+    pub leader: leader::LeaderConfig,
 }
 
 /// How the operator reaches GitHub.
@@ -251,6 +257,9 @@ pub enum RunError {
     /// The CA handed to agents is unusable.
     #[error(transparent)]
     GatewayCa(#[from] providers::cloudinit::GatewayCaError),
+    /// Leader election failed, or this replica stopped leading.
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
     /// The agent gateway's address could not be bound.
     #[error("failed to listen on {addr} for the agent gateway: {source}")]
     GatewayListen {
@@ -294,20 +303,68 @@ impl Operator {
     }
 }
 
+/// What the operator checks and builds before it knows whether it leads: a bad configuration
+/// stops every replica at startup, a follower included.
+struct Prepared {
+    config: Config,
+    factory: Option<std::sync::Arc<dyn providers::account::ProviderFactory>>,
+    agents: controllers::vm::AgentSettings,
+    client: kube::Client,
+    gateway: gateway::Gateway,
+    registry: Option<registry::Registry>,
+    metrics: metrics::Metrics,
+}
+
 async fn run_operator(
     config: Config,
     factory: Option<std::sync::Arc<dyn providers::account::ProviderFactory>>,
 ) -> Result<(), RunError> {
-    use std::sync::Arc;
-    use std::time::Duration;
-
     // kube's rustls needs a process-wide provider; the AWS SDK compiles in a second one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let agents = config.agent_settings()?;
-    let served_agents = std::sync::Arc::clone(&agents.served);
     let client = kube::Client::try_default().await.map_err(RunError::Kube)?;
     let gateway = config.gateway.build(client.clone()).await?;
     let registry = config.registry.build()?;
+    let metrics = metrics::Metrics::default();
+    let election = leader::Election::new(&config.leader, metrics.leader.clone()).await?;
+    let ops_router = ops::router_with(metrics.register(env!("CARGO_PKG_VERSION")), election.readiness());
+    let ops_addr = config.ops_addr;
+    tracing::info!(
+        addr = %ops_addr,
+        gateway_addr = %config.gateway.gateway_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "stagely-operator started"
+    );
+    let serve_ops = async { ops::serve_until_signal(ops_addr, ops_router).await.map_err(RunError::from) };
+    let prepared = Prepared { config, factory, agents, client, gateway, registry, metrics };
+    let lead = async {
+        let Some(leadership) = election.acquire(ops::shutdown_signal()).await else { return Ok(()) };
+        let addr = prepared.config.gateway.gateway_addr;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
+        leadership.serving();
+        // Losing the Lease drops the work mid-flight: see `Leadership::lost`.
+        tokio::select! {
+            done = act(prepared, listener) => {
+                leadership.release().await;
+                done
+            }
+            lost = leadership.lost() => Err(RunError::Leader(lost)),
+        }
+    };
+    tokio::try_join!(serve_ops, lead)?;
+    tracing::info!("stagely-operator stopped");
+    Ok(())
+}
+
+/// The leader's work: the agent gateway on `listener`, Redis routes and every controller, until
+/// SIGTERM or Ctrl-C.
+async fn act(prepared: Prepared, listener: tokio::net::TcpListener) -> Result<(), RunError> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let Prepared { config, factory, agents, client, gateway, registry, metrics } = prepared;
+    let served_agents = Arc::clone(&agents.served);
     let routes = match &config.gateway.redis_url {
         Some(url) => Some(Arc::new(routes::Routes::connect(url.expose()).await?)),
         None => {
@@ -318,7 +375,6 @@ async fn run_operator(
     if registry.is_none() {
         tracing::warn!("no image registry configured (--registry): Environments fail with NoRegistry");
     }
-    let metrics = metrics::Metrics::default();
     let addr = config.gateway.gateway_addr;
     let endpoints = providers::account::Endpoints {
         factory,
@@ -381,23 +437,13 @@ async fn run_operator(
     // Builders fetch registry tokens where they reach the operator already: the gateway.
     // VMs download their agent there too.
     let extra = registry.as_ref().map(registry::Registry::router).unwrap_or_default().merge(served_agents.router());
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::GatewayListen { addr, source })?;
     if !gateway.is_tls() {
         tracing::warn!("the agent gateway serves plain ws:// (no --gateway-tls-cert): only local agents accept it");
     }
-    tracing::info!(
-        addr = %config.ops_addr,
-        gateway_addr = %addr,
-        gateway_tls = gateway.is_tls(),
-        version = env!("CARGO_PKG_VERSION"),
-        "stagely-operator started"
-    );
+    tracing::info!(gateway_addr = %addr, gateway_tls = gateway.is_tls(), "serving agents and running the controllers");
     let serve_gateway = async {
         gateway.serve_with(listener, extra, ops::shutdown_signal()).await.map_err(|err| RunError::Gateway(err.into()))
     };
-    let ops_metrics = metrics.register(env!("CARGO_PKG_VERSION"));
-    let serve_ops = async { ops::serve_until_signal(config.ops_addr, ops_metrics).await.map_err(RunError::from) };
     let run_controllers = async {
         tokio::join!(
             controllers::cloudprovider::run(Arc::new(cloud_providers), ops::shutdown_signal()),
@@ -424,7 +470,6 @@ async fn run_operator(
         );
         Ok(())
     };
-    tokio::try_join!(serve_ops, serve_gateway, run_controllers)?;
-    tracing::info!("stagely-operator stopped");
+    tokio::try_join!(serve_gateway, run_controllers)?;
     Ok(())
 }

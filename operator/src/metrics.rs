@@ -64,6 +64,8 @@ pub struct Metrics {
     pub orphans_found: Family<ProviderLabels, Counter>,
     /// Orphaned VMs the sweep (or a CloudProvider's finalizer) terminated, by provider type.
     pub orphans_terminated: Family<ProviderLabels, Counter>,
+    /// 1 while this replica holds the leader Lease (and so acts), 0 while it follows.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             reaped: Family::default(),
             orphans_found: Family::default(),
             orphans_terminated: Family::default(),
+            leader: Gauge::default(),
         }
     }
 }
@@ -110,6 +113,11 @@ impl Metrics {
                 "orphans_terminated",
                 "Orphaned VMs terminated by the sweep or a CloudProvider's finalizer, by provider type",
                 this.orphans_terminated,
+            );
+            registry.register(
+                "leader",
+                "1 while this replica holds the leader Lease (and so acts), 0 while it follows",
+                this.leader,
             );
         })
     }

@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::get;
 use clap::Parser;
 use stagely_api::ops;
 use tokio::net::TcpListener;
@@ -181,17 +180,10 @@ pub async fn serve(
     background.spawn(watches);
     background.spawn(writer.run());
 
-    let ops_router = ops::router(registry).route(
-        "/readyz",
-        get(move || {
-            let ready = cache.is_ready();
-            async move {
-                if ready {
-                    (axum::http::StatusCode::OK, "ready")
-                } else {
-                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "the Project and Secret caches are not ready yet")
-                }
-            }
+    let ops_router = ops::router_with(
+        registry,
+        ops::Readiness::when(move || {
+            if cache.is_ready() { Ok(()) } else { Err("the Project and Secret caches are not ready yet".to_owned()) }
         }),
     );
     let (stop, stopping) = tokio::sync::watch::channel(false);

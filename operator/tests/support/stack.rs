@@ -121,7 +121,59 @@ impl Stack {
     }
 
     fn operator_opts(&self, allow_local: bool, github_api_url: &str, extra: &[&str]) -> Operator {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
+        // A Lease of its own, free, so the operator leads at once (a killed predecessor's Lease
+        // would hold it back for the Lease's duration).
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let lease = format!(
+            "stagely-operator-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let (mut command, ops_port) = self.operator_command(&self.operator_log(), self.gateway_port, github_api_url);
+        command.arg("--lease-name").arg(lease);
+        if allow_local {
+            command.arg("--allow-local-provider");
+        }
+        command.args(extra);
+        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
+        let port = self.gateway_port;
+        crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Operator { child, ops_port, gateway_port: port }
+    }
+
+    /// Starts one of several operator replicas electing their leader through Lease `lease` (in
+    /// namespace `default`) as `holder`, with its gateway on a port of its own, logging to
+    /// [`Stack::replica_log`]; its agents are given the stack's gateway port, where a
+    /// `Forwarder` (support/forwarder.rs) passes them on to whichever replica is ready. Returns
+    /// once it is live (`/healthz`), leader or not. `local` CloudProviders allowed, GitHub off.
+    pub fn replica(&self, lease: &str, holder: &str) -> Operator {
+        let gateway_port = free_port();
+        let (mut command, ops_port) = self.operator_command(&self.replica_log(holder), gateway_port, "off");
+        command
+            .args(["--lease-name", lease, "--lease-namespace", "default", "--lease-holder", holder])
+            .arg("--agent-gateway-url")
+            .arg(format!("ws://127.0.0.1:{}{}", self.gateway_port, stagely_api::protocol::CONNECT_PATH))
+            .arg("--allow-local-provider")
+            // Inherited by the agents: they look for the leader again within 2 s, not 30.
+            .env("STAGELY_RECONNECT_MAX_MS", "2000");
+        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
+        crate::agent_support::wait_for(&format!("{holder} to be live"), STEP_TIMEOUT, || {
+            crate::agent_support::http_get(ops_port, "/healthz").filter(|(status, _)| *status == 200)
+        });
+        Operator { child, ops_port, gateway_port }
+    }
+
+    /// The log of replica `holder`.
+    pub fn replica_log(&self, holder: &str) -> PathBuf {
+        self.dir.path().join(format!("operator-{holder}.log"))
+    }
+
+    /// The operator binary's command against this stack, its gateway on `gateway_port`, logging
+    /// to `log`, calling GitHub at `github_api_url`; and the free port its ops endpoints get.
+    fn operator_command(&self, log: &Path, gateway_port: u16, github_api_url: &str) -> (Command, u16) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let ops_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
         command
@@ -134,7 +186,7 @@ impl Stack {
             .arg("--ops-addr")
             .arg(format!("127.0.0.1:{ops_port}"))
             .arg("--gateway-addr")
-            .arg(format!("127.0.0.1:{}", self.gateway_port))
+            .arg(format!("127.0.0.1:{gateway_port}"))
             .arg("--gateway-signing-key-file")
             .arg(&self.signing_key_file)
             .arg("--redis-url")
@@ -168,16 +220,7 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        if allow_local {
-            command.arg("--allow-local-provider");
-        }
-        command.args(extra);
-        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
-        let port = self.gateway_port;
-        crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Operator { child, ops_port }
+        (command, ops_port)
     }
 
     /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
@@ -226,13 +269,32 @@ impl Stack {
 pub struct Operator {
     child: Child,
     ops_port: u16,
+    /// Where its agent gateway listens (while it leads).
+    pub gateway_port: u16,
 }
 
 impl Operator {
+    /// Its operations port (`/healthz`, `/readyz`, `/metrics`).
+    pub fn ops_port(&self) -> u16 {
+        self.ops_port
+    }
+
+    /// Its `/readyz`: status and body, if it answered.
+    pub fn readyz(&self) -> Option<(u16, String)> {
+        crate::agent_support::http_get(self.ops_port, "/readyz")
+    }
+
     /// SIGKILL, as a crashed node or an OOM kill would.
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; waits for the process to exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        self.child.wait().unwrap()
     }
 
     /// The value of the operator's metric sample `sample` (name and labels, as exposed), if
