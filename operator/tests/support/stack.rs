@@ -115,8 +115,42 @@ impl Stack {
     }
 
     fn operator_opts(&self, allow_local: bool, github_api_url: &str) -> Operator {
+        self.operator_custom(allow_local, &[("--github-api-url", github_api_url)], &[])
+    }
+
+    /// Starts the operator binary against this stack, `local` CloudProviders allowed or not,
+    /// with `flags` (name, value) in place of the stack's value of the same flag or added to them,
+    /// and `env` over the stack's environment. GitHub is off unless `flags` says otherwise.
+    pub fn operator_custom(&self, allow_local: bool, flags: &[(&str, &str)], env: &[(&str, &str)]) -> Operator {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
         let ops_port = free_port();
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let mut args: Vec<(&str, String)> = vec![
+            ("--ops-addr", format!("127.0.0.1:{ops_port}")),
+            ("--gateway-addr", format!("127.0.0.1:{}", self.gateway_port)),
+            ("--gateway-signing-key-file", path(&self.signing_key_file)),
+            ("--redis-url", self.redis.url()),
+            ("--registry", self.registry.addr().to_string()),
+            ("--registry-token-key-file", path(&self.key_file)),
+            ("--registry-token-cert-file", path(&self.cert_file)),
+            ("--registry-token-issuer", ISSUER.to_owned()),
+            ("--registry-token-service", SERVICE.to_owned()),
+            ("--local-agent-bin", path(built_agent())),
+            ("--local-state-dir", path(&self.dir.path().join("local"))),
+            ("--source-cache-dir", path(&self.dir.path().join("source"))),
+            ("--vm-check-interval-secs", "2".to_owned()),
+            ("--agent-connect-timeout-secs", "180".to_owned()),
+            ("--github-api-url", "off".to_owned()),
+            // The tests apply Environments themselves; the resync (tested in tests/github.rs)
+            // would apply the fake GitHub's pull requests over them.
+            ("--github-resync-secs", "86400".to_owned()),
+        ];
+        for (flag, value) in flags {
+            match args.iter_mut().find(|(name, _)| name == flag) {
+                Some(arg) => arg.1 = (*value).to_owned(),
+                None => args.push((flag, (*value).to_owned())),
+            }
+        }
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
         command
             .env("KUBECONFIG", self.plane.kubeconfig())
@@ -125,40 +159,8 @@ impl Stack {
             // operator) is gone, the previews a test left stop within a minute, not fifteen.
             .env("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "60")
             .envs(self.podman.env.iter().map(|(k, v)| (k, v)))
-            .arg("--ops-addr")
-            .arg(format!("127.0.0.1:{ops_port}"))
-            .arg("--gateway-addr")
-            .arg(format!("127.0.0.1:{}", self.gateway_port))
-            .arg("--gateway-signing-key-file")
-            .arg(&self.signing_key_file)
-            .arg("--redis-url")
-            .arg(self.redis.url())
-            .arg("--registry")
-            .arg(self.registry.addr())
-            .arg("--registry-token-key-file")
-            .arg(&self.key_file)
-            .arg("--registry-token-cert-file")
-            .arg(&self.cert_file)
-            .arg("--registry-token-issuer")
-            .arg(ISSUER)
-            .arg("--registry-token-service")
-            .arg(SERVICE)
-            .arg("--local-agent-bin")
-            .arg(agent_bin())
-            .arg("--local-state-dir")
-            .arg(self.dir.path().join("local"))
-            .arg("--source-cache-dir")
-            .arg(self.dir.path().join("source"))
-            .arg("--vm-check-interval-secs")
-            .arg("2")
-            .arg("--agent-connect-timeout-secs")
-            .arg("180")
-            .arg("--github-api-url")
-            .arg(github_api_url)
-            // The tests apply Environments themselves; the resync (tested in tests/github.rs)
-            // would apply the fake GitHub's pull requests over them.
-            .arg("--github-resync-secs")
-            .arg("86400")
+            .envs(env.iter().copied())
+            .args(args.iter().flat_map(|(flag, value)| [(*flag).to_owned(), value.clone()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -213,6 +215,13 @@ impl Stack {
         .unwrap();
         Api::<Project>::namespaced(client, namespace).create(&pp, &project).await.unwrap();
     }
+}
+
+/// The agent binary, built once per test process (an operator restarted many times would build
+/// it, or at least ask cargo, at each start).
+fn built_agent() -> &'static Path {
+    static AGENT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    AGENT.get_or_init(agent_bin)
 }
 
 /// The operator process; SIGKILLed when dropped or [`Operator::kill`]ed.
