@@ -122,6 +122,31 @@ impl Stack {
     /// with `flags` (name, value) in place of the stack's value of the same flag or added to them,
     /// and `env` over the stack's environment. GitHub is off unless `flags` says otherwise.
     pub fn operator_custom(&self, allow_local: bool, flags: &[(&str, &str)], env: &[(&str, &str)]) -> Operator {
+        // A port found free can be taken before the operator binds it (as the local end of any
+        // connection, e.g. the gateway's, whose port stays the same across restarts): an operator
+        // that exits as it starts is started again. Its ops server answering means both its
+        // listeners are bound (a bare connect could even reach a socket connected to itself).
+        let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let (mut child, ops_port) = self.spawn_operator(allow_local, flags, env);
+            let started = crate::agent_support::wait_for("the operator to serve or exit", STEP_TIMEOUT, || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(Err(status));
+                }
+                crate::agent_support::http_get(ops_port, "/healthz").map(|_| Ok(()))
+            });
+            match started {
+                Ok(()) => return Operator { child, ops_port },
+                Err(status) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the operator keeps exiting as it starts ({status}); its log: {}",
+                    self.operator_log().display()
+                ),
+            }
+        }
+    }
+
+    fn spawn_operator(&self, allow_local: bool, flags: &[(&str, &str)], env: &[(&str, &str)]) -> (Child, u16) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.operator_log()).unwrap();
         let ops_port = free_port();
         let path = |p: &Path| p.to_string_lossy().into_owned();
@@ -167,12 +192,7 @@ impl Stack {
         if allow_local {
             command.arg("--allow-local-provider");
         }
-        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
-        let port = self.gateway_port;
-        crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Operator { child, ops_port }
+        (stagely_testenv::spawn_tied(command).expect("the operator starts"), ops_port)
     }
 
     /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
