@@ -341,8 +341,9 @@ fn start_operator(stack: &Stack, clouds: &Clouds, dead_gateway: &str, sweep_secs
         ("--orphan-grace-secs", "0".to_owned()),
     ]);
     let flags: Vec<(&str, &str)> = flags.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    // Local agents that never connect must not shut themselves down while the suite runs.
-    stack.operator_custom(true, &flags, &[("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "86400"), ("RUST_LOG", "info")])
+    // Local agents that never connect must not shut themselves down while the suite runs, and
+    // should not outlive it by much if it is killed.
+    stack.operator_custom(true, &flags, &[("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "1800"), ("RUST_LOG", "info")])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -461,7 +462,7 @@ async fn environments_created_across_operator_kills_get_one_vm_each_and_leave_no
         kills += 1;
         operator = start_operator(stack, &clouds, &dead_gateway, 86400);
     }
-    let teardown = Duration::from_secs(180) + Duration::from_millis(200 * n as u64);
+    let teardown = Duration::from_secs(180) + Duration::from_millis(500 * n as u64);
     let deadline = Instant::now() + teardown;
     loop {
         let left = objects_left(&client).await;
