@@ -201,7 +201,7 @@ fn shares(n: usize) -> Vec<(Cloud, usize)> {
     let local = (n / 10).clamp(usize::from(n >= 4), 50);
     let rest = n - local;
     vec![
-        (Cloud::Aws, rest / 3 + usize::from(rest % 3 > 0)),
+        (Cloud::Aws, rest / 3 + usize::from(!rest.is_multiple_of(3))),
         (Cloud::DigitalOcean, rest / 3 + usize::from(rest % 3 > 1)),
         (Cloud::Hetzner, rest / 3),
         (Cloud::Local, local),
