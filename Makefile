@@ -13,7 +13,7 @@ CARGO_FUZZ ?= $(or $(STAGELY_CACHE),$(HOME)/.cache/stagely)/cargo-fuzz/bin/cargo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test canary check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz
+.PHONY: deps build test canary check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz fault-test
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
@@ -29,6 +29,12 @@ test: deps testenv ## Run every test, unit and integration, against the real con
 
 canary: deps testenv ## The canary secret test alone (it runs in `make test` too): a Secret value through the whole flow, then searched for everywhere but the app container; prints canary_hits=0.
 	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" $(CARGO) test -p stagely-operator --test canary -- --nocapture
+
+# Environments `make fault-test` creates while it SIGKILLs the operator.
+N ?= 1000
+
+fault-test: deps testenv ## The fault suite at N (default 1,000) Environments: the operator SIGKILLed at random while they are created, against moto, the DigitalOcean and Hetzner fakes and local; prints fault_creates=… fault_kills=… duplicates=… leaked=… last.
+	STAGELY_TESTENV_BIN="$(TESTENV_BIN)" STAGELY_FAULT_N="$(N)" $(CARGO) test -p stagely-operator --test fault -- --nocapture
 
 fuzz: ## Run each fuzz target (fuzz/) for FUZZ_SECONDS (default 60); crashes go to fuzz/artifacts/<target>/.
 	@[ -x "$(CARGO_FUZZ)" ] || scripts/install-deps.sh

@@ -31,16 +31,16 @@ fn stack() -> (&'static Stack, &'static Operator) {
     let stack = Stack::shared();
     static OPERATOR: OnceLock<Operator> = OnceLock::new();
     let operator = OPERATOR.get_or_init(|| {
-        stack.operator_with_args(&[
-            "--heartbeat-timeout-secs",
-            &HEARTBEAT_TIMEOUT_SECS.to_string(),
-            "--reap-interval-secs",
-            "1",
-            "--sweep-interval-secs",
-            "1",
-            "--orphan-grace-secs",
-            "0",
-        ])
+        stack.operator_custom(
+            true,
+            &[
+                ("--heartbeat-timeout-secs", &HEARTBEAT_TIMEOUT_SECS.to_string()),
+                ("--reap-interval-secs", "1"),
+                ("--sweep-interval-secs", "1"),
+                ("--orphan-grace-secs", "0"),
+            ],
+            &[],
+        )
     });
     (stack, operator)
 }

@@ -317,6 +317,24 @@ impl CloudProvider for Aws {
         })
     }
 
+    fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // Filtered by EC2, not after listing every instance: a teardown of many objects would
+        // otherwise describe the whole account once per object.
+        Box::pin(async move {
+            let found = self
+                .client
+                .describe_instances()
+                .filters(filter(&format!("tag:{}", cloud_tags::OWNER_UID), owner_uid))
+                .send()
+                .await
+                .map_err(api_error)?;
+            let mut instances: Vec<Instance> =
+                found.reservations().iter().flat_map(|r| r.instances()).map(convert).collect();
+            instances.retain(|i| i.state != InstanceState::Terminated);
+            Ok(instances)
+        })
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             self.client.describe_account_attributes().send().await.map_err(api_error)?;

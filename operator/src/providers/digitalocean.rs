@@ -256,6 +256,16 @@ impl CloudProvider for DigitalOcean {
         })
     }
 
+    fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // By the owner's tag, not every droplet of the account once per object torn down.
+        Box::pin(async move {
+            let droplets = self.droplets_tagged(&tag(cloud_tags::OWNER_UID, owner_uid)).await?;
+            let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
+            instances.retain(|i| i.state != InstanceState::Terminated);
+            Ok(instances)
+        })
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             let _: serde::de::IgnoredAny = self.api.get("/v2/account", &[]).await?;

@@ -333,6 +333,17 @@ impl CloudProvider for Hetzner {
         })
     }
 
+    fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // By the owner's label, not every server of the project once per object torn down.
+        Box::pin(async move {
+            let selector = format!("{}={}", cloud_tags::OWNER_UID, label_value(owner_uid));
+            let servers = self.servers(&[("label_selector", &selector)]).await?;
+            let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
+            instances.retain(|i| i.state != InstanceState::Terminated);
+            Ok(instances)
+        })
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         // Hetzner has no account endpoint; a one-item listing needs a valid token.
         Box::pin(async move {

@@ -35,6 +35,15 @@ pub struct Droplet {
     pub user_data: String,
     /// `new` until first read, then `active` with addresses.
     pub status: &'static str,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+/// Now, to the second, as the API writes times: what a new resource reports as its creation
+/// time (a fixed date would make every VM look long launched to whoever measures its age).
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    k8s_openapi::jiff::Timestamp::from_second(now).unwrap().to_string()
 }
 
 #[derive(Default)]
@@ -173,7 +182,7 @@ fn droplet_json(d: &Droplet) -> Value {
         "disk": 80,
         "locked": false,
         "status": d.status,
-        "created_at": "2026-01-02T03:04:05Z",
+        "created_at": d.created_at,
         "features": ["monitoring"],
         "backup_ids": [],
         "next_backup_window": null,
@@ -259,6 +268,7 @@ async fn create(State(fake): State<DigitalOceanFake>, headers: HeaderMap, Json(b
         tags: body["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(str::to_owned)).collect(),
         user_data: text("user_data"),
         status: "new",
+        created_at: now_rfc3339(),
     };
     let account = inner.accounts.entry(token).or_default();
     account.creates += 1;

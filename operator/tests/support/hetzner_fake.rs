@@ -49,6 +49,15 @@ pub struct Server {
     pub user_data: String,
     /// `initializing` until first read, then `running`.
     pub status: &'static str,
+    /// When it was created (RFC 3339).
+    pub created: String,
+}
+
+/// Now, to the second, as the API writes times: what a new resource reports as its creation
+/// time (a fixed date would make every VM look long launched to whoever measures its age).
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    k8s_openapi::jiff::Timestamp::from_second(now).unwrap().to_string()
 }
 
 #[derive(Default)]
@@ -98,6 +107,7 @@ impl HetznerFake {
             labels: BTreeMap::new(),
             user_data: String::new(),
             status: "running",
+            created: now_rfc3339(),
         };
         inner.projects.entry(token.to_owned()).or_default().servers.insert(server.id, server);
     }
@@ -201,7 +211,7 @@ fn server_json(s: &Server) -> Value {
         "id": s.id,
         "name": s.name,
         "status": s.status,
-        "created": "2026-01-02T03:04:05Z",
+        "created": s.created,
         "public_net": {
             "ipv4": { "id": s.id + 1, "ip": format!("198.51.100.{}", s.id % 250 + 1), "blocked": false, "dns_ptr": "static.example.com" },
             "ipv6": null,
@@ -325,6 +335,7 @@ async fn create(State(fake): State<HetznerFake>, headers: HeaderMap, Json(body):
         labels: serde_json::from_value(body["labels"].clone()).unwrap_or_default(),
         user_data: text("user_data"),
         status: "initializing",
+        created: now_rfc3339(),
     };
     project.creates += 1;
     project.servers.insert(id, server.clone());

@@ -105,42 +105,61 @@ impl Stack {
     /// Starts the operator binary against this stack, with `--allow-local-provider` or without;
     /// GitHub is off.
     pub fn operator_with(&self, allow_local: bool) -> Operator {
-        self.operator_opts(allow_local, "off", &[])
+        self.operator_opts(allow_local, "off")
     }
 
     /// Starts the operator binary against this stack, `local` CloudProviders allowed, calling
     /// GitHub at `github_api_url`.
     pub fn operator_with_github(&self, github_api_url: &str) -> Operator {
-        self.operator_opts(true, github_api_url, &[])
+        self.operator_opts(true, github_api_url)
     }
 
-    /// Starts the operator binary against this stack, `local` CloudProviders allowed, GitHub
-    /// off, with `extra` arguments (e.g. the reaper's periods).
-    pub fn operator_with_args(&self, extra: &[&str]) -> Operator {
-        self.operator_opts(true, "off", extra)
+    fn operator_opts(&self, allow_local: bool, github_api_url: &str) -> Operator {
+        self.operator_custom(allow_local, &[("--github-api-url", github_api_url)], &[])
     }
 
-    fn operator_opts(&self, allow_local: bool, github_api_url: &str, extra: &[&str]) -> Operator {
-        // A Lease of its own, free, so the operator leads at once (a killed predecessor's Lease
-        // would hold it back for the Lease's duration).
+    /// Starts the operator binary against this stack, `local` CloudProviders allowed or not,
+    /// with `flags` (name, value) in place of the stack's value of the same flag or added to them,
+    /// and `env` over the stack's environment. GitHub is off unless `flags` says otherwise. It
+    /// gets a Lease of its own, free, so it leads at once (a killed predecessor's Lease would
+    /// hold it back for the Lease's duration).
+    pub fn operator_custom(&self, allow_local: bool, flags: &[(&str, &str)], env: &[(&str, &str)]) -> Operator {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let lease = format!(
             "stagely-operator-{}-{}",
             std::process::id(),
             STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let (mut command, ops_port) = self.operator_command(&self.operator_log(), self.gateway_port, github_api_url);
-        command.arg("--lease-name").arg(lease);
+        let mut flags = flags.to_vec();
         if allow_local {
-            command.arg("--allow-local-provider");
+            flags.push(("--allow-local-provider", ""));
         }
-        command.args(extra);
-        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
-        let port = self.gateway_port;
-        crate::agent_support::wait_for("the operator's gateway to listen", STEP_TIMEOUT, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Operator { child, ops_port, gateway_port: port }
+        if !flags.iter().any(|(flag, _)| *flag == "--lease-name") {
+            flags.push(("--lease-name", &lease));
+        }
+        // A port found free can be taken before the operator binds it (as the local end of any
+        // connection, e.g. the gateway's, whose port stays the same across restarts): an operator
+        // that exits as it starts is started again. Ready (the Lease held, the gateway bound)
+        // means both its listeners are bound (a bare connect could even reach a socket connected
+        // to itself).
+        let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let (mut child, ops_port) = self.spawn_operator(&self.operator_log(), self.gateway_port, &flags, env);
+            let started = crate::agent_support::wait_for("the operator to lead or exit", STEP_TIMEOUT, || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(Err(status));
+                }
+                crate::agent_support::http_get(ops_port, "/readyz").filter(|(status, _)| *status == 200).map(|_| Ok(()))
+            });
+            match started {
+                Ok(()) => return Operator { child, ops_port, gateway_port: self.gateway_port },
+                Err(status) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the operator keeps exiting as it starts ({status}); its log: {}",
+                    self.operator_log().display()
+                ),
+            }
+        }
     }
 
     /// Starts one of several operator replicas electing their leader through Lease `lease` (in
@@ -150,15 +169,17 @@ impl Stack {
     /// once it is live (`/healthz`), leader or not. `local` CloudProviders allowed, GitHub off.
     pub fn replica(&self, lease: &str, holder: &str) -> Operator {
         let gateway_port = free_port();
-        let (mut command, ops_port) = self.operator_command(&self.replica_log(holder), gateway_port, "off");
-        command
-            .args(["--lease-name", lease, "--lease-namespace", "default", "--lease-holder", holder])
-            .arg("--agent-gateway-url")
-            .arg(format!("ws://127.0.0.1:{}{}", self.gateway_port, stagely_api::protocol::CONNECT_PATH))
-            .arg("--allow-local-provider")
-            // Inherited by the agents: they look for the leader again within 2 s, not 30.
-            .env("STAGELY_RECONNECT_MAX_MS", "2000");
-        let child = stagely_testenv::spawn_tied(command).expect("the operator starts");
+        let url = format!("ws://127.0.0.1:{}{}", self.gateway_port, stagely_api::protocol::CONNECT_PATH);
+        let flags = [
+            ("--lease-name", lease),
+            ("--lease-namespace", "default"),
+            ("--lease-holder", holder),
+            ("--agent-gateway-url", url.as_str()),
+            ("--allow-local-provider", ""),
+        ];
+        // Inherited by the agents: they look for the leader again within 2 s, not 30.
+        let env = [("STAGELY_RECONNECT_MAX_MS", "2000")];
+        let (child, ops_port) = self.spawn_operator(&self.replica_log(holder), gateway_port, &flags, &env);
         crate::agent_support::wait_for(&format!("{holder} to be live"), STEP_TIMEOUT, || {
             crate::agent_support::http_get(ops_port, "/healthz").filter(|(status, _)| *status == 200)
         });
@@ -170,11 +191,45 @@ impl Stack {
         self.dir.path().join(format!("operator-{holder}.log"))
     }
 
-    /// The operator binary's command against this stack, its gateway on `gateway_port`, logging
-    /// to `log`, calling GitHub at `github_api_url`; and the free port its ops endpoints get.
-    fn operator_command(&self, log: &Path, gateway_port: u16, github_api_url: &str) -> (Command, u16) {
+    /// Spawns the operator binary against this stack, its gateway on `gateway_port`, logging to
+    /// `log`, with `flags` (an empty value: a flag without one) over the stack's and `env`; and the
+    /// free port its ops endpoints get.
+    fn spawn_operator(
+        &self,
+        log: &Path,
+        gateway_port: u16,
+        flags: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> (Child, u16) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let ops_port = free_port();
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let mut args: Vec<(&str, String)> = vec![
+            ("--ops-addr", format!("127.0.0.1:{ops_port}")),
+            ("--gateway-addr", format!("127.0.0.1:{gateway_port}")),
+            ("--gateway-signing-key-file", path(&self.signing_key_file)),
+            ("--redis-url", self.redis.url()),
+            ("--registry", self.registry.addr().to_string()),
+            ("--registry-token-key-file", path(&self.key_file)),
+            ("--registry-token-cert-file", path(&self.cert_file)),
+            ("--registry-token-issuer", ISSUER.to_owned()),
+            ("--registry-token-service", SERVICE.to_owned()),
+            ("--local-agent-bin", path(built_agent())),
+            ("--local-state-dir", path(&self.dir.path().join("local"))),
+            ("--source-cache-dir", path(&self.dir.path().join("source"))),
+            ("--vm-check-interval-secs", "2".to_owned()),
+            ("--agent-connect-timeout-secs", "180".to_owned()),
+            ("--github-api-url", "off".to_owned()),
+            // The tests apply Environments themselves; the resync (tested in tests/github.rs)
+            // would apply the fake GitHub's pull requests over them.
+            ("--github-resync-secs", "86400".to_owned()),
+        ];
+        for (flag, value) in flags {
+            match args.iter_mut().find(|(name, _)| name == flag) {
+                Some(arg) => arg.1 = (*value).to_owned(),
+                None => args.push((flag, (*value).to_owned())),
+            }
+        }
         let mut command = Command::new(env!("CARGO_BIN_EXE_stagely-operator"));
         command
             .env("KUBECONFIG", self.plane.kubeconfig())
@@ -183,44 +238,17 @@ impl Stack {
             // operator) is gone, the previews a test left stop within a minute, not fifteen.
             .env("STAGELY_DISCONNECT_SHUTDOWN_SECONDS", "60")
             .envs(self.podman.env.iter().map(|(k, v)| (k, v)))
-            .arg("--ops-addr")
-            .arg(format!("127.0.0.1:{ops_port}"))
-            .arg("--gateway-addr")
-            .arg(format!("127.0.0.1:{gateway_port}"))
-            .arg("--gateway-signing-key-file")
-            .arg(&self.signing_key_file)
-            .arg("--redis-url")
-            .arg(self.redis.url())
-            .arg("--registry")
-            .arg(self.registry.addr())
-            .arg("--registry-token-key-file")
-            .arg(&self.key_file)
-            .arg("--registry-token-cert-file")
-            .arg(&self.cert_file)
-            .arg("--registry-token-issuer")
-            .arg(ISSUER)
-            .arg("--registry-token-service")
-            .arg(SERVICE)
-            .arg("--local-agent-bin")
-            .arg(agent_bin())
-            .arg("--local-state-dir")
-            .arg(self.dir.path().join("local"))
-            .arg("--source-cache-dir")
-            .arg(self.dir.path().join("source"))
-            .arg("--vm-check-interval-secs")
-            .arg("2")
-            .arg("--agent-connect-timeout-secs")
-            .arg("180")
-            .arg("--github-api-url")
-            .arg(github_api_url)
-            // The tests apply Environments themselves; the resync (tested in tests/github.rs)
-            // would apply the fake GitHub's pull requests over them.
-            .arg("--github-resync-secs")
-            .arg("86400")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        (command, ops_port)
+        for (flag, value) in &args {
+            command.arg(flag);
+            if !value.is_empty() {
+                command.arg(value);
+            }
+        }
+        (stagely_testenv::spawn_tied(command).expect("the operator starts"), ops_port)
     }
 
     /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
@@ -263,6 +291,13 @@ impl Stack {
         .unwrap();
         Api::<Project>::namespaced(client, namespace).create(&pp, &project).await.unwrap();
     }
+}
+
+/// The agent binary, built once per test process (an operator restarted many times would build
+/// it, or at least ask cargo, at each start).
+fn built_agent() -> &'static Path {
+    static AGENT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    AGENT.get_or_init(agent_bin)
 }
 
 /// The operator process; SIGKILLed when dropped or [`Operator::kill`]ed.
