@@ -186,6 +186,17 @@ impl Stack {
         Operator { child, ops_port, gateway_port }
     }
 
+    /// A directory holding the built agent as the operator's binary for linux/amd64.
+    fn agent_bin_dir(&self) -> PathBuf {
+        let dir = self.dir.path().join("agents");
+        let link = dir.join("stagely-agent-linux-amd64");
+        if !link.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let _ = std::os::unix::fs::symlink(built_agent(), &link);
+        }
+        dir
+    }
+
     /// The log of replica `holder`.
     pub fn replica_log(&self, holder: &str) -> PathBuf {
         self.dir.path().join(format!("operator-{holder}.log"))
@@ -215,6 +226,8 @@ impl Stack {
             ("--registry-token-issuer", ISSUER.to_owned()),
             ("--registry-token-service", SERVICE.to_owned()),
             ("--local-agent-bin", path(built_agent())),
+            // What cloud VMs download from the gateway: the same binary.
+            ("--agent-bin-dir", path(&self.agent_bin_dir())),
             ("--local-state-dir", path(&self.dir.path().join("local"))),
             ("--source-cache-dir", path(&self.dir.path().join("source"))),
             ("--vm-check-interval-secs", "2".to_owned()),
