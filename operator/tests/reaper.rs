@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use stack::{BUILD_TIMEOUT, InstanceWatch, Operator, STEP_TIMEOUT, Stack, environment, events, phase, wait_env};
+use stack::{InstanceWatch, Operator, STEP_TIMEOUT, Stack, environment, events, phase, wait_env};
 use stagely_api::keys;
 use stagely_api::v1alpha1::{CloudProvider, Environment, EnvironmentPhase, Platform, Project, Size};
 use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
@@ -26,6 +26,10 @@ use stagely_testenv::server::eventually;
 /// The reaper's heartbeat timeout here: far shorter than the gateway's ~1 minute between two
 /// `lastHeartbeat` writes, so a connected agent with an old `lastHeartbeat` is seen too.
 const HEARTBEAT_TIMEOUT_SECS: u64 = 8;
+
+/// Generous: builds and the agents' first heartbeats (30 s after they connect) share two cores
+/// with the other tests of this file.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn stack() -> (&'static Stack, &'static Operator) {
     let stack = Stack::shared();
@@ -93,7 +97,7 @@ async fn gone<K>(api: &Api<K>, name: &str, what: &str)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    eventually(what, STEP_TIMEOUT, || async { api.get_opt(name).await.unwrap().is_none().then_some(()) }).await;
+    eventually(what, WAIT, || async { api.get_opt(name).await.unwrap().is_none().then_some(()) }).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -110,13 +114,13 @@ async fn a_preview_whose_agent_died_is_reaped_and_an_expired_one_goes_with_its_r
     // A live preview: Ready, and left alone while its agent is connected, even when its
     // lastHeartbeat is older than the timeout (the gateway writes it about once a minute).
     envs.create(&PostParams::default(), &environment("shop-pr-1", 1, &sha)).await.unwrap();
-    let env = wait_env(&envs, "shop-pr-1", "Ready", BUILD_TIMEOUT, |e| {
+    let env = wait_env(&envs, "shop-pr-1", "Ready", WAIT, |e| {
         matches!(phase(e), Some(EnvironmentPhase::Ready | EnvironmentPhase::Failed))
     })
     .await;
     assert_eq!(phase(&env), Some(EnvironmentPhase::Ready), "{:#?}", env.status);
     let uid = env.uid().unwrap();
-    eventually("a live preview with an old lastHeartbeat, not reaped", STEP_TIMEOUT, || async {
+    eventually("a live preview with an old lastHeartbeat, not reaped", WAIT, || async {
         let env = envs.get("shop-pr-1").await.ok()?;
         let heard = env.status.as_ref()?.last_heartbeat.as_ref()?.0;
         let silent = Timestamp::now().duration_since(heard).as_secs() > HEARTBEAT_TIMEOUT_SECS as i64 + 2;
@@ -283,7 +287,7 @@ async fn a_namespace_deleted_all_at_once_still_stops_its_vms_with_the_credential
     // A build in progress: its builder VM runs.
     let watch = InstanceWatch::start(stack.local_dir(ns));
     envs.create(&pp, &environment("shop-pr-3", 3, &sha)).await.unwrap();
-    eventually("a builder VM running", BUILD_TIMEOUT, || async {
+    eventually("a builder VM running", WAIT, || async {
         (!stack::builders(&stack.local_dir(ns)).is_empty()).then_some(())
     })
     .await;
