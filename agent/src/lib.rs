@@ -44,6 +44,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "STAGELY_LOG_FORMAT", value_enum, default_value_t = ops::LogFormat::Text)]
     pub log_format: ops::LogFormat,
+
+    /// Instead of connecting, stop every deployment in the work directory and delete its
+    /// secrets (what TERMINATE does), then exit: the `local` provider's "VM" is the agent
+    /// process, and its containers would outlive it.
+    #[arg(long)]
+    pub teardown: bool,
 }
 
 /// Why the agent stopped.
@@ -66,6 +72,9 @@ pub enum RunError {
     /// The connection cannot be made at all.
     #[error(transparent)]
     Connection(#[from] connection::ConnectionError),
+    /// `--teardown` left deployments running.
+    #[error("teardown failed: {0}")]
+    Teardown(#[source] executor::JobError),
 }
 
 /// This binary's metrics.
@@ -105,3 +114,30 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     tracing::info!("stagely-agent stopped");
     Ok(())
 }
+
+/// `--teardown`: stops every deployment under the work directory and deletes its secrets, as
+/// TERMINATE does, with the job's lines on standard error. Without a gateway: what terminating a
+/// `local` instance runs after the agent process has stopped.
+pub async fn teardown(cli: Cli) -> Result<(), RunError> {
+    let config = Arc::new(config::AgentConfig::load(cli.config.as_deref())?);
+    let outbox = outbox::Outbox::default();
+    let ctx = executor::Context::new(config, outbox.clone());
+    let log = executor::JobLog::new("teardown", &ctx);
+    let terminate = stagely_api::protocol::Terminate {
+        job_id: "teardown".into(),
+        reason: "instance terminated".into(),
+        // As a VM's shutdown: the services get a moment to stop, not the preview's grace period
+        // (the operator's TERMINATE gave them that, if the agent was there to get it).
+        grace_period_seconds: TEARDOWN_GRACE_SECS,
+    };
+    let done = compose::terminate(&ctx, &log, &terminate).await;
+    while let Some(message) = outbox.try_recv() {
+        if let stagely_api::protocol::Message::Log(line) = message {
+            eprintln!("{}", line.data);
+        }
+    }
+    done.map(|_| ()).map_err(RunError::Teardown)
+}
+
+/// Seconds the services get to stop in `--teardown`.
+const TEARDOWN_GRACE_SECS: u32 = 5;

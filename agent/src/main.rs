@@ -6,6 +6,10 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cli = stagely_agent::Cli::parse();
     stagely_api::ops::init_logging(cli.log_format);
-    stagely_agent::run(cli).await?;
+    if cli.teardown {
+        stagely_agent::teardown(cli).await?;
+    } else {
+        stagely_agent::run(cli).await?;
+    }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! Each instance lives in `<state_dir>/<name>/`: `agent.json` (the agent's configuration, mode
 //! 0600, taken from the user data), `instance.json` (pid, tags, launch time) and `agent.log`.
 //! Everything the provider knows is on disk, so an operator restarted while agents run still
-//! finds, lists and stops them.
+//! finds, lists and stops them. Terminating an instance stops its agent, then runs
+//! `stagely-agent --teardown` on its work directory: a cloud VM's containers go with the VM, a
+//! local instance's would outlive the agent (a dead one included) and keep their host ports.
 //!
 //! Every agent shares the host, so each publishes its preview's ports on 127.0.0.1 and ports the
 //! engine picks (`STAGELY_EPHEMERAL_PORTS=1`), never the compose file's: two previews of one
@@ -30,6 +32,9 @@ use super::cloudinit::AGENT_CONFIG_PATH;
 use super::{BoxFuture, CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError};
 
 const PROVIDER: &str = "local";
+
+/// How long stopping an instance's containers may take.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How the local provider starts agents.
 #[derive(Clone, Debug)]
@@ -92,6 +97,62 @@ impl Local {
         }
     }
 
+    /// The agent of the instance in `dir`, as it runs there.
+    fn agent_command(&self, dir: &Path) -> tokio::process::Command {
+        let engine = match self.settings.engine {
+            ContainerEngine::Docker => "docker",
+            ContainerEngine::Podman => "podman",
+        };
+        let mut command = tokio::process::Command::new(&self.settings.agent_bin);
+        command
+            .arg("--config")
+            .arg(dir.join("agent.json"))
+            .env("STAGELY_ENGINE", engine)
+            .env("STAGELY_WORK_DIR", dir.join("work"))
+            // Nothing else listens for the agent's ops endpoints on a shared host.
+            .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
+            // The "VM" is the agent: after too long without the gateway it stops itself, never
+            // the host.
+            .env("STAGELY_SHUTDOWN_COMMAND", "kill -TERM $PPID")
+            // Previews share the host's ports: each gets its own, which STATUS reports.
+            .env("STAGELY_EPHEMERAL_PORTS", "1")
+            // The gateway is on this host: plain ws:// is allowed (wss:// is still verified).
+            .env("STAGELY_INSECURE", "1")
+            .envs(&self.settings.env);
+        command
+    }
+
+    /// Stops the containers of the instance in `dir` with `stagely-agent --teardown`: a cloud
+    /// VM's containers go with the VM, a local instance's would outlive its agent, holding
+    /// their ports on the host.
+    async fn teardown(&self, dir: &Path) -> Result<(), ProviderError> {
+        if !dir.join("work").join("deploy").exists() {
+            return Ok(());
+        }
+        let mut command = self.agent_command(dir);
+        command.arg("--teardown").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        command.kill_on_drop(true);
+        let failed = |message: String| ProviderError::Transport { provider: PROVIDER, message };
+        let output = tokio::time::timeout(TEARDOWN_TIMEOUT, command.output())
+            .await
+            .map_err(|_| {
+                failed(format!("stopping the containers of {} took over {TEARDOWN_TIMEOUT:?}", dir.display()))
+            })?
+            .map_err(|err| failed(format!("cannot start {}: {err}", self.settings.agent_bin.display())))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(failed(format!(
+            "stopping the containers of {} failed ({}): {}",
+            dir.display(),
+            output.status,
+            tail.join(" / ")
+        )))
+    }
+
     async fn create_instance(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
         let dir = self.dir(&spec.name)?;
         if let Some(record) = self.read(&dir) {
@@ -118,30 +179,8 @@ impl Local {
             .map_err(io)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(dir.join("agent.log"));
         let log = log.map_err(io)?;
-        let engine = match self.settings.engine {
-            ContainerEngine::Docker => "docker",
-            ContainerEngine::Podman => "podman",
-        };
-        let mut command = tokio::process::Command::new(&self.settings.agent_bin);
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .env("STAGELY_ENGINE", engine)
-            .env("STAGELY_WORK_DIR", dir.join("work"))
-            // Nothing else listens for the agent's ops endpoints on a shared host.
-            .env("STAGELY_OPS_ADDR", "127.0.0.1:0")
-            // The "VM" is the agent: after too long without the gateway it stops itself, never
-            // the host.
-            .env("STAGELY_SHUTDOWN_COMMAND", "kill -TERM $PPID")
-            // Previews share the host's ports: each gets its own, which STATUS reports.
-            .env("STAGELY_EPHEMERAL_PORTS", "1")
-            // The gateway is on this host: plain ws:// is allowed (wss:// is still verified).
-            .env("STAGELY_INSECURE", "1")
-            .envs(&self.settings.env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io)?)
-            .stderr(log)
-            .kill_on_drop(false);
+        let mut command = self.agent_command(&dir);
+        command.stdin(Stdio::null()).stdout(log.try_clone().map_err(io)?).stderr(log).kill_on_drop(false);
         let mut child = command.spawn().map_err(|err| ProviderError::Transport {
             provider: PROVIDER,
             message: format!("cannot start {}: {err}", self.settings.agent_bin.display()),
@@ -195,6 +234,9 @@ impl Local {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+        if dir.join("agent.json").exists() {
+            self.teardown(&dir).await?;
         }
         std::fs::remove_dir_all(&dir).or_else(ignore_not_found).map_err(|err| ProviderError::Transport {
             provider: PROVIDER,

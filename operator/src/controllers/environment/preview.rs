@@ -187,9 +187,10 @@ pub fn expose(config: &StagelyConfig) -> Option<(&str, u16)> {
     config.preview.expose.as_ref().map(|e| (e.service.as_str(), e.port))
 }
 
-/// The compose project of an Environment on its VM.
+/// The compose project of an Environment on its VM: `<namespace>-<name>`, so that previews of
+/// two namespaces sharing one host (the `local` provider's) never share containers.
 pub fn compose_project(env: &Environment) -> String {
-    env.name_any()
+    format!("{}-{}", env.namespace().unwrap_or_default(), env.name_any())
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' })
         .collect()
@@ -936,6 +937,25 @@ impl Preview {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compose_projects_differ_across_namespaces_and_are_valid_names() {
+        let env = |namespace: &str, name: &str| {
+            let mut env = Environment::new(
+                name,
+                serde_json::from_value(serde_json::json!({
+                    "projectRef": {"name": "shop"},
+                    "pullRequest": {"number": 1, "headSha": "abc", "headRef": "f", "baseRef": "main"},
+                }))
+                .unwrap(),
+            );
+            env.metadata.namespace = Some(namespace.into());
+            env
+        };
+        assert_eq!(compose_project(&env("team-a", "shop-pr-1")), "team-a-shop-pr-1");
+        assert_ne!(compose_project(&env("team-a", "shop-pr-1")), compose_project(&env("team-b", "shop-pr-1")));
+        assert_eq!(compose_project(&env("team-a", "Shop.PR.1")), "team-a-shop-pr-1");
+    }
     use stagely_api::protocol::PortMapping;
 
     fn service(name: &str, ports: &[(u16, u16)]) -> ServiceStatus {
