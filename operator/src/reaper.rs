@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
@@ -237,16 +237,7 @@ impl Reaper {
     }
 
     async fn event(&self, regarding: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: &str) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(note.into()),
-            action: "Reap".into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, regarding).await {
-            tracing::warn!(error = %err, "cannot record an event");
-        }
+        self.recorder.record(regarding, EventType::Warning, "Reap", reason, note.into()).await;
     }
 
     /// Reaps every `reap_interval_secs` and sweeps every `sweep_interval_secs` until `shutdown`.
@@ -301,20 +292,9 @@ pub async fn sweep_provider(
     let name = object.name_any();
     let type_ = object.spec.type_.as_str();
     let regarding = object.object_ref(&());
-    let publish = |warning: bool, reason: &'static str, note: String| {
+    let publish = |reason: &'static str, note: String| {
         let regarding = regarding.clone();
-        async move {
-            let event = Event {
-                type_: if warning { EventType::Warning } else { EventType::Normal },
-                reason: reason.into(),
-                note: Some(note),
-                action: "SweepOrphans".into(),
-                secondary: None,
-            };
-            if let Err(err) = recorder.publish(&event, &regarding).await {
-                tracing::warn!(error = %err, "cannot record an event");
-            }
-        }
+        async move { recorder.record(&regarding, EventType::Warning, "SweepOrphans", reason, note).await }
     };
     let swept = match account::connect(client, object, endpoints).await {
         Ok(provider) => orphans::sweep(provider.as_ref(), client, &namespace, grace).await.map_err(|err| {
@@ -331,7 +311,7 @@ pub async fn sweep_provider(
         Ok(swept) => swept,
         Err(failure) => {
             tracing::warn!(%namespace, %name, error = %failure.message, "orphan sweep failed");
-            publish(true, "SweepFailed", format!("the orphan sweep failed: {}", failure.message)).await;
+            publish("SweepFailed", format!("the orphan sweep failed: {}", failure.message)).await;
             return Err(failure);
         }
     };
@@ -339,11 +319,11 @@ pub async fn sweep_provider(
     for (id, owner) in &swept.terminated {
         tracing::warn!(%namespace, %name, instance = %id, %owner, "terminated an orphaned VM");
         let note = format!("terminated VM {id}: its owner (UID {owner}) no longer exists");
-        publish(true, "OrphanTerminated", note).await;
+        publish("OrphanTerminated", note).await;
     }
     for (id, err) in &swept.failed {
         tracing::warn!(%namespace, %name, instance = %id, error = %err, "cannot terminate an orphaned VM");
-        publish(true, "OrphanNotTerminated", format!("cannot terminate orphaned VM {id} yet: {err}")).await;
+        publish("OrphanNotTerminated", format!("cannot terminate orphaned VM {id} yet: {err}")).await;
     }
     Ok(swept)
 }

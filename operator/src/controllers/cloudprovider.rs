@@ -31,7 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 
 use crate::controllers::cleanup;
 use crate::controllers::conditions::set_condition;
@@ -265,16 +265,8 @@ async fn report_deleting(object: &CloudProvider, ctx: &Context, what: &str) {
 }
 
 async fn publish(object: &CloudProvider, ctx: &Context, warning: bool, reason: &str, note: String) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note),
-        action: "Delete".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(name = %object.name_any(), error = %err, "cannot record event");
-    }
+    let type_ = if warning { EventType::Warning } else { EventType::Normal };
+    ctx.recorder.record(&object.object_ref(&()), type_, "Delete", reason, note).await;
 }
 
 /// Keeps a finalizer on exactly the Secrets of `namespace` that a CloudProvider still uses (one
@@ -368,16 +360,10 @@ async fn check_and_report(object: Arc<CloudProvider>, ctx: &Context) -> Result<A
     }
     if changed {
         tracing::info!(%namespace, %name, ready = found.ready, reason = found.reason, message = %found.message, "checked cloud provider");
-        let event = Event {
-            type_: if found.ready { EventType::Normal } else { EventType::Warning },
-            reason: found.reason.into(),
-            note: Some(found.message.clone()),
-            action: "CheckCredentials".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%namespace, %name, error = %err, "cannot record event");
-        }
+        let type_ = if found.ready { EventType::Normal } else { EventType::Warning };
+        ctx.recorder
+            .record(&object.object_ref(&()), type_, "CheckCredentials", found.reason, found.message.clone())
+            .await;
     }
     Ok(Action::requeue(if found.retry { RETRY } else { RECHECK }))
 }

@@ -22,6 +22,21 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::{Api, Client};
 
+/// The longest note the Events API takes.
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `text` in at most `max` bytes, cut on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// How long an Event can gain a series (kube's `Recorder`, and client-go, use six minutes).
 const TTL: SignedDuration = SignedDuration::from_mins(6);
 /// Event keys remembered at most.
@@ -103,6 +118,36 @@ impl Recorder {
 
     fn cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes an Event about `regarding` of `type_`, `action` and `reason`, with `note` cut
+    /// to the 1 KiB the Events API takes. A failure is logged, not returned: an Event tells
+    /// people what happened, and is never a reason to retry the work it reports.
+    pub async fn record(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        action: &str,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(cut(note, MAX_NOTE_BYTES)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.publish(&event, regarding).await {
+            tracing::warn!(
+                namespace = regarding.namespace.as_deref().unwrap_or_default(),
+                name = regarding.name.as_deref().unwrap_or_default(),
+                kind = regarding.kind.as_deref().unwrap_or_default(),
+                reason,
+                error = %err,
+                "cannot record an event"
+            );
+        }
     }
 
     /// Publishes `event` about the object `regarding`: a new Event, or the series of the same
@@ -198,6 +243,15 @@ mod tests {
         full.expire(start);
         assert_eq!(full.recent.len(), CAPACITY);
         assert!(!full.recent.contains_key(&9) && full.recent.contains_key(&10), "the oldest go first");
+    }
+
+    #[test]
+    fn a_note_is_cut_to_what_the_events_api_takes_on_a_character_boundary() {
+        assert_eq!(cut("short".into(), MAX_NOTE_BYTES), "short");
+        let long = "é".repeat(MAX_NOTE_BYTES);
+        let note = cut(long, MAX_NOTE_BYTES);
+        assert_eq!(note.len(), MAX_NOTE_BYTES, "1024 bytes hold 512 two-byte characters");
+        assert_eq!(cut("aé".into(), 2), "a", "never half a character");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, applier, trigger_self, trigger_with};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 
 use crate::controllers::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
@@ -485,16 +485,8 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
 
     if transition {
         tracing::info!(%namespace, %name, ready = found.ready, reason = found.reason, message = %found.message, "project readiness changed");
-        let event = Event {
-            type_: if found.ready { EventType::Normal } else { EventType::Warning },
-            reason: found.reason.into(),
-            note: Some(found.message),
-            action: "CheckReferences".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &project.object_ref(&())).await {
-            tracing::warn!(%namespace, %name, error = %err, "failed to record an event");
-        }
+        let type_ = if found.ready { EventType::Normal } else { EventType::Warning };
+        ctx.recorder.record(&project.object_ref(&()), type_, "CheckReferences", found.reason, found.message).await;
     }
     // Everything else that can change the outcome is watched; GitHub is asked again in a while.
     Ok(match check {

@@ -26,7 +26,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, ReconcileReason, ReconcileRequest, applier, trigger_self, trigger_with};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::CancelableJoinHandle;
@@ -722,16 +722,8 @@ async fn after(job: &BuildJob, ctx: &Context, old: &BuildJobStatus, new: &BuildJ
 }
 
 async fn publish(job: &BuildJob, ctx: &Context, warning: bool, reason: &str, note: &str) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.to_owned(),
-        note: Some(shorten(note, MAX_NOTE)),
-        action: reason.to_owned(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        tracing::warn!(error = %err, "failed to record an event");
-    }
+    let type_ = if warning { EventType::Warning } else { EventType::Normal };
+    ctx.recorder.record(&job.object_ref(&()), type_, reason, reason, shorten(note, MAX_NOTE)).await;
 }
 
 /// `text` in at most about `max` bytes: its first line and as much of its end as fits (a failed

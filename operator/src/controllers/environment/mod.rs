@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
@@ -136,16 +136,8 @@ impl Context {
 
 /// Records an Event on `env` (failures to record are logged, never fatal).
 pub(crate) async fn event(ctx: &Context, env: &Environment, warning: bool, reason: &str, note: String) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &env.object_ref(&())).await {
-        tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "cannot record event");
-    }
+    let type_ = if warning { EventType::Warning } else { EventType::Normal };
+    ctx.recorder.record(&env.object_ref(&()), type_, "Reconcile", reason, note).await;
 }
 
 /// Why a reconcile failed (and will be retried).

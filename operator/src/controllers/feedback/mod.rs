@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -403,9 +403,5 @@ async fn write_condition(
 }
 
 async fn event(ctx: &Context, env: &Environment, type_: EventType, reason: &str, note: String) {
-    let event =
-        Event { type_, reason: reason.into(), note: Some(note), action: "ReportToGitHub".into(), secondary: None };
-    if let Err(err) = ctx.recorder.publish(&event, &env.object_ref(&())).await {
-        tracing::warn!(namespace = ?env.namespace(), name = %env.name_any(), error = %err, "failed to record an event");
-    }
+    ctx.recorder.record(&env.object_ref(&()), type_, "ReportToGitHub", reason, note).await;
 }
