@@ -13,33 +13,14 @@ use agent_support::agent_bin;
 use kube::api::{Api, PostParams};
 use stack::{InstanceWatch, STEP_TIMEOUT, Stack, condition, wait_env};
 use stagely_api::v1alpha1::{
-    BuildJob, BuildJobPhase, CloudProvider as CloudProviderObject, ContainerEngine, Environment, Platform, Size,
-    find_condition,
+    BuildJob, BuildJobPhase, CloudProvider as CloudProviderObject, ContainerEngine, Environment, find_condition,
 };
-use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
 use stagely_operator::providers::local::{Local, LocalSettings};
-use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
+use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role};
 
+/// A preview VM of `team-a` owned by `key` (also its idempotency key).
 fn spec(name: &str, key: &str) -> InstanceSpec {
-    // Nobody listens on this gateway: the agent keeps trying, which is all this test needs.
-    let bootstrap = AgentBootstrap::new(
-        "ws://127.0.0.1:9/v1/agent/connect",
-        name,
-        "enrollment-token",
-        Role::Preview,
-        "http://unused",
-        &"0".repeat(64),
-    );
-    InstanceSpec {
-        name: name.into(),
-        size: Size::Small,
-        platform: Platform::LinuxAmd64,
-        region: "local".into(),
-        user_data: cloudinit::render(&bootstrap),
-        tags: stagely_tags(key, "team-a", Role::Preview),
-        spot: false,
-        idempotency_key: key.into(),
-    }
+    stack::unreachable_vm(name, key, key, "team-a", Role::Preview)
 }
 
 fn pid_of(dir: &std::path::Path, name: &str) -> u32 {

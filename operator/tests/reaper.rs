@@ -17,10 +17,9 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use stack::{InstanceWatch, Operator, STEP_TIMEOUT, Stack, environment, events, phase, wait_env};
 use stagely_api::keys;
-use stagely_api::v1alpha1::{CloudProvider, Environment, EnvironmentPhase, Platform, Project, Size};
-use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
+use stagely_api::v1alpha1::{CloudProvider, Environment, EnvironmentPhase, Project};
 use stagely_operator::providers::local::{Local, LocalSettings};
-use stagely_operator::providers::{CloudProvider as _, InstanceSpec, Role, stagely_tags};
+use stagely_operator::providers::{CloudProvider as _, InstanceSpec, Role};
 use stagely_testenv::server::eventually;
 
 /// The reaper's heartbeat timeout here: far shorter than the gateway's ~1 minute between two
@@ -60,26 +59,9 @@ fn local(stack: &Stack, namespace: &str, name: &str) -> Local {
     })
 }
 
-/// A VM tagged as owned by `owner` in `namespace`, whose agent never reaches a gateway.
+/// A builder VM owned by `owner` in `namespace`.
 fn spec(name: &str, owner: &str, namespace: &str) -> InstanceSpec {
-    let bootstrap = AgentBootstrap::new(
-        "ws://127.0.0.1:9/v1/agent/connect",
-        name,
-        "enrollment-token",
-        Role::Builder,
-        "http://unused",
-        &"0".repeat(64),
-    );
-    InstanceSpec {
-        name: name.into(),
-        size: Size::Small,
-        platform: Platform::LinuxAmd64,
-        region: "local".into(),
-        user_data: cloudinit::render(&bootstrap),
-        tags: stagely_tags(owner, namespace, Role::Builder),
-        spot: false,
-        idempotency_key: name.into(),
-    }
+    stack::unreachable_vm(name, name, owner, namespace, Role::Builder)
 }
 
 async fn running(local: &Local) -> Vec<String> {
@@ -128,7 +110,10 @@ async fn a_preview_whose_agent_died_is_reaped_and_an_expired_one_goes_with_its_r
     })
     .await;
 
-    // Its agent dies (as a VM that vanished would): the reaper deletes the Environment.
+    // Its agent dies (as a VM that vanished would): the reaper deletes the Environment, and
+    // terminating the local "VM" stops the containers the agent left running.
+    let compose = format!("{ns}-shop-pr-1");
+    assert!(!containers(stack, &compose).is_empty(), "the preview runs containers of compose project {compose}");
     let preview = watch.seen().into_iter().find(|s| s.owner == uid && s.role == "preview").expect("a preview VM");
     let pid = rustix::process::Pid::from_raw(preview.pid as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
@@ -166,6 +151,7 @@ async fn a_preview_whose_agent_died_is_reaped_and_an_expired_one_goes_with_its_r
     })
     .await;
     stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
+    assert_eq!(containers(stack, &compose), Vec::<String>::new(), "the reaped preview's containers");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,4 +291,11 @@ async fn a_namespace_deleted_all_at_once_still_stops_its_vms_with_the_credential
     gone(&providers, "local", "the CloudProvider gone once its VMs are").await;
     gone(&secrets, "creds", "the Secret gone after its last CloudProvider").await;
     stack::assert_nothing_left(&stack.local_dir(ns), &watch.seen());
+}
+
+/// The containers of compose `project` in the stack's podman, running or not.
+fn containers(stack: &Stack, project: &str) -> Vec<String> {
+    let label = format!("label=io.podman.compose.project={project}");
+    let names = stack.podman.run(&["ps", "-a", "--filter", &label, "--format", "{{.Names}}"]);
+    names.lines().map(str::to_owned).collect()
 }

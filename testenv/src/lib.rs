@@ -10,6 +10,7 @@
 //! test panics. The processes also get `PR_SET_PDEATHSIG`, so they die with the test process
 //! even when it is killed before any destructor can run.
 
+pub mod at_exit;
 pub mod pki;
 pub mod registry;
 pub mod scan;

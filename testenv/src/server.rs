@@ -102,6 +102,8 @@ impl Server {
                     .prefix(&format!("stagely-{name}-"))
                     .tempdir()
                     .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+                // A server in a static is never dropped, nor is its directory.
+                crate::at_exit::remove_at_exit(tmp.path());
                 (tmp.path().to_owned(), Some(tmp))
             }
         };

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use stagely_testenv::at_exit;
+
 /// Podman confined to one test: `CONTAINERS_CONF` (cgroupfs, runc, ulimits this machine needs;
 /// its own libpod tmp dir and network configurations) and `CONTAINERS_STORAGE_CONF` (images and
 /// containers under the tempdir). Without their own tmp dir, tests running side by side share
@@ -58,6 +60,16 @@ impl Podman {
             ("CONTAINERS_CONF".to_owned(), conf.to_string_lossy().into_owned()),
             ("CONTAINERS_STORAGE_CONF".to_owned(), storage.to_string_lossy().into_owned()),
         ];
+        // What Drop does, again once the test process has exited: a Podman in a static (a test
+        // binary's shared stack) is never dropped. Only while the configuration is there, since
+        // podman without it would act on the host's own storage.
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", at_exit::quote(v))).collect();
+        let podman = format!("{} podman", vars.join(" "));
+        at_exit::run_at_exit(&format!(
+            "if [ -f {storage} ]; then {podman} rm -af -t 0; {podman} system reset -f; fi; rm -rf {root}",
+            storage = at_exit::quote(&storage.to_string_lossy()),
+            root = at_exit::quote(&root.to_string_lossy()),
+        ));
         Self { env, root }
     }
 

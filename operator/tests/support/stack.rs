@@ -18,8 +18,10 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use stagely_api::v1alpha1::{
-    BuildJob, CloudProvider, Environment, EnvironmentSpec, LocalObjectRef, Project, PullRequest,
+    BuildJob, CloudProvider, Environment, EnvironmentSpec, LocalObjectRef, Platform, Project, PullRequest, Size,
 };
+use stagely_operator::providers::cloudinit::{self, AgentBootstrap};
+use stagely_operator::providers::{InstanceSpec, Role, stagely_tags};
 use stagely_testenv::registry::{Registry, TokenAuth, TokenKey};
 use stagely_testenv::server::Server;
 use stagely_testenv::{ControlPlane, Options};
@@ -60,6 +62,13 @@ impl Stack {
     /// since the registry's token realm names the gateway.
     fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("stagely-e2e-").tempdir().unwrap();
+        // The shared stack is a static, never dropped: when the process ends, the agents the
+        // local provider started under it are killed, then podman removes their containers,
+        // then its directory goes.
+        let path = dir.path().to_string_lossy().into_owned();
+        stagely_testenv::at_exit::run_at_exit(&format!("pkill -KILL -f {}", stagely_testenv::at_exit::quote(&path)));
+        let podman = Podman::new(dir.path());
+        stagely_testenv::at_exit::remove_at_exit(dir.path());
         let plane = stagely_testenv::shared(|| Options { crds: stagely_api::crds(), ..Options::default() });
         let redis = Server::redis().expect("redis-server is installed (make deps)");
         let gateway_port = free_port();
@@ -77,7 +86,6 @@ impl Stack {
         .expect("the registry starts (testenv/build.sh builds it)");
         let signing_key_file = dir.path().join("gateway.key");
         std::fs::write(&signing_key_file, b"a test gateway signing key of at least 32 bytes").unwrap();
-        let podman = Podman::new(dir.path());
         Self { plane, redis, registry, podman, dir, gateway_port, key_file, cert_file, signing_key_file }
     }
 
@@ -850,4 +858,28 @@ pub async fn wait_env(
         check(&env).then_some(env)
     })
     .await
+}
+
+/// A local VM `name` (idempotency key `key`) tagged as owned by `owner` in `namespace` with
+/// `role`, whose agent never reaches a gateway: nobody listens on port 9, so it keeps trying,
+/// which is all a test of the provider or of the sweep needs.
+pub fn unreachable_vm(name: &str, key: &str, owner: &str, namespace: &str, role: Role) -> InstanceSpec {
+    let bootstrap = AgentBootstrap::new(
+        "ws://127.0.0.1:9/v1/agent/connect",
+        name,
+        "enrollment-token",
+        role,
+        "http://unused",
+        &"0".repeat(64),
+    );
+    InstanceSpec {
+        name: name.into(),
+        size: Size::Small,
+        platform: Platform::LinuxAmd64,
+        region: "local".into(),
+        user_data: cloudinit::render(&bootstrap),
+        tags: stagely_tags(owner, namespace, role),
+        spot: false,
+        idempotency_key: key.into(),
+    }
 }
