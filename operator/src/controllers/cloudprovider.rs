@@ -399,10 +399,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "cloud provider reconcile");
-            }
-        })
+        .for_each(|result| async move { crate::controllers::log_run("cloudprovider", result) })
         .await;
 }

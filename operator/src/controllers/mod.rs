@@ -95,6 +95,25 @@ pub async fn clone_token(
 /// apiserver busy without queueing.
 pub const MAX_CONCURRENT_RECONCILES: u16 = 32;
 
+/// Logs what a controller's run yields besides its reconciles' outcomes. A watch that failed (an
+/// initial list refused, a watch cut, an object the operator cannot decode) leaves the controller
+/// blind until it recovers, which a platform team must see: a warning, naming `controller`. A
+/// reconcile's own failure was logged by its error policy, and an object gone before its
+/// reconcile ran is ordinary: both at debug.
+pub fn log_run<T, E: std::fmt::Display>(
+    controller: &'static str,
+    result: Result<T, kube::runtime::controller::Error<E, kube::runtime::watcher::Error>>,
+) {
+    use kube::runtime::controller::Error;
+    match result {
+        Ok(_) => {}
+        Err(err @ (Error::ReconcilerFailed(..) | Error::ObjectNotFound(_))) => {
+            tracing::debug!(controller, error = %err, "reconcile");
+        }
+        Err(err) => tracing::warn!(controller, error = %err, "a watch of the controller failed; retrying"),
+    }
+}
+
 /// Drops what no controller reads and every object carries: `managedFields`, often the larger
 /// half of a small object, kept once per object in every watch cache.
 pub fn strip<K: Resource>(object: &mut K) {

@@ -723,11 +723,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         queue,
         controller::Config::default().concurrency(crate::controllers::MAX_CONCURRENT_RECONCILES),
     )
-    .for_each(|result| async move {
-        if let Err(err) = result {
-            tracing::debug!(error = %err, "project reconcile");
-        }
-    })
+    .for_each(|result| async move { crate::controllers::log_run("project", result) })
     .await;
 }
 

@@ -983,11 +983,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         queue,
         controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES),
     )
-    .for_each(|result| async move {
-        if let Err(err) = result {
-            tracing::debug!(error = %err, "buildjob reconcile");
-        }
-    })
+    .for_each(|result| async move { crate::controllers::log_run("buildjob", result) })
     .await;
     *lock(&ctx.caches) = None;
     ctx.followers.clear();

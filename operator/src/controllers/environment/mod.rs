@@ -722,11 +722,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         .reconcile_on(sweep)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, Arc::new(ctx))
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "environment reconcile");
-            }
-        })
+        .for_each(|result| async move { crate::controllers::log_run("environment", result) })
         .await;
 }
 

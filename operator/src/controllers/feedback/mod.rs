@@ -128,11 +128,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .with_config(kube::runtime::controller::Config::default().concurrency(8))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "github feedback reconcile");
-            }
-        })
+        .for_each(|result| async move { crate::controllers::log_run("feedback", result) })
         .await;
 }
 
