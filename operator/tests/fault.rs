@@ -296,7 +296,27 @@ async fn progress(client: &Client) -> Progress {
         }
         for env in envs.items {
             if !recorded.get(&env.name_any()).copied().unwrap_or(false) {
-                progress.waiting.push(format!("{ns}/{}", env.name_any()));
+                // What a failure needs to say: where the Environment stands and its jobs.
+                let status = env.status.clone().unwrap_or_default();
+                let conditions: Vec<String> = status
+                    .conditions
+                    .iter()
+                    .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                    .collect();
+                let mine: Vec<String> = jobs
+                    .items
+                    .iter()
+                    .filter(|job| job.labels().get(keys::ENVIRONMENT) == Some(&env.name_any()))
+                    .map(|job| format!("{} {:?}", job.name_any(), job.status))
+                    .collect();
+                progress.waiting.push(format!(
+                    "{ns}/{} (uid {}, created {:?}, finalizers {:?}, phase {:?}, conditions {conditions:?}, jobs {mine:?})",
+                    env.name_any(),
+                    env.uid().unwrap_or_default(),
+                    env.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    env.finalizers(),
+                    status.phase,
+                ));
             }
         }
     }
@@ -411,9 +431,9 @@ async fn environments_created_across_operator_kills_get_one_vm_each_and_leave_no
         }
         assert!(
             Instant::now() < deadline,
-            "{} Environments have no BuildJob with a recorded VM after {settle:?}, e.g. {:?}; operator log: {}",
+            "{} Environments have no BuildJob with a recorded VM after {settle:?}, e.g. {:#?}; operator log: {}",
             waiting.len(),
-            &waiting[..waiting.len().min(5)],
+            &waiting[..waiting.len().min(3)],
             stack.operator_log().display()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -114,6 +114,40 @@ pub fn log_run<T, E: std::fmt::Display>(
     }
 }
 
+/// Whether a watch cache has listed its objects, awaited by any number of tasks at once.
+///
+/// kube's `Store::wait_until_ready` keeps the waker of only the last task that polled it (a
+/// oneshot receiver behind it): of several reconciles waiting on it together, one wakes when the
+/// cache is ready and the others never do, and their objects are never reconciled again (kube
+/// holds every later trigger of an object whose reconcile is still running). One task here waits
+/// on the store alone and tells every waiter through a `watch` channel.
+#[derive(Clone, Debug)]
+pub struct Listed(tokio::sync::watch::Receiver<bool>);
+
+impl Listed {
+    /// Starts watching `store` for readiness (on the current Tokio runtime).
+    pub fn of<K>(store: &Store<K>) -> Self
+    where
+        K: kube::runtime::reflector::Lookup + Clone + Send + Sync + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        let (ready, listed) = tokio::sync::watch::channel(false);
+        let store = store.clone();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                ready.send_replace(true);
+            }
+            // Dropped without `true`: the watch stopped before it listed; waiters are told so.
+        });
+        Self(listed)
+    }
+
+    /// Waits until the cache has listed its objects; `false` if its watch stopped first.
+    pub async fn wait(&self) -> bool {
+        self.0.clone().wait_for(|ready| *ready).await.is_ok()
+    }
+}
+
 /// Drops what no controller reads and every object carries: `managedFields`, often the larger
 /// half of a small object, kept once per object in every watch cache.
 pub fn strip<K: Resource>(object: &mut K) {
@@ -193,7 +227,55 @@ impl<S: Clone + PartialEq + serde::Serialize + serde::de::DeserializeOwned> Writ
 
 #[cfg(test)]
 mod tests {
-    use super::Written;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{reflector, watcher};
+
+    use super::{Listed, Written};
+
+    /// Sixteen reconciles waiting at once for a cache that lists later.
+    async fn waiters(listed: &Listed) -> Vec<tokio::task::JoinHandle<bool>> {
+        let waiters: Vec<_> = (0..16)
+            .map(|_| {
+                let listed = listed.clone();
+                tokio::spawn(async move { listed.wait().await })
+            })
+            .collect();
+        // Every waiter is parked before the cache is listed.
+        tokio::task::yield_now().await;
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        waiters
+    }
+
+    #[tokio::test]
+    async fn every_waiter_wakes_when_the_cache_is_listed() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let listed = Listed::of(&store);
+        let waiters = waiters(&listed).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()), "nothing is listed yet");
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let woken = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(waiters))
+            .await
+            .expect("every waiter wakes once the cache is listed");
+        assert!(woken.into_iter().all(|w| w.unwrap()));
+        assert!(listed.wait().await, "a later waiter does not wait");
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_that_the_watch_stopped_before_it_listed() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let listed = Listed::of(&store);
+        let waiters = waiters(&listed).await;
+        drop(writer);
+        let woken = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(waiters))
+            .await
+            .expect("every waiter hears that the watch stopped");
+        assert!(woken.into_iter().all(|w| !w.unwrap()));
+    }
 
     #[test]
     fn the_last_write_wins_until_the_cache_shows_it() {

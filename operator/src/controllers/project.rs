@@ -24,6 +24,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, applier, trigger_self, trigger_with};
 use kube::runtime::events::{EventType, Reporter};
 
+use crate::controllers::Listed;
 use crate::controllers::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -198,6 +199,8 @@ struct State {
     /// What GitHub last said of each Project's credentials.
     checks: Mutex<HashMap<ObjectRef<Project>, Check>>,
     environments: Store<Member>,
+    /// Whether the three caches above have listed their objects (see [`Listed`]).
+    listed: [Listed; 3],
     /// The Ready condition last written for each Project (by UID). The store may not show it yet
     /// when the next reconcile comes, and the transition must not be announced twice.
     reported: Mutex<HashMap<ObjectRef<Project>, (String, Condition)>>,
@@ -406,9 +409,11 @@ async fn apply(project: &Project, state: &State) -> Result<Action, Error> {
     let namespace = project.namespace().unwrap_or_default();
     let stopped = || Error::WatchStopped { namespace: namespace.clone(), name: name.clone() };
     // Until every store has listed its objects, a missing object may only not be seen yet.
-    state.providers.wait_until_ready().await.map_err(|_| stopped())?;
-    state.secrets.wait_until_ready().await.map_err(|_| stopped())?;
-    state.environments.wait_until_ready().await.map_err(|_| stopped())?;
+    for listed in &state.listed {
+        if !listed.wait().await {
+            return Err(stopped());
+        }
+    }
 
     let spec = &project.spec;
     let provider = state.providers.get(&ObjectRef::new(&spec.cloud_provider_ref.name).within(&namespace));
@@ -704,8 +709,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let queue = stream::select(own, stream::select(by_provider, stream::select(by_secret, by_environment)))
         .take_until(shutdown);
 
+    let listed = [Listed::of(&providers), Listed::of(&secrets), Listed::of(&environments)];
     let state = Arc::new(State {
         ctx,
+        listed,
         projects: projects.clone(),
         providers,
         secrets,

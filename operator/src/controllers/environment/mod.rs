@@ -34,7 +34,7 @@ use self::plan::{CLEANED_UP, ConfigState, Observed};
 use crate::controllers::cleanup;
 use crate::controllers::conditions::set_condition;
 use crate::controllers::events::Recorder;
-use crate::controllers::{MAX_CONCURRENT_RECONCILES, Written, cached, strip};
+use crate::controllers::{Listed, MAX_CONCURRENT_RECONCILES, Written, cached, strip};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::routes::Routes;
@@ -62,6 +62,8 @@ pub struct Context {
     routes: Option<Arc<Routes>>,
     metrics: Metrics,
     jobs: Option<Store<BuildJob>>,
+    /// Whether `jobs` has listed the BuildJobs (see [`Listed`]).
+    jobs_listed: Option<Listed>,
     preview: Option<preview::Preview>,
     wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
     woken: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Environment>>>>,
@@ -94,6 +96,7 @@ impl Context {
             routes,
             metrics,
             jobs: None,
+            jobs_listed: None,
             preview: None,
             wake,
             woken: std::sync::Mutex::new(Some(woken)),
@@ -326,9 +329,9 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
         let (namespace, name) = (namespace.clone(), name.clone());
         move |source| Error::Kube { action, namespace, name, source }
     };
-    if let Some(store) = &ctx.jobs {
+    if let Some(listed) = &ctx.jobs_listed {
         // The first reconciles must not mistake an unsynced cache for "no BuildJobs yet".
-        let _ = store.wait_until_ready().await;
+        listed.wait().await;
     }
 
     // Dereference, from the watches' caches.
@@ -622,6 +625,7 @@ fn resync_sweep(
 pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let (jobs, jobs_writer) = reflector::store::<BuildJob>();
+    ctx.jobs_listed = Some(Listed::of(&jobs));
     ctx.jobs = Some(jobs);
     let job_events = watcher(Api::<BuildJob>::all(client.clone()), watcher::Config::default())
         .default_backoff()
