@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Benchmarks the webhook receiver: a release build against testenv's real control plane, fed
-# signed pull_request synchronize deliveries over kept-alive connections. Finds its maximum rate
-# on this machine's cores, then holds 70% of it and measures the ack latency. Prints last:
+# signed pull_request synchronize deliveries over kept-alive connections. Measures its throughput
+# back to back, then finds its maximum rate on this machine's cores (the highest it keeps up with
+# on a fixed schedule, by bisection), then holds 70% of it and measures the ack latency. Prints
+# last:
 #   webhook_max_rps=… webhook_ack_p99_ms=…
 # Target (ARCHITECTURE.md): p99 ≤ 10 ms at 70% of the maximum rate.
-# Knobs: SECONDS_EACH (each measurement), CONNECTIONS (in both measurements), PULL_REQUESTS (the
-# deliveries are about; each one's Environment is written at most once a second), FRACTION (of
-# the maximum held), KEEP (a directory to keep the receiver's log in).
+# Knobs: SECONDS_EACH (the back-to-back and held measurements), TRIAL_SECONDS (each step of the
+# search), CONNECTIONS (in every measurement), PULL_REQUESTS (the deliveries are about; each
+# one's Environment is written at most once a second), FRACTION (of the maximum held), KEEP (a
+# directory to keep the receiver's log in).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SECONDS_EACH=${SECONDS_EACH:-15}
+TRIAL_SECONDS=${TRIAL_SECONDS:-5}
 CONNECTIONS=${CONNECTIONS:-64}
 PULL_REQUESTS=${PULL_REQUESTS:-16}
 FRACTION=${FRACTION:-0.7}
@@ -32,5 +36,5 @@ if [ "${PIN:-0}" = 1 ]; then
 fi
 
 "${pin[@]}" "$target/examples/webhook-bench" --receiver-bin "$target/stagely-webhook-receiver" \
-    --seconds "$SECONDS_EACH" --connections "$CONNECTIONS" --pull-requests "$PULL_REQUESTS" \
+    --seconds "$SECONDS_EACH" --trial-seconds "$TRIAL_SECONDS" --connections "$CONNECTIONS" --pull-requests "$PULL_REQUESTS" \
     --fraction "$FRACTION" ${KEEP:+--keep "$KEEP"}
