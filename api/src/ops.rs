@@ -143,11 +143,21 @@ pub async fn shutdown_signal() {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes in-flight requests.
+///
+/// Every connection gets `TCP_NODELAY`: an answer goes out when written, not held back by
+/// Nagle's algorithm until the client acknowledges the previous one (up to its delayed-ACK
+/// timeout, 40 ms on Linux) — the webhook receiver's ack latency tail.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|connection| {
+        if let Err(error) = connection.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 

@@ -69,7 +69,8 @@ pub struct Config {
     pub deliveries_remembered: usize,
 
     /// Least milliseconds between two writes of one pull request's Environment; deliveries
-    /// meanwhile coalesce into the newest.
+    /// meanwhile coalesce into the newest. Each wait is up to a quarter longer, at random, so
+    /// that pull requests written together once are not written together ever after.
     #[arg(long, env = "STAGELY_MIN_WRITE_INTERVAL_MS", default_value_t = 1000)]
     pub min_write_interval_ms: u64,
 

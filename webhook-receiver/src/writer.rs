@@ -33,6 +33,14 @@ const TERMINATING_POLL: Duration = Duration::from_secs(2);
 /// The outcomes that wrote something.
 const WRITES: [&str; 4] = ["created", "applied", "deleted", "removal_recorded"];
 
+/// How long a pull request is held after a write: `interval` and up to a quarter more, at
+/// random. Pull requests written together once (the first deliveries after a start, a
+/// redelivery of everything) would otherwise be written together every interval ever after,
+/// a burst of apply calls on the apiserver each time instead of an even flow.
+fn spread(interval: Duration) -> Duration {
+    interval + interval.mul_f64(fastrand::f64() / 4.0)
+}
+
 /// How the workers behave.
 #[derive(Clone, Debug)]
 pub struct WriterSettings {
@@ -123,7 +131,7 @@ impl Writer {
                 Done::Finished(outcome) => {
                     self.metrics.wrote(outcome, started.elapsed());
                     if WRITES.contains(&outcome) {
-                        hold = self.settings.min_interval.saturating_sub(started.elapsed());
+                        hold = spread(self.settings.min_interval).saturating_sub(started.elapsed());
                     }
                 }
                 Done::Failed => self.give_up(&job, started),
@@ -328,5 +336,19 @@ fn observe(env: &Environment) -> Observed {
         delivery: annotations.get(keys::GITHUB_DELIVERY).cloned(),
         updated_at: pull_request::applied_at(env),
         terminating: env.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_are_spread_over_a_quarter_of_the_interval_past_it() {
+        let interval = Duration::from_millis(1000);
+        let holds: Vec<Duration> = (0..1000).map(|_| spread(interval)).collect();
+        assert!(holds.iter().all(|hold| (interval..=interval * 5 / 4).contains(hold)), "{holds:?}");
+        let (shortest, longest) = (holds.iter().min().unwrap(), holds.iter().max().unwrap());
+        assert!(*longest - *shortest > Duration::from_millis(200), "not spread: {shortest:?}..{longest:?}");
     }
 }
