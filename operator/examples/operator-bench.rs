@@ -1022,6 +1022,25 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         let resource = if subresource.is_empty() { resource.clone() } else { format!("{resource}/{subresource}") };
         eprintln!("  {value:>8.0}  {verb} {resource} {code}");
     }
+    // Events are most of those requests: which ones.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await
+        .context("list the Events")?;
+    let mut by_reason: BTreeMap<(String, String), (usize, i32)> = BTreeMap::new();
+    for event in &events.items {
+        let kind = event.regarding.as_ref().and_then(|r| r.kind.clone()).unwrap_or_default();
+        let count = event.series.as_ref().map_or(1, |series| series.count);
+        let entry = by_reason.entry((kind, event.reason.clone().unwrap_or_default())).or_default();
+        entry.0 += 1;
+        entry.1 += count;
+    }
+    let mut by_reason: Vec<_> = by_reason.into_iter().collect();
+    by_reason.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+    eprintln!("Events kept at the end: {} (by kind and reason: Events, occurrences):", events.items.len());
+    for ((kind, reason), (objects, count)) in by_reason.iter().take(20) {
+        eprintln!("  {objects:>8} {count:>8}  {kind} {reason}");
+    }
     if !reconciles.is_empty() {
         eprintln!("operator reconciles:\n{reconciles}");
     }
