@@ -352,18 +352,22 @@ async fn check_and_report(object: Arc<CloudProvider>, ctx: &Context) -> Result<A
         conditions,
         instances: found.instances.or(object.status.as_ref().and_then(|s| s.instances)),
     };
-    if object.status.as_ref() != Some(&new_status) {
-        let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &namespace);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": new_status })))
-            .await
-            .map_err(|source| Error::Status { name: name.clone(), source })?;
-    }
+    // The Event before the status: a reconcile cut short in between (the operator killed, a
+    // replica losing its lease) must not leave the new status written and its Event never sent,
+    // since the next reconcile sees no change to announce. Cut short the other way round, the
+    // Event is sent again (counted in its series).
     if changed {
         tracing::info!(%namespace, %name, ready = found.ready, reason = found.reason, message = %found.message, "checked cloud provider");
         let type_ = if found.ready { EventType::Normal } else { EventType::Warning };
         ctx.recorder
             .record(&object.object_ref(&()), type_, "CheckCredentials", found.reason, found.message.clone())
             .await;
+    }
+    if object.status.as_ref() != Some(&new_status) {
+        let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": new_status })))
+            .await
+            .map_err(|source| Error::Status { name: name.clone(), source })?;
     }
     Ok(Action::requeue(if found.retry { RETRY } else { RECHECK }))
 }
