@@ -230,9 +230,13 @@ async fn checked(response: reqwest::Response) -> Result<reqwest::Response, Provi
 
 impl FakeCloudClient {
     async fn list_instances(&self, owner: Option<&str>) -> Result<Vec<Instance>, ProviderError> {
+        self.list_where(owner.map(|owner| ("owner", owner))).await
+    }
+
+    async fn list_where(&self, query: Option<(&str, &str)>) -> Result<Vec<Instance>, ProviderError> {
         let mut request = self.http.get(format!("{}/instances", self.url));
-        if let Some(owner) = owner {
-            request = request.query(&[("owner", owner)]);
+        if let Some(query) = query {
+            request = request.query(&[query]);
         }
         let response = checked(request.send().await.map_err(transport)?).await?;
         let wire: Vec<WireInstance> = response.json().await.map_err(transport)?;
@@ -280,6 +284,10 @@ impl CloudProvider for FakeCloudClient {
 
     fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         Box::pin(self.list_instances(Some(owner_uid)))
+    }
+
+    fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(self.list_where(Some(("namespace", namespace))))
     }
 
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
@@ -410,17 +418,21 @@ async fn delete_instance(State(cloud): State<Arc<Cloud>>, UrlPath(id): UrlPath<S
 #[derive(Deserialize)]
 struct ListQuery {
     owner: Option<String>,
+    namespace: Option<String>,
 }
 
 async fn list_instances(State(cloud): State<Arc<Cloud>>, Query(query): Query<ListQuery>) -> Json<Vec<WireInstance>> {
     cloud.lists.fetch_add(1, Ordering::Relaxed);
     let instances = cloud.instances();
-    let owner_tag = stagely_api::keys::cloud_tags::OWNER_UID;
+    let tagged = |instance: &CloudInstance, tag: &str, value: Option<&str>| {
+        value.is_none_or(|value| instance.tags.get(tag).map(String::as_str) == Some(value))
+    };
     Json(
         instances
             .iter()
             .filter(|(_, i)| {
-                query.owner.as_deref().is_none_or(|owner| i.tags.get(owner_tag).map(String::as_str) == Some(owner))
+                tagged(i, stagely_api::keys::cloud_tags::OWNER_UID, query.owner.as_deref())
+                    && tagged(i, stagely_api::keys::cloud_tags::NAMESPACE, query.namespace.as_deref())
             })
             .map(|(id, i)| wire(id, i))
             .collect(),

@@ -8,7 +8,7 @@ use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::ArchitectureValues;
 use stagely_api::v1alpha1::{Platform, Size};
 use stagely_operator::providers::aws::{Aws, AwsSettings, IDEMPOTENCY_TAG};
-use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, Role, stagely_tags};
+use stagely_operator::providers::{CloudProvider, Instance, InstanceSpec, InstanceState, Role, stagely_tags};
 use stagely_testenv::server::Server;
 
 /// moto's account id: owner of the images the tests register.
@@ -411,4 +411,23 @@ async fn throttled_calls_are_retried_with_backoff_and_then_reported() {
     assert_eq!(err.to_string(), "AWS is throttling requests; retry later");
     assert!(shim.throttled.load(Ordering::SeqCst) > 1, "retried before giving up");
     assert_eq!(shim.forwarded.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_namespace_lists_only_its_own_instances_filtered_by_ec2() {
+    let moto = Moto::start().await;
+    moto.register_ubuntu("amd64", "20260101").await;
+    let aws = Aws::new(moto.settings());
+    let a = aws.create(&spec("uid-a", Size::Small, Platform::LinuxAmd64)).await.unwrap();
+    let mut other = spec("uid-b", Size::Small, Platform::LinuxAmd64);
+    other.tags = stagely_tags("uid-b", "team-b", Role::Preview);
+    let b = aws.create(&other).await.unwrap();
+
+    let ids = |instances: Vec<Instance>| instances.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(ids(aws.list_namespace("team-a").await.unwrap()), [a.id.as_str()]);
+    assert_eq!(ids(aws.list_namespace("team-b").await.unwrap()), [b.id.as_str()]);
+    assert!(aws.list_namespace("team-c").await.unwrap().is_empty());
+    aws.terminate(&a.id).await.unwrap();
+    assert!(aws.list_namespace("team-a").await.unwrap().is_empty(), "terminated instances are not listed");
+    assert_eq!(ids(aws.list().await.unwrap()), [b.id]);
 }

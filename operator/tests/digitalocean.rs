@@ -14,7 +14,9 @@ use prism::Prism;
 use stagely_api::v1alpha1::{Platform, Size};
 use stagely_operator::providers::digitalocean::{DigitalOcean, DigitalOceanSettings};
 use stagely_operator::providers::http::RetryPolicy;
-use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, ProviderError, Role, stagely_tags};
+use stagely_operator::providers::{
+    CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, Role, stagely_tags,
+};
 
 struct Stack {
     fake: DigitalOceanFake,
@@ -183,4 +185,21 @@ async fn prism_rejects_what_breaks_the_published_contract() {
     stack().fake.break_next_answer(token);
     let err = cloud.get(&created.id).await.unwrap_err();
     assert!(err.to_string().contains("networks"), "{err}");
+}
+
+#[tokio::test]
+async fn a_namespace_lists_only_its_own_droplets_by_tag() {
+    let cloud = provider("dop_v1_namespaces");
+    let a = cloud.create(&spec("uid-a", Size::Small, Platform::LinuxAmd64)).await.unwrap();
+    let mut other = spec("uid-b", Size::Small, Platform::LinuxAmd64);
+    other.tags = stagely_tags("uid-b", "team-b", Role::Preview);
+    let b = cloud.create(&other).await.unwrap();
+
+    let ids = |instances: Vec<Instance>| instances.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(ids(cloud.list_namespace("team-a").await.unwrap()), [a.id.as_str()]);
+    assert_eq!(ids(cloud.list_namespace("team-b").await.unwrap()), [b.id.as_str()]);
+    assert!(cloud.list_namespace("team-c").await.unwrap().is_empty());
+    cloud.terminate(&a.id).await.unwrap();
+    assert!(cloud.list_namespace("team-a").await.unwrap().is_empty(), "terminated droplets are not listed");
+    assert_eq!(ids(cloud.list().await.unwrap()), [b.id]);
 }

@@ -14,7 +14,9 @@ use prism::Prism;
 use stagely_api::v1alpha1::{Platform, Size};
 use stagely_operator::providers::hetzner::{Hetzner, HetznerSettings};
 use stagely_operator::providers::http::RetryPolicy;
-use stagely_operator::providers::{CloudProvider, InstanceSpec, InstanceState, ProviderError, Role, stagely_tags};
+use stagely_operator::providers::{
+    CloudProvider, Instance, InstanceSpec, InstanceState, ProviderError, Role, stagely_tags,
+};
 
 struct Stack {
     fake: HetznerFake,
@@ -185,4 +187,21 @@ async fn prism_rejects_what_breaks_the_published_contract() {
         .unwrap();
     assert_eq!(bad_label.status(), 422, "a label value Hetzner refuses breaks the schema");
     assert_eq!(stack().fake.creates("hcloud_contract"), 0, "and never reaches the fake");
+}
+
+#[tokio::test]
+async fn a_namespace_lists_only_its_own_servers_by_label() {
+    let cloud = provider("hcloud_namespaces");
+    let a = cloud.create(&spec("uid-a", Size::Small, Platform::LinuxAmd64)).await.unwrap();
+    let mut other = spec("uid-b", Size::Small, Platform::LinuxAmd64);
+    other.tags = stagely_tags("uid-b", "team-b", Role::Builder);
+    let b = cloud.create(&other).await.unwrap();
+
+    let ids = |instances: Vec<Instance>| instances.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(ids(cloud.list_namespace("team-a").await.unwrap()), [a.id.as_str()]);
+    assert_eq!(ids(cloud.list_namespace("team-b").await.unwrap()), [b.id.as_str()]);
+    assert!(cloud.list_namespace("team-c").await.unwrap().is_empty());
+    cloud.terminate(&a.id).await.unwrap();
+    assert!(cloud.list_namespace("team-a").await.unwrap().is_empty(), "deleted servers are not listed");
+    assert_eq!(ids(cloud.list().await.unwrap()), [b.id]);
 }

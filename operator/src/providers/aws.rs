@@ -74,6 +74,23 @@ pub struct Aws {
 }
 
 impl Aws {
+    /// Stagely's instances that are not terminated, of `namespace` only when given, every page.
+    async fn described(&self, namespace: Option<&str>) -> Result<Vec<Instance>, ProviderError> {
+        let mut request =
+            self.client.describe_instances().filters(filter(&format!("tag:{}", cloud_tags::MANAGED_BY), "stagely"));
+        if let Some(namespace) = namespace {
+            request = request.filters(filter(&format!("tag:{}", cloud_tags::NAMESPACE), namespace));
+        }
+        let mut pages = request.into_paginator().send();
+        let mut instances = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(api_error)?;
+            instances.extend(page.reservations().iter().flat_map(|r| r.instances()).map(convert));
+        }
+        instances.retain(|i| i.state != InstanceState::Terminated);
+        Ok(instances)
+    }
+
     /// A client for `settings`. Throttled and transient failures are retried by the SDK with
     /// exponential backoff.
     pub fn new(settings: AwsSettings) -> Self {
@@ -300,21 +317,12 @@ impl CloudProvider for Aws {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
-        Box::pin(async move {
-            let mut pages = self
-                .client
-                .describe_instances()
-                .filters(filter(&format!("tag:{}", cloud_tags::MANAGED_BY), "stagely"))
-                .into_paginator()
-                .send();
-            let mut instances = Vec::new();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(api_error)?;
-                instances.extend(page.reservations().iter().flat_map(|r| r.instances()).map(convert));
-            }
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
-        })
+        Box::pin(self.described(None))
+    }
+
+    fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // Filtered by EC2: a sweep of one namespace does not describe the whole account.
+        Box::pin(self.described(Some(namespace)))
     }
 
     fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {

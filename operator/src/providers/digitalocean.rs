@@ -266,6 +266,16 @@ impl CloudProvider for DigitalOcean {
         })
     }
 
+    fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // By the namespace's tag: a sweep of one namespace does not fetch the whole account.
+        Box::pin(async move {
+            let droplets = self.droplets_tagged(&tag(cloud_tags::NAMESPACE, namespace)).await?;
+            let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
+            instances.retain(|i| i.state != InstanceState::Terminated);
+            Ok(instances)
+        })
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             let _: serde::de::IgnoredAny = self.api.get("/v2/account", &[]).await?;

@@ -344,6 +344,17 @@ impl CloudProvider for Hetzner {
         })
     }
 
+    fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        // By the namespace's label: a sweep of one namespace does not fetch the whole project.
+        Box::pin(async move {
+            let selector = format!("{}={}", cloud_tags::NAMESPACE, label_value(namespace));
+            let servers = self.servers(&[("label_selector", &selector)]).await?;
+            let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
+            instances.retain(|i| i.state != InstanceState::Terminated);
+            Ok(instances)
+        })
+    }
+
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         // Hetzner has no account endpoint; a one-item listing needs a valid token.
         Box::pin(async move {

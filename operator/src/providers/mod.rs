@@ -180,6 +180,17 @@ pub trait CloudProvider: Send + Sync {
             Ok(self.list().await?.into_iter().filter(owned).collect())
         })
     }
+    /// The instances tagged as belonging to `namespace` (every owner and role of it). This
+    /// default filters [`list`](Self::list); a provider whose API can filter by tag should, so
+    /// that the orphan sweep of one namespace does not fetch every VM of an account that several
+    /// namespaces share (and hold them all in memory at once).
+    fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(async move {
+            let ours =
+                |instance: &Instance| instance.tags.get(cloud_tags::NAMESPACE).map(String::as_str) == Some(namespace);
+            Ok(self.list().await?.into_iter().filter(ours).collect())
+        })
+    }
     /// Checks the credentials with a real call.
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>>;
     /// Hourly price of a size in the provider's billing currency (US dollars; euros for Hetzner,

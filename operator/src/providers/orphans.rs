@@ -111,7 +111,7 @@ pub async fn sweep(
     grace: Duration,
 ) -> Result<Swept, SweepError> {
     // Instances first, owners second (see the module's doc).
-    let instances = provider.list().await?;
+    let instances = provider.list_namespace(namespace).await?;
     let live = live_owners(client, namespace)
         .await
         .map_err(|source| SweepError::Owners { namespace: namespace.to_owned(), source })?;
