@@ -125,6 +125,14 @@ impl DigitalOcean {
     }
 
     /// Every droplet carrying `tag`, all pages.
+    /// The droplets tagged `key:value` that are not gone, as instances.
+    async fn instances_tagged(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
+        let droplets = self.droplets_tagged(&tag(key, value)).await?;
+        let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
+        instances.retain(|i| i.state != InstanceState::Terminated);
+        Ok(instances)
+    }
+
     async fn droplets_tagged(&self, tag: &str) -> Result<Vec<Droplet>, ProviderError> {
         let mut droplets = Vec::new();
         for page in 1.. {
@@ -248,32 +256,17 @@ impl CloudProvider for DigitalOcean {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
-        Box::pin(async move {
-            let droplets = self.droplets_tagged(&tag(cloud_tags::MANAGED_BY, "stagely")).await?;
-            let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
-        })
+        Box::pin(self.instances_tagged(cloud_tags::MANAGED_BY, "stagely"))
     }
 
     fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         // By the owner's tag, not every droplet of the account once per object torn down.
-        Box::pin(async move {
-            let droplets = self.droplets_tagged(&tag(cloud_tags::OWNER_UID, owner_uid)).await?;
-            let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
-        })
+        Box::pin(self.instances_tagged(cloud_tags::OWNER_UID, owner_uid))
     }
 
     fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         // By the namespace's tag: a sweep of one namespace does not fetch the whole account.
-        Box::pin(async move {
-            let droplets = self.droplets_tagged(&tag(cloud_tags::NAMESPACE, namespace)).await?;
-            let mut instances: Vec<Instance> = droplets.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
-        })
+        Box::pin(self.instances_tagged(cloud_tags::NAMESPACE, namespace))
     }
 
     fn validate_credentials(&self) -> BoxFuture<'_, Result<(), ProviderError>> {

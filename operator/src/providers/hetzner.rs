@@ -207,6 +207,14 @@ impl Hetzner {
     }
 
     /// Servers matching a label selector, all pages.
+    /// The servers matching the label selector `selector` that are not gone, as instances.
+    async fn instances_labelled(&self, selector: &str) -> Result<Vec<Instance>, ProviderError> {
+        let servers = self.servers(&[("label_selector", selector)]).await?;
+        let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
+        instances.retain(|i| i.state != InstanceState::Terminated);
+        Ok(instances)
+    }
+
     async fn servers(&self, query: &[(&str, &str)]) -> Result<Vec<Server>, ProviderError> {
         let mut servers = Vec::new();
         let mut page = 1;
@@ -324,34 +332,20 @@ impl CloudProvider for Hetzner {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
-        Box::pin(async move {
-            let selector = format!("{}=stagely", cloud_tags::MANAGED_BY);
-            let servers = self.servers(&[("label_selector", &selector)]).await?;
-            let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
-        })
+        Box::pin(async move { self.instances_labelled(&format!("{}=stagely", cloud_tags::MANAGED_BY)).await })
     }
 
     fn list_owned<'a>(&'a self, owner_uid: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         // By the owner's label, not every server of the project once per object torn down.
         Box::pin(async move {
-            let selector = format!("{}={}", cloud_tags::OWNER_UID, label_value(owner_uid));
-            let servers = self.servers(&[("label_selector", &selector)]).await?;
-            let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
+            self.instances_labelled(&format!("{}={}", cloud_tags::OWNER_UID, label_value(owner_uid))).await
         })
     }
 
     fn list_namespace<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         // By the namespace's label: a sweep of one namespace does not fetch the whole project.
         Box::pin(async move {
-            let selector = format!("{}={}", cloud_tags::NAMESPACE, label_value(namespace));
-            let servers = self.servers(&[("label_selector", &selector)]).await?;
-            let mut instances: Vec<Instance> = servers.into_iter().map(convert).collect();
-            instances.retain(|i| i.state != InstanceState::Terminated);
-            Ok(instances)
+            self.instances_labelled(&format!("{}={}", cloud_tags::NAMESPACE, label_value(namespace))).await
         })
     }
 
