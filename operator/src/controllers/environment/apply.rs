@@ -1,9 +1,10 @@
 //! How the Environment controller carries out a [`Plan`](super::plan::Plan)'s actions: BuildJobs
-//! created with server-side apply (so a retry is harmless), deleted or cancelled; image indexes
+//! created (one that exists already is left as it is, so a retry is harmless), deleted or
+//! cancelled; image indexes
 //! merged in the registry; the route written to Redis. What an action finds out (an index
 //! digest, a Redis outage) lands in the status about to be written.
 
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
@@ -53,10 +54,15 @@ pub async fn apply(
         match action {
             Action::CreateBuildJob(job) => {
                 let job_name = job.name_any();
-                jobs.patch(&job_name, &PatchParams::apply(keys::MANAGER_OPERATOR).force(), &Patch::Apply(&**job))
-                    .await
-                    .map_err(kube_error("create a BuildJob"))?;
-                tracing::info!(%namespace, environment = %name, build_job = %job_name, "created BuildJob");
+                // A create, not an apply: a job this controller's cache has not seen yet (or no
+                // longer sees) may have settled since, and an apply would put back the finalizer
+                // its controller took off when it settled it.
+                let params = PostParams { field_manager: Some(keys::MANAGER_OPERATOR.to_owned()), ..PostParams::default() };
+                match jobs.create(&params, job).await {
+                    Ok(_) => tracing::info!(%namespace, environment = %name, build_job = %job_name, "created BuildJob"),
+                    Err(kube::Error::Api(status)) if status.code == 409 => {}
+                    Err(err) => return Err(kube_error("create a BuildJob")(err)),
+                }
             }
             Action::DeleteBuildJob(job_name) => {
                 delete_job(&jobs, job_name).await.map_err(kube_error("delete a superseded BuildJob"))?;

@@ -476,6 +476,9 @@ pub fn desired_jobs(
                     namespace: Some(namespace.clone()),
                     labels: Some(labels),
                     owner_references: Some(vec![owner_reference(env)]),
+                    // The BuildJob controller's finalizer from the start: it would add it at
+                    // its first reconcile anyway, one more write per BuildJob.
+                    finalizers: Some(vec![keys::BUILDJOB_FINALIZER.to_owned()]),
                     ..ObjectMeta::default()
                 },
                 spec: BuildJobSpec {
