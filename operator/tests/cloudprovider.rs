@@ -311,3 +311,56 @@ async fn secrets_are_watched_by_metadata_and_credentials_read_by_name() {
     tap.assert_never_carried(unrelated, |_| false);
     tap.assert_never_carried(key_id, |r| tap::secret_read(r, "cp-tap", "creds"));
 }
+
+/// `status.instances` counts the VMs Stagely runs for the CloudProvider's namespace, listed with
+/// the cloud's own tag filter: another namespace's VMs in the same account are not its own (and
+/// are not fetched). A change to its credentials Secret checks it again.
+#[tokio::test]
+async fn the_vm_count_is_the_namespaces_own() {
+    use stagely_api::v1alpha1::{Platform, Size};
+    use stagely_operator::providers::digitalocean::{DigitalOcean, DigitalOceanSettings};
+    use stagely_operator::providers::{CloudProvider as _, InstanceSpec, Role, stagely_tags};
+
+    let client = setup("cp-count").await;
+    let token = "cp-count-account-token";
+    let mut settings = DigitalOceanSettings::new(token);
+    settings.base_url = clouds().digitalocean.url.clone();
+    let cloud = DigitalOcean::new(settings);
+    let droplet = |key: &str, namespace: &str| InstanceSpec {
+        name: format!("stagely-{key}"),
+        size: Size::Small,
+        platform: Platform::LinuxAmd64,
+        region: "fra1".into(),
+        user_data: "#cloud-config\n".into(),
+        tags: stagely_tags(key, namespace, Role::Preview),
+        spot: false,
+        idempotency_key: format!("{key}-run-1"),
+    };
+    for (key, namespace) in [("uid-1", "cp-count"), ("uid-2", "cp-count"), ("uid-3", "cp-count-other")] {
+        cloud.create(&droplet(key, namespace)).await.unwrap();
+    }
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), "cp-count");
+    let providers = Api::<CloudProvider>::namespaced(client.clone(), "cp-count");
+    secrets.create(&PostParams::default(), &secret("do", &[("token", token)])).await.unwrap();
+    let spec: CloudProviderSpec = serde_json::from_value(serde_json::json!({
+        "type": "digitalocean", "region": "fra1", "credentialsSecretRef": {"name": "do"},
+    }))
+    .unwrap();
+    providers.create(&PostParams::default(), &CloudProvider::new("do", spec)).await.unwrap();
+    let (_, _, instances) = wait_ready(&providers, "do", "True").await;
+    assert_eq!(instances, Some(2), "the other namespace's droplet is not counted");
+
+    cloud.create(&droplet("uid-4", "cp-count")).await.unwrap();
+    let touch = serde_json::json!({"metadata": {"annotations": {"example.com/rotated": "now"}}});
+    secrets.patch("do", &PatchParams::default(), &Patch::Merge(touch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let instances = providers.get("do").await.unwrap().status.and_then(|s| s.instances);
+        if instances == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Secret's change never counted the new droplet: {instances:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -169,7 +169,8 @@ pub struct CloudProviderStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 
-    /// Number of VMs carrying Stagely's tags in this account and region.
+    /// Number of VMs Stagely runs for this namespace in this account and region (those tagged
+    /// with the namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<i32>,
 }

@@ -1,6 +1,6 @@
 //! The CloudProvider controller: checks each account's credentials with a real call, reports the
 //! result as the `Ready` condition (with a message a user can act on) and the number of VMs
-//! carrying Stagely's tags, and checks again whenever the credentials Secret changes.
+//! Stagely runs for its namespace, and checks again whenever the credentials Secret changes.
 //!
 //! Its finalizer keeps a CloudProvider while VMs it started exist, as Kubernetes' own
 //! `pvc-protection` keeps a volume while a pod uses it: deleting it stops new VMs at once,
@@ -39,7 +39,7 @@ use crate::controllers::events::Recorder;
 use crate::metrics::Metrics;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use stagely_api::keys;
@@ -134,7 +134,11 @@ async fn check(object: &CloudProvider, ctx: &Context) -> Check {
         let retry = !matches!(err, crate::providers::ProviderError::InvalidCredentials { .. });
         return failed(provider_reason(&err), err.to_string(), retry);
     }
-    let (instances, listed) = match provider.list().await {
+    // This namespace's VMs only, filtered by the cloud: the account may be shared by many
+    // namespaces and hold thousands of VMs, and every CloudProvider is checked again each
+    // RECHECK.
+    let namespace = object.namespace().unwrap_or_default();
+    let (instances, listed) = match provider.list_namespace(&namespace).await {
         Ok(list) => (i32::try_from(list.len()).ok(), String::new()),
         Err(err) => (None, format!("; listing its VMs failed: {err}")),
     };
@@ -381,12 +385,29 @@ fn error_policy(object: Arc<CloudProvider>, err: &Error, _ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// What of a CloudProvider a reconcile acts on: all but its status, which only this controller
+/// writes. Its own status writes (the VM count changes with every VM) would otherwise wake a new
+/// check, and a new list of the account's VMs, as fast as VMs come and go.
+fn beyond_status(object: &CloudProvider) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let meta = &object.metadata;
+    (meta.generation, meta.deletion_timestamp.is_some(), &meta.finalizers, &meta.labels, &meta.annotations)
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Runs the controller until `shutdown` resolves: every CloudProvider, re-checked when its
 /// credentials Secret changes (seen through a metadata-only watch: no Secret's data comes here).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let controller = Controller::new(Api::<CloudProvider>::all(client.clone()), watcher::Config::default());
-    let store = controller.store();
+    let (store, writer) = reflector::store::<CloudProvider>();
+    let events = watcher(Api::<CloudProvider>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .predicate_filter(beyond_status, Default::default());
+    let controller = Controller::for_stream(events, store.clone());
     controller
         .watches(Api::<PartialObjectMeta<Secret>>::all(client), watcher::Config::default(), move |secret| {
             let namespace = secret.namespace();
