@@ -159,3 +159,7 @@ if ! DOCKER_CONFIG="$cache/docker" docker compose version >/dev/null; then
   echo "install-deps: \`docker compose version\` fails with the plugin in $cache/docker/cli-plugins" >&2
   exit 1
 fi
+
+# The chart's tests (operator/tests/chart.rs) run helm, built from its Go module into the cache
+# (scripts/install-helm.sh; once per pin, about 4 minutes cold).
+"$(cd "$(dirname "$0")" && pwd)/install-helm.sh" >/dev/null
