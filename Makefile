@@ -51,13 +51,15 @@ fuzz: ## Run each fuzz target (fuzz/) for FUZZ_SECONDS (default 60); crashes go 
 
 check: fmt-check clippy crds-check ## Formatting, lints, and CRD drift.
 
-crds: ## Regenerate crds/ from the api/ types.
+crds: ## Regenerate crds/ from the api/ types, and the chart's copy (charts/stagely/crds/).
 	$(CARGO) run -q -p stagely-api --bin crdgen -- crds
+	rm -f charts/stagely/crds/*.yaml && cp crds/*.yaml charts/stagely/crds/
 
 crds-check:
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(CARGO) run -q -p stagely-api --bin crdgen -- "$$tmp"; \
-	if ! diff -ru crds "$$tmp"; then echo "crds/ is out of date with api/: run 'make crds' and commit the result" >&2; exit 1; fi
+	if ! diff -ru crds "$$tmp"; then echo "crds/ is out of date with api/: run 'make crds' and commit the result" >&2; exit 1; fi; \
+	if ! diff -ru crds charts/stagely/crds; then echo "charts/stagely/crds/ differs from crds/: run 'make crds' and commit the result" >&2; exit 1; fi
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
