@@ -647,12 +647,18 @@ impl Stack {
     /// Starts the webhook receiver against this stack's control plane and waits until it is
     /// ready (its caches listed).
     pub fn webhook_receiver(&self) -> WebhookReceiver {
+        self.webhook_receiver_as(self.plane.kubeconfig())
+    }
+
+    /// [`Stack::webhook_receiver`] with the credentials of `kubeconfig` (e.g. a ServiceAccount's
+    /// token) instead of the control plane's administrator's.
+    pub fn webhook_receiver_as(&self, kubeconfig: &Path) -> WebhookReceiver {
         let bin = workspace_bin("stagely-webhook-receiver");
         let (port, ops_port) = (free_port(), free_port());
         let log = std::fs::File::create(self.webhook_receiver_log()).unwrap();
         let mut command = Command::new(bin);
         command
-            .env("KUBECONFIG", self.plane.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,stagely_webhook_receiver=debug")
             .arg("--listen-addr")
             .arg(format!("127.0.0.1:{port}"))
