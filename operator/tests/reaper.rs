@@ -22,9 +22,14 @@ use stagely_operator::providers::local::{Local, LocalSettings};
 use stagely_operator::providers::{CloudProvider as _, InstanceSpec, Role};
 use stagely_testenv::server::eventually;
 
-/// The reaper's heartbeat timeout here: far shorter than the gateway's ~1 minute between two
-/// `lastHeartbeat` writes, so a connected agent with an old `lastHeartbeat` is seen too.
+/// The reaper's heartbeat timeout here: far shorter than the gateway's time between two
+/// `lastHeartbeat` writes (`HEARTBEAT_WRITE_INTERVAL_SECS`), so a connected agent with an old
+/// `lastHeartbeat` is seen too.
 const HEARTBEAT_TIMEOUT_SECS: u64 = 8;
+
+/// Seconds between two `lastHeartbeat` writes here (300 by default): the first is written soon
+/// after the agent's first heartbeat.
+const HEARTBEAT_WRITE_INTERVAL_SECS: &str = "20";
 
 /// Generous: builds and the agents' first heartbeats (30 s after they connect) share two cores
 /// with the other tests of this file.
@@ -38,6 +43,7 @@ fn stack() -> (&'static Stack, &'static Operator) {
             true,
             &[
                 ("--heartbeat-timeout-secs", &HEARTBEAT_TIMEOUT_SECS.to_string()),
+                ("--heartbeat-write-interval-secs", HEARTBEAT_WRITE_INTERVAL_SECS),
                 ("--reap-interval-secs", "1"),
                 ("--sweep-interval-secs", "1"),
                 ("--orphan-grace-secs", "0"),
@@ -94,7 +100,7 @@ async fn a_preview_whose_agent_died_is_reaped_and_an_expired_one_goes_with_its_r
     let envs: Api<Environment> = Api::namespaced(client.clone(), ns);
 
     // A live preview: Ready, and left alone while its agent is connected, even when its
-    // lastHeartbeat is older than the timeout (the gateway writes it about once a minute).
+    // lastHeartbeat is older than the timeout (the gateway writes it every 20 s here).
     envs.create(&PostParams::default(), &environment("shop-pr-1", 1, &sha)).await.unwrap();
     let env = wait_env(&envs, "shop-pr-1", "Ready", WAIT, |e| {
         matches!(phase(e), Some(EnvironmentPhase::Ready | EnvironmentPhase::Failed))

@@ -121,7 +121,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
-            heartbeat_write_interval: Duration::from_secs(60),
+            heartbeat_write_interval: Duration::from_secs(300),
             queue_capacity: 64,
             write_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),

@@ -144,7 +144,10 @@ impl ScopeObjects for KubeObjects {
 }
 
 /// Coalesces heartbeats: the hot path only notes the time; a background task writes each
-/// object's latest heartbeat at most once per interval.
+/// object's latest heartbeat at most once per interval, the writes of one round spread evenly
+/// over the interval. Every write is an update each watch of the kind receives: thousands of
+/// previews written at once would be a burst for the apiserver and for every watcher's buffers,
+/// the operator's own included.
 #[derive(Default)]
 pub(crate) struct HeartbeatRecorder {
     latest: Mutex<HashMap<Arc<Scope>, Timestamp>>,
@@ -161,7 +164,8 @@ impl HeartbeatRecorder {
         latest.insert(Arc::clone(scope), now);
     }
 
-    /// Writes what was noted every `interval` until `shutdown` turns true, then once more.
+    /// Writes what was noted every `interval`, spread over it, until `shutdown` turns true; then
+    /// what is left at once. A heartbeat is written at most two intervals after it was noted.
     pub(crate) async fn run(
         self: Arc<Self>,
         objects: Arc<dyn ScopeObjects>,
@@ -175,15 +179,17 @@ impl HeartbeatRecorder {
                 _ = ticker.tick() => false,
                 _ = shutdown.wait_for(|stop| *stop) => true,
             };
-            self.flush(&objects).await;
+            self.flush(&objects, interval, &mut shutdown).await;
             if stopping {
                 return;
             }
         }
     }
 
-    async fn flush(&self, objects: &Arc<dyn ScopeObjects>) {
+    /// Writes the heartbeats noted so far, spread over `over` (at once once `shutdown` is true).
+    async fn flush(&self, objects: &Arc<dyn ScopeObjects>, over: Duration, shutdown: &mut watch::Receiver<bool>) {
         let batch = std::mem::take(&mut *self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let mut gap = over / u32::try_from(batch.len().max(1)).unwrap_or(u32::MAX);
         let mut writes = JoinSet::new();
         for (scope, at) in batch {
             if writes.len() >= MAX_CONCURRENT_WRITES {
@@ -195,7 +201,68 @@ impl HeartbeatRecorder {
                     tracing::warn!(error = %err, "failed to record an agent heartbeat");
                 }
             });
+            if !gap.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(gap) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => gap = Duration::ZERO,
+                }
+            }
         }
         while writes.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records when each heartbeat write happened (tokio's clock, paused).
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(String, tokio::time::Instant)>>);
+
+    impl ScopeObjects for Recorded {
+        fn is_current<'a>(&'a self, _scope: &'a Scope) -> BoxFuture<'a, Result<bool, ObjectsError>> {
+            Box::pin(async { Ok(true) })
+        }
+
+        fn record_heartbeat<'a>(&'a self, scope: &'a Scope, _at: Timestamp) -> BoxFuture<'a, Result<(), ObjectsError>> {
+            self.0.lock().unwrap().push((scope.name.clone(), tokio::time::Instant::now()));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn scope(name: &str) -> Arc<Scope> {
+        Arc::new(Scope {
+            kind: ScopeKind::Environment,
+            namespace: "team".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rounds_writes_are_spread_over_the_interval_and_a_shutdown_writes_the_rest_at_once() {
+        let recorder = Arc::new(HeartbeatRecorder::default());
+        let recorded = Arc::new(Recorded::default());
+        let objects: Arc<dyn ScopeObjects> = recorded.clone();
+        let (stop, shutdown) = watch::channel(false);
+        let interval = Duration::from_secs(100);
+        let start = tokio::time::Instant::now();
+        // The first round (at once) finds nothing; ten agents heartbeat before the second.
+        let task = tokio::spawn(Arc::clone(&recorder).run(objects, interval, shutdown));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in 0..10 {
+            recorder.touch(&scope(&format!("env-{i}")));
+        }
+        tokio::time::sleep(Duration::from_secs(150)).await;
+        let times: Vec<u64> =
+            recorded.0.lock().unwrap().iter().map(|(_, at)| (*at - start).as_secs()).collect();
+        assert_eq!(times, [100, 110, 120, 130, 140, 150], "one write every tenth of the interval");
+
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let written = recorded.0.lock().unwrap().clone();
+        assert_eq!(written.len(), 10, "every noted heartbeat is written");
+        assert!(written[6..].iter().all(|(_, at)| (*at - start).as_secs() == 151), "the rest at once: {written:?}");
     }
 }
