@@ -10,8 +10,9 @@
 //!   they should and not more;
 //! - the operator and the webhook receiver binaries, run out of cluster with their
 //!   ServiceAccounts' tokens, do their work with exactly the chart's grants: a Project and its
-//!   `local` CloudProvider go Ready, a signed webhook becomes an Environment that goes Ready and
-//!   is torn down, and neither logs a `forbidden`.
+//!   `local` CloudProvider go Ready, a signed webhook becomes an Environment that goes Ready (its
+//!   Events recorded) and is torn down, the leader releases its Lease on SIGTERM, and neither logs
+//!   a `forbidden`.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
@@ -511,7 +512,7 @@ async fn the_operator_and_receiver_work_with_exactly_the_charts_grants() {
     // The operator as the chart runs it: its Lease in the release's namespace, the token its
     // only credential. It leads (its /readyz answers 200) before this returns.
     let operator_config_env = operator_config.to_string_lossy().into_owned();
-    let _operator = stack.operator_custom(
+    let operator = stack.operator_custom(
         true,
         &[("--lease-namespace", RELEASE_NAMESPACE), ("--lease-name", &format!("{RELEASE}-operator"))],
         &[("KUBECONFIG", operator_config_env.as_str())],
@@ -578,6 +579,9 @@ async fn the_operator_and_receiver_work_with_exactly_the_charts_grants() {
     })
     .await;
 
+    // SIGTERM: the leader stops and releases its Lease, through its grant too.
+    let status = operator.terminate();
+    assert!(status.success(), "the operator exited with {status} on SIGTERM");
     let forbidden = forbidden_lines(&stack.operator_log());
     assert!(forbidden.is_empty(), "the operator was refused with the chart's grants:\n{}", forbidden.join("\n"));
     let forbidden = forbidden_lines(&stack.webhook_receiver_log());
