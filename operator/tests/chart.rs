@@ -6,6 +6,8 @@
 //!   passes `kubectl apply --dry-run=server` in a namespace that enforces the restricted Pod
 //!   Security Standard;
 //! - a wrong value fails with the schema's message;
+//! - `helm install` generates the signing keys, `helm upgrade` keeps them, `helm uninstall` keeps
+//!   them, the registry's volume and the CRDs, and says so; NOTES say what to do next;
 //! - `kubectl auth can-i` shows each component's ServiceAccount and the user roles hold what
 //!   they should and not more;
 //! - the operator and the webhook receiver binaries, run out of cluster with their
@@ -606,4 +608,77 @@ fn pull_request(action: &str, sha: &str) -> Vec<u8> {
     pr["head"]["repo"]["full_name"] = "acme/shop".into();
     pr["base"]["repo"]["full_name"] = "acme/shop".into();
     serde_json::to_vec(&payload).unwrap()
+}
+
+/// The data of Secret `name` in `namespace`, by kubectl (`None`: no such Secret).
+fn secret_data(namespace: &str, name: &str) -> Option<String> {
+    let mut command = plane().kubectl();
+    command.args(["get", "secret", name, "-n", namespace, "-o", "jsonpath={.data}", "--ignore-not-found"]);
+    Some(ok(command)).filter(|data| !data.is_empty())
+}
+
+/// helm against the control plane: `args` after `--kubeconfig`; its output.
+fn helm_on_plane(args: &[&str]) -> Output {
+    let mut command = helm();
+    command.arg("--kubeconfig").arg(plane().kubeconfig()).args(args);
+    run(command)
+}
+
+#[test]
+fn keys_are_generated_on_install_kept_on_upgrade_and_uninstall_and_notes_say_what_next() {
+    // A release of its own (other tests apply the chart's objects as release `stagely`), without
+    // the user roles, whose fixed names those tests hold.
+    let (release, namespace) = ("keys", "stagely-keys");
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    let values = ["--set", "previewDomain=preview.example.com", "--set", "rbac.userRoles=false"];
+    let install = [&["install", release, chart, "-n", namespace, "--create-namespace"][..], &values[..]].concat();
+    let out = helm_on_plane(&install);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "helm install failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    for next in [
+        "http://keys-stagely-webhook-receiver.stagely-keys.svc/v1/webhooks/github",
+        "*.preview.example.com -> the edge proxy's address",
+        "kubectl -n stagely-keys create secret tls keys-stagely-wildcard-tls",
+        "set operator.gateway.publicUrl",
+        "--clusterrole=stagely-member",
+    ] {
+        assert!(stdout.contains(next), "NOTES do not say {next:?}:\n{stdout}");
+    }
+    let keys = ["keys-stagely-gateway-signing-key", "keys-stagely-registry-token"];
+    let installed: Vec<String> =
+        keys.iter().map(|key| secret_data(namespace, key).unwrap_or_else(|| panic!("no Secret {key}"))).collect();
+
+    // An upgrade with another value changes the Deployment, not the keys.
+    let upgrade =
+        [&["upgrade", release, chart, "-n", namespace, "--set", "edgeProxy.rateLimit=7"][..], &values[..]].concat();
+    let out = helm_on_plane(&upgrade);
+    assert!(out.status.success(), "helm upgrade failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut args = plane().kubectl();
+    args.args(["get", "deployment", "keys-stagely-edge-proxy", "-n", namespace]);
+    args.args(["-o", "jsonpath={.spec.template.spec.containers[0].args}"]);
+    assert!(ok(args).contains("--rate-limit=7"), "the upgrade did not reach the edge proxy");
+    let upgraded: Vec<String> = keys.iter().map(|key| secret_data(namespace, key).unwrap()).collect();
+    assert_eq!(installed, upgraded, "the upgrade replaced the keys");
+
+    // Uninstalled: the Deployments go; the keys and the CRDs stay.
+    let out = helm_on_plane(&["uninstall", release, "-n", namespace]);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "helm uninstall failed: {said}");
+    for kept in [
+        "These resources were kept due to the resource policy:",
+        "[Secret] keys-stagely-gateway-signing-key",
+        "[Secret] keys-stagely-registry-token",
+        "[PersistentVolumeClaim] keys-stagely-registry",
+    ] {
+        assert!(said.contains(kept), "helm uninstall does not say {kept:?}:\n{said}");
+    }
+    let mut deployments = plane().kubectl();
+    deployments.args(["get", "deployments", "-n", namespace, "-o", "name"]);
+    assert_eq!(ok(deployments).trim(), "", "Deployments left after uninstall");
+    let kept: Vec<String> = keys.iter().map(|key| secret_data(namespace, key).unwrap_or_default()).collect();
+    assert_eq!(installed, kept, "the uninstall removed the keys");
+    let mut crds = plane().kubectl();
+    crds.args(["get", "crd", "environments.stagely.dev", "-o", "name"]);
+    ok(crds);
 }
