@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane for Stagely's tests and demo: etcd, kube-apiserver and
 //! (optionally) kube-controller-manager, built from Go modules by `testenv/build.sh` and started
-//! on free loopback ports in a temporary directory.
+//! on free loopback ports in a temporary directory; optionally with a node (kube-scheduler,
+//! containerd, kubelet and kube-proxy: see [`node`]) that runs pods.
 //!
 //! The apiserver encrypts Secrets at rest (an `EncryptionConfiguration` with `secretbox` and a
 //! random key per control plane, `identity` only to read what was written before), as a
@@ -11,6 +12,7 @@
 //! even when it is killed before any destructor can run.
 
 pub mod at_exit;
+pub mod node;
 pub mod pki;
 pub mod registry;
 pub mod scan;
@@ -24,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -75,6 +78,20 @@ pub enum Error {
     /// A CRD did not become Established in time.
     #[error("CRD {0} did not become Established")]
     CrdNotEstablished(String),
+    /// A command failed.
+    #[error("`{command}` failed: {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
+    /// The control plane was started without a node.
+    #[error("the control plane has no node (start it with `Options {{ node: true, .. }}`)")]
+    NoNode,
+    /// A node cannot run detached.
+    #[error("a node cannot be left running (`Options::detach`): its cleanup needs the test process")]
+    DetachedNode,
 }
 
 /// Result of this crate's operations.
@@ -88,6 +105,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Options {
     /// Also start kube-controller-manager with the garbage collector (owner-reference cascade).
     pub controller_manager: bool,
+    /// Also run a node (see [`node`]): kube-scheduler, containerd, kubelet and kube-proxy, with
+    /// the controller manager running every default controller (service accounts and their
+    /// tokens, node lifecycle, deployments, replica sets, endpoints, the garbage collector...).
+    /// The apiserver then also listens on the node's address, where pods reach it through the
+    /// `kubernetes` Service. One node runs at a time on a machine: a second waits for the first
+    /// to stop.
+    pub node: bool,
     /// CRDs to install (and wait for) before the controller manager starts, so its garbage
     /// collector watches them from its first discovery.
     pub crds: Vec<CustomResourceDefinition>,
@@ -109,6 +133,8 @@ pub struct ControlPlane {
     detach: bool,
     /// Set once `start` succeeded: a detached plane that failed to start is still stopped.
     started: bool,
+    /// The node, when one was asked for.
+    node: Option<node::Node>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -121,6 +147,9 @@ impl ControlPlane {
     /// Starts the control plane and waits until the apiserver is ready (and the CRDs in
     /// `options` are Established).
     pub async fn start(options: Options) -> Result<Self> {
+        if options.node && options.detach {
+            return Err(Error::DetachedNode);
+        }
         let bin = binaries()?;
         let (dir, tempdir) = match &options.dir {
             Some(dir) => {
@@ -150,6 +179,7 @@ impl ControlPlane {
             children: Vec::new(),
             detach: options.detach,
             started: false,
+            node: None,
         };
 
         let etcd_client = free_port()?;
@@ -168,15 +198,27 @@ impl ControlPlane {
         let api_port = free_port()?;
         plane.server = format!("https://127.0.0.1:{api_port}");
         let mut apiserver = Command::new(bin.join("kube-apiserver"));
+        apiserver.arg(format!("--etcd-servers={etcd_url}")).arg(format!("--secure-port={api_port}"));
+        if options.node {
+            // Pods reach the apiserver through the `kubernetes` Service, whose endpoint is the
+            // node's address on the pods' bridge.
+            apiserver
+                .args(["--bind-address=0.0.0.0", &format!("--advertise-address={}", node::BRIDGE_IP)])
+                .arg(format!("--kubelet-client-certificate={}", pki.kubelet_client_cert.display()))
+                .arg(format!("--kubelet-client-key={}", pki.kubelet_client_key.display()));
+        } else {
+            apiserver.args([
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+            ]);
+        }
         apiserver
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg(format!("--secure-port={api_port}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"])
             .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
             .arg(format!("--tls-private-key-file={}", pki.serving_key.display()))
             .arg(format!("--client-ca-file={}", pki.ca_cert.display()))
             .arg(format!("--token-auth-file={}", pki.tokens.display()))
-            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+            .args(["--authorization-mode=RBAC", &format!("--service-cluster-ip-range={}", node::SERVICE_CIDR)])
             .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
             .arg(format!("--service-account-key-file={}", pki.sa_public.display()))
             .arg(format!("--service-account-signing-key-file={}", pki.sa_private.display()))
@@ -189,12 +231,29 @@ impl ControlPlane {
         if !options.crds.is_empty() {
             plane.install_crds(&options.crds).await?;
         }
-        if options.controller_manager {
+        if options.controller_manager || options.node {
             let mut kcm = Command::new(bin.join("kube-controller-manager"));
-            kcm.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
-                .args(["--controllers=garbagecollector", "--leader-elect=false"])
-                .args(["--bind-address=127.0.0.1", "--secure-port=0", "--concurrent-gc-syncs=5", "--v=1"]);
+            kcm.arg(format!("--kubeconfig={}", plane.kubeconfig.display())).args([
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--concurrent-gc-syncs=5",
+            ]);
+            if options.node {
+                // Every default controller; service account tokens are signed with the apiserver's
+                // key, and pods trust the CA in the `kube-root-ca.crt` ConfigMaps.
+                kcm.arg("--controllers=*")
+                    .arg(format!("--service-account-private-key-file={}", pki.sa_private.display()))
+                    .arg(format!("--root-ca-file={}", pki.ca_cert.display()))
+                    .args(["--node-monitor-period=2s", "--node-startup-grace-period=20s"]);
+            } else {
+                kcm.arg("--controllers=garbagecollector");
+            }
+            kcm.arg("--v=1");
             plane.spawn("kube-controller-manager", kcm)?;
+        }
+        if options.node {
+            plane.start_node(&bin, &pki).await?;
         }
         if plane.detach {
             let pids: Vec<String> = plane.children.iter().map(|(_, c)| c.id().to_string()).collect();
@@ -242,6 +301,112 @@ impl ControlPlane {
         let mut cmd = Command::new(kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
         cmd
+    }
+
+    /// Imports the images in `archive` (`podman save`'s archive, or an OCI archive) into the
+    /// node's containerd, where pods find them: give their containers `imagePullPolicy: Never`
+    /// or `IfNotPresent` (the node pulls from no registry).
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        self.node.as_ref().ok_or(Error::NoNode)?.import(archive)
+    }
+
+    /// A `ctr` command on the node's containerd, in the namespace the kubelet uses.
+    pub fn ctr(&self) -> Result<Command> {
+        Ok(self.node.as_ref().ok_or(Error::NoNode)?.ctr())
+    }
+
+    /// Starts kube-scheduler, containerd (with the sandbox image imported), kubelet and
+    /// kube-proxy, and waits until the node is Ready and schedulable and kube-proxy has synced.
+    async fn start_node(&mut self, bin: &Path, pki: &pki::Files) -> Result<()> {
+        for file in ["kube-scheduler", "kubelet", "kube-proxy", "pause.tar"] {
+            if !bin.join(file).exists() {
+                return Err(Error::Build(format!(
+                    "{} has no {file}: it was built before testenv had a node; point STAGELY_TESTENV_BIN at \
+                     what `testenv/build.sh` prints now",
+                    bin.display()
+                )));
+            }
+        }
+        let mut scheduler = Command::new(bin.join("kube-scheduler"));
+        scheduler.arg(format!("--kubeconfig={}", self.kubeconfig.display())).args([
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--secure-port=0",
+            "--v=1",
+        ]);
+        self.spawn("kube-scheduler", scheduler)?;
+
+        let node = node::Node::prepare(self.dir.join("node"), bin).await?;
+        let ports = node::Ports {
+            kubelet: free_port()?,
+            kubelet_healthz: free_port()?,
+            kube_proxy_healthz: free_port()?,
+            kube_proxy_metrics: free_port()?,
+        };
+        let files = node.write_configs(&self.kubeconfig, &pki.ca_cert, &ports)?;
+        let socket = node.socket.clone();
+        self.node = Some(node);
+
+        let mut containerd = Command::new("containerd");
+        containerd.arg("--config").arg(&files.containerd_config);
+        self.spawn("containerd", containerd)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let answered =
+                socket.exists() && self.ctr()?.arg("version").output().map(|out| out.status.success()).unwrap_or(false);
+            if answered {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    self.not_ready("containerd", format!("`ctr version` still failing after {READY_TIMEOUT:?}"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.import_image(&bin.join("pause.tar"))?;
+
+        let mut kubelet = Command::new(bin.join("kubelet"));
+        kubelet
+            .arg(format!("--config={}", files.kubelet_config.display()))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--root-dir={}", files.kubelet_dir.display()))
+            .arg(format!("--cert-dir={}", files.kubelet_dir.join("pki").display()))
+            .arg(format!("--hostname-override={}", node::NODE_NAME))
+            .arg(format!("--node-ip={}", node::BRIDGE_IP))
+            .arg("--v=1");
+        self.spawn("kubelet", kubelet)?;
+        let mut kube_proxy = Command::new(bin.join("kube-proxy"));
+        kube_proxy.arg(format!("--config={}", files.kube_proxy_config.display())).arg("--v=1");
+        self.spawn("kube-proxy", kube_proxy)?;
+
+        let client = self.client().await?;
+        let nodes: Api<Node> = Api::all(client);
+        loop {
+            self.check_alive()?;
+            let node = nodes.get_opt(node::NODE_NAME).await?;
+            let ready = node.as_ref().is_some_and(|node| {
+                let status = node.status.as_ref();
+                let conditions = status.and_then(|status| status.conditions.as_deref()).unwrap_or_default();
+                let taints = node.spec.as_ref().and_then(|spec| spec.taints.as_deref()).unwrap_or_default();
+                conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                    && !taints.iter().any(|taint| taint.key == "node.kubernetes.io/not-ready")
+            });
+            let proxy_synced = registry::get_status(ports.kube_proxy_healthz, "/healthz") == Some(200);
+            if ready && proxy_synced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let (name, what) = if ready {
+                    ("kube-proxy", "/healthz not 200")
+                } else {
+                    ("kubelet", "the node not Ready and untainted")
+                };
+                return Err(self.not_ready(name, format!("{what} after {READY_TIMEOUT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Applies CRDs (server-side) and waits until each is Established.
@@ -313,11 +478,15 @@ impl ControlPlane {
         Error::NotReady { name, reason, log, tail }
     }
 
-    /// Stops every process (newest first) and waits for each to exit.
+    /// Stops every process (newest first) and waits for each to exit; then removes what the
+    /// node's left behind (containers, mounts, its bridge and rules) and lets another node start.
     pub fn stop(&mut self) {
         while let Some((_, mut child)) = self.children.pop() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(node) = self.node.take() {
+            node.clean_up();
         }
     }
 }
@@ -359,7 +528,8 @@ pub fn shared(init: impl FnOnce() -> Options) -> &'static ControlPlane {
     })
 }
 
-/// The directory holding etcd, kube-apiserver, kube-controller-manager and kubectl: `$STAGELY_TESTENV_BIN`
+/// The directory holding etcd, kube-apiserver, kube-controller-manager, kubectl and the node's
+/// kube-scheduler, kubelet, kube-proxy and `pause.tar`: `$STAGELY_TESTENV_BIN`
 /// if set, else the output of `testenv/build.sh` (which builds them once per machine).
 pub fn binaries() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();

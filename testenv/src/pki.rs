@@ -32,6 +32,20 @@ impl TestCa {
         self.issuer.der()
     }
 
+    /// A client certificate for the user `name` in the groups `groups` (Kubernetes reads the
+    /// common name and the organizations), signed by this CA, with a fresh key: the certificate
+    /// and the key, PEM.
+    pub fn client(&self, name: &str, groups: &[&str]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        for group in groups {
+            params.distinguished_name.push(DnType::OrganizationName, *group);
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A serving certificate for `names` (DNS names, wildcards or IP addresses) signed by this CA,
     /// with a fresh key: the certificate and the key, PEM.
     pub fn serving(&self, names: &[&str]) -> Result<(String, String)> {
@@ -50,18 +64,32 @@ pub(crate) struct Files {
     pub serving_key: PathBuf,
     pub sa_public: PathBuf,
     pub sa_private: PathBuf,
+    pub kubelet_client_cert: PathBuf,
+    pub kubelet_client_key: PathBuf,
     pub tokens: PathBuf,
     pub token: String,
 }
 
-/// Writes a CA, an apiserver serving certificate for 127.0.0.1/localhost signed by it, a
+/// Writes a CA, an apiserver serving certificate signed by it (for 127.0.0.1/localhost, and for
+/// the names and addresses pods reach it by when the plane runs a node: the `kubernetes`
+/// Service and the node's bridge), the client certificate the apiserver shows kubelets, a
 /// service-account signing key, and a static token file with one cluster-admin token.
 pub(crate) fn write(dir: &Path) -> Result<Files> {
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki).map_err(|source| Error::Io { path: pki.clone(), source })?;
 
     let ca = TestCa::new("stagely-testenv-ca")?;
-    let (serving_cert, serving_key) = ca.serving(&["localhost", "127.0.0.1"])?;
+    let (serving_cert, serving_key) = ca.serving(&[
+        "localhost",
+        "127.0.0.1",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        crate::node::KUBERNETES_SERVICE_IP,
+        crate::node::BRIDGE_IP,
+    ])?;
+    let (kubelet_client_cert, kubelet_client_key) = ca.client("kube-apiserver-kubelet-client", &["system:masters"])?;
 
     let sa_key = KeyPair::generate()?;
     // Random enough for a loopback-only test cluster, and never reused: a fresh key's bytes.
@@ -73,6 +101,8 @@ pub(crate) fn write(dir: &Path) -> Result<Files> {
         serving_key: pki.join("apiserver.key"),
         sa_public: pki.join("sa.pub"),
         sa_private: pki.join("sa.key"),
+        kubelet_client_cert: pki.join("apiserver-kubelet-client.crt"),
+        kubelet_client_key: pki.join("apiserver-kubelet-client.key"),
         tokens: pki.join("tokens.csv"),
         token,
     };
@@ -82,6 +112,8 @@ pub(crate) fn write(dir: &Path) -> Result<Files> {
         (&files.serving_key, serving_key),
         (&files.sa_public, sa_key.public_key_pem()),
         (&files.sa_private, sa_key.serialize_pem()),
+        (&files.kubelet_client_cert, kubelet_client_cert),
+        (&files.kubelet_client_key, kubelet_client_key),
         (&files.tokens, format!("{},stagely-admin,stagely-admin,\"system:masters\"\n", files.token)),
     ];
     for (path, text) in contents {

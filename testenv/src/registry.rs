@@ -149,7 +149,7 @@ impl Registry {
     }
 }
 
-fn get_status(port: u16, path: &str) -> Option<u16> {
+pub(crate) fn get_status(port: u16, path: &str) -> Option<u16> {
     get(port, path).map(|(status, _)| status)
 }
 
