@@ -682,3 +682,12 @@ fn keys_are_generated_on_install_kept_on_upgrade_and_uninstall_and_notes_say_wha
     crds.args(["get", "crd", "environments.stagely.dev", "-o", "name"]);
     ok(crds);
 }
+
+#[test]
+fn the_charts_version_and_app_version_are_the_workspaces() {
+    let chart: serde_yaml::Value =
+        serde_yaml::from_slice(&std::fs::read(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(chart["appVersion"].as_str(), Some(version), "charts/stagely/Chart.yaml: appVersion");
+    assert_eq!(chart["version"].as_str(), Some(version), "charts/stagely/Chart.yaml: version");
+}
