@@ -38,6 +38,12 @@ if ! $demo; then
   # Debian's docker.io (a private dockerd per test, on a bridge of its own made with `ip`).
   { command -v dockerd && command -v docker; } >/dev/null || missing+=(docker.io)
   command -v ip >/dev/null || missing+=(iproute2)
+  # testenv's node runs pods: Debian's containerd (with its CRI plugin) and CNI plugins, and
+  # nftables for kube-proxy (iptables for the kubelet's own chains).
+  command -v containerd >/dev/null || missing+=(containerd)
+  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+  [ -x /usr/sbin/nft ] || missing+=(nftables)
+  [ -x /usr/sbin/iptables ] || missing+=(iptables)
   command -v python3 >/dev/null || missing+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   # The edge proxy's benchmark compares with nginx under wrk.
