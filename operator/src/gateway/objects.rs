@@ -255,8 +255,7 @@ mod tests {
             recorder.touch(&scope(&format!("env-{i}")));
         }
         tokio::time::sleep(Duration::from_secs(150)).await;
-        let times: Vec<u64> =
-            recorded.0.lock().unwrap().iter().map(|(_, at)| (*at - start).as_secs()).collect();
+        let times: Vec<u64> = recorded.0.lock().unwrap().iter().map(|(_, at)| (*at - start).as_secs()).collect();
         assert_eq!(times, [100, 110, 120, 130, 140, 150], "one write every tenth of the interval");
 
         stop.send(true).unwrap();

@@ -57,7 +57,8 @@ pub async fn apply(
                 // A create, not an apply: a job this controller's cache has not seen yet (or no
                 // longer sees) may have settled since, and an apply would put back the finalizer
                 // its controller took off when it settled it.
-                let params = PostParams { field_manager: Some(keys::MANAGER_OPERATOR.to_owned()), ..PostParams::default() };
+                let params =
+                    PostParams { field_manager: Some(keys::MANAGER_OPERATOR.to_owned()), ..PostParams::default() };
                 match jobs.create(&params, job).await {
                     Ok(_) => tracing::info!(%namespace, environment = %name, build_job = %job_name, "created BuildJob"),
                     Err(kube::Error::Api(status)) if status.code == 409 => {}
