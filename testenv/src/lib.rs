@@ -348,7 +348,7 @@ impl ControlPlane {
         self.node = Some(node);
 
         let mut containerd = Command::new("containerd");
-        containerd.arg("--config").arg(&files.containerd_config);
+        node::with_system_path(&mut containerd).arg("--config").arg(&files.containerd_config);
         self.spawn("containerd", containerd)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -368,7 +368,7 @@ impl ControlPlane {
         self.import_image(&bin.join("pause.tar"))?;
 
         let mut kubelet = Command::new(bin.join("kubelet"));
-        kubelet
+        node::with_system_path(&mut kubelet)
             .arg(format!("--config={}", files.kubelet_config.display()))
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--root-dir={}", files.kubelet_dir.display()))
@@ -378,7 +378,9 @@ impl ControlPlane {
             .arg("--v=1");
         self.spawn("kubelet", kubelet)?;
         let mut kube_proxy = Command::new(bin.join("kube-proxy"));
-        kube_proxy.arg(format!("--config={}", files.kube_proxy_config.display())).arg("--v=1");
+        node::with_system_path(&mut kube_proxy)
+            .arg(format!("--config={}", files.kube_proxy_config.display()))
+            .arg("--v=1");
         self.spawn("kube-proxy", kube_proxy)?;
 
         let client = self.client().await?;

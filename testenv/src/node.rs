@@ -82,7 +82,7 @@ impl Node {
         if let Ok(previous) = std::fs::read_to_string(&current)
             && Path::new(previous.trim()).exists()
         {
-            let _ = Command::new("sh").arg(previous.trim()).status();
+            let _ = with_system_path(&mut Command::new("sh")).arg(previous.trim()).output();
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let cleanup = dir.join("cleanup.sh");
@@ -96,7 +96,7 @@ impl Node {
         ));
         let node = Node { socket: dir.join("containerd.sock"), dir, cleanup, _lock: lock };
         // What an earlier node left (its bridge, if its cleanup did not run) goes first.
-        let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+        let _ = with_system_path(&mut Command::new("ip")).args(["link", "del", BRIDGE]).output();
         run("ip", Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
         run("ip", Command::new("ip").args(["addr", "add", &format!("{BRIDGE_IP}/24"), "dev", BRIDGE]))?;
         run("ip", Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
@@ -252,13 +252,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     /// Runs the cleanup script (the node's processes must be stopped first).
     pub(crate) fn clean_up(&self) {
-        let _ = Command::new("sh").arg(&self.cleanup).output();
+        let _ = with_system_path(&mut Command::new("sh")).arg(&self.cleanup).output();
     }
+}
+
+/// `command` with the system directories on its PATH: runc, ip, iptables and nft are in
+/// /usr/sbin, which a user's PATH may lack.
+pub fn with_system_path(command: &mut Command) -> &mut Command {
+    let path = std::env::var("PATH").unwrap_or_default();
+    command.env("PATH", format!("{path}:/usr/sbin:/sbin"))
 }
 
 /// Runs `command`, failing with its output unless it succeeds.
 fn run(what: &'static str, command: &mut Command) -> Result<()> {
-    let output = command.output().map_err(|source| Error::Spawn { name: what, source })?;
+    let output = with_system_path(command).output().map_err(|source| Error::Spawn { name: what, source })?;
     if output.status.success() {
         return Ok(());
     }
@@ -302,6 +309,7 @@ fn cleanup_script(dir: &Path, bin: &Path) -> String {
     let q = |path: &Path| crate::at_exit::quote(&path.to_string_lossy());
     format!(
         r#"# Written by stagely-testenv: removes what the test node in this directory leaves behind.
+PATH="$PATH:/usr/sbin:/sbin"
 node={node}
 socket={socket}
 runc_root={runc}

@@ -261,11 +261,11 @@ async fn a_deployment_runs_and_answers() {
     let mounts: Vec<&str> = mountinfo.lines().filter(|line| line.contains(&*dir.to_string_lossy())).collect();
     assert!(mounts.is_empty(), "mounts left: {mounts:#?}");
     assert!(!dir.exists(), "{dir:?} left behind");
-    let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
+    let links = node::with_system_path(&mut Command::new("ip")).args(["-br", "link"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&links.stdout).contains(node::BRIDGE), "the bridge is left");
-    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    let tables = node::with_system_path(&mut Command::new("nft")).args(["list", "tables"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&tables.stdout).contains("kube-proxy"), "kube-proxy's nftables tables are left");
-    let rules = Command::new("iptables-save").output().unwrap();
+    let rules = node::with_system_path(&mut Command::new("iptables-save")).output().unwrap();
     assert!(!String::from_utf8_lossy(&rules.stdout).contains("KUBE-"), "the kubelet's iptables chains are left");
     let cni_results = std::fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten();
     let cached: Vec<_> = cni_results
@@ -310,7 +310,7 @@ fn killing_the_test_process_cleans_up_its_node() {
         let running: Vec<u32> = pids.iter().copied().filter(|&pid| process_running(pid)).collect();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let mounted = mountinfo.lines().filter(|line| line.contains(&dir)).count();
-        let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
+        let links = node::with_system_path(&mut Command::new("ip")).args(["-br", "link"]).output().unwrap();
         let bridge = String::from_utf8_lossy(&links.stdout).contains(node::BRIDGE);
         if running.is_empty() && mounted == 0 && !bridge {
             break;
