@@ -204,6 +204,8 @@ impl ControlPlane {
             // node's address on the pods' bridge.
             apiserver
                 .args(["--bind-address=0.0.0.0", &format!("--advertise-address={}", node::BRIDGE_IP)])
+                // The node's name resolves nowhere; its InternalIP is the bridge address.
+                .arg("--kubelet-preferred-address-types=InternalIP")
                 .arg(format!("--kubelet-client-certificate={}", pki.kubelet_client_cert.display()))
                 .arg(format!("--kubelet-client-key={}", pki.kubelet_client_key.display()));
         } else {

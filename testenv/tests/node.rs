@@ -221,6 +221,10 @@ async fn a_deployment_runs_and_answers() {
     let user = review.status.and_then(|status| status.user_info).expect("the review names the user");
     assert_eq!(user.username.as_deref(), Some("system:serviceaccount:node-test:default"));
 
+    // The apiserver reaches the kubelet (`kubectl logs`).
+    let logs = plane.kubectl().args(["logs", "-n", namespace, "deployment/httpd"]).output().unwrap();
+    assert!(logs.status.success(), "kubectl logs: {}", String::from_utf8_lossy(&logs.stderr));
+
     // Over the Service's ClusterIP: kube-proxy's rules send it to the pod once the endpoints
     // are in.
     let cluster_ip = service.spec.unwrap().cluster_ip.expect("the Service has a ClusterIP");
