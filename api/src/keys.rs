@@ -27,6 +27,10 @@ pub const GITHUB_DELIVERY: &str = "stagely.dev/github-delivery";
 /// deliver in order) never overwrites a newer one: an older `synchronize` never rolls the head
 /// sha back.
 pub const GITHUB_UPDATED_AT: &str = "stagely.dev/github-updated-at";
+/// Annotation: when (RFC 3339, to the millisecond) the webhook receiver received the delivery
+/// that last applied an Environment. The operator measures from it the time from a webhook to
+/// the first Ready of the run it started (`stagely_operator_environment_webhook_to_ready_seconds`).
+pub const GITHUB_RECEIVED_AT: &str = "stagely.dev/github-received-at";
 /// Annotation prefix on a Project, followed by a pull request number
 /// ([`pull_request_removed`]): the pull request's `updated_at` (RFC 3339) when the webhook
 /// receiver last removed its Environment, or found none to remove (closed, unlabeled, turned
@@ -108,6 +112,7 @@ mod tests {
             COMMIT,
             GITHUB_DELIVERY,
             GITHUB_UPDATED_AT,
+            GITHUB_RECEIVED_AT,
             pull_request_removed(i64::MAX).as_str(),
             GITHUB_FEEDBACK_FINALIZER,
             CANCEL,

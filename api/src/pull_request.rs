@@ -195,6 +195,12 @@ pub fn applied_at(env: &Environment) -> Option<Timestamp> {
     env.annotations().get(keys::GITHUB_UPDATED_AT).and_then(|at| at.parse().ok())
 }
 
+/// When the webhook receiver received the delivery that last applied the Environment
+/// ([`keys::GITHUB_RECEIVED_AT`]).
+pub fn received_at(env: &Environment) -> Option<Timestamp> {
+    env.annotations().get(keys::GITHUB_RECEIVED_AT).and_then(|at| at.parse().ok())
+}
+
 /// When the Project recorded the removal of pull request `number`'s preview.
 pub fn removed_at(project: &Project, number: i64) -> Option<Timestamp> {
     project.annotations().get(&keys::pull_request_removed(number)).and_then(|at| at.parse().ok())

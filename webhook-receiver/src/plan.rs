@@ -127,6 +127,9 @@ pub struct Job {
     pub action: Action,
     /// The pull request's `updated_at` in the event.
     pub updated_at: Timestamp,
+    /// When the receiver received the delivery (the start of the operator's webhook-to-Ready
+    /// histogram, through [`keys::GITHUB_RECEIVED_AT`](stagely_api::keys::GITHUB_RECEIVED_AT)).
+    pub received_at: Timestamp,
     /// What it asks.
     pub intent: Intent,
     /// Set once an attempt failed: the job is retried with backoff until a deadline.
@@ -375,7 +378,14 @@ mod tests {
         } else {
             Intent::Remove { reason: Removal::Closed, transition: action == Action::Closed }
         };
-        Job { delivery: format!("d-{second}"), action, updated_at: at(second), intent, retry: None }
+        Job {
+            delivery: format!("d-{second}"),
+            action,
+            updated_at: at(second),
+            received_at: at(second),
+            intent,
+            retry: None,
+        }
     }
 
     fn env(delivery: &str, second: i64) -> Observed {

@@ -163,6 +163,7 @@ mod tests {
             delivery: delivery.into(),
             action: Action::Synchronize,
             updated_at: Timestamp::from_second(1_790_000_000 + second).unwrap(),
+            received_at: Timestamp::from_second(1_790_000_000 + second).unwrap(),
             intent: Intent::Remove { reason: Removal::Closed, transition: false },
             retry: None,
         }

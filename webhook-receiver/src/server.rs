@@ -277,6 +277,7 @@ impl Receiver {
             let message = "this delivery was accepted already; it is not done twice";
             return with_action(Answer::new(StatusCode::OK, Outcome::Duplicate, message));
         }
+        let received_at = received_now();
         let mut planned = Vec::new();
         for (key, intent) in jobs {
             planned.push(Planned {
@@ -292,6 +293,7 @@ impl Receiver {
                 delivery: delivery.to_owned(),
                 action,
                 updated_at: event.pull_request.updated_at,
+                received_at,
                 intent,
                 retry: None,
             };
@@ -310,6 +312,13 @@ impl Receiver {
         answer.environments = planned;
         with_action(answer)
     }
+}
+
+/// Now, to the millisecond: when a delivery was received, as the Environment's
+/// [`GITHUB_RECEIVED_AT`](stagely_api::keys::GITHUB_RECEIVED_AT) annotation says it.
+fn received_now() -> k8s_openapi::jiff::Timestamp {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.round(k8s_openapi::jiff::Unit::Millisecond).unwrap_or(now)
 }
 
 /// A payload, as far as the receiver reads it.

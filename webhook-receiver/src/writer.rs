@@ -220,14 +220,13 @@ impl Writer {
         let version = existing.as_ref().and_then(|env| env.resource_version());
         match (decision, &job.intent) {
             (Decision::Create, Intent::Preview(pr)) => {
-                let env = pull_request::environment(&key.namespace, &key.project, pr, &job.delivery, job.updated_at);
+                let env = environment(key, pr, job);
                 self.call("create the Environment", environments.create(&PostParams::default(), &env)).await?;
                 tracing::info!(environment = %name, sha = %pr.head_sha, "created the Environment");
                 Ok(Done::Finished("created"))
             }
             (Decision::Apply, Intent::Preview(pr)) => {
-                let mut env =
-                    pull_request::environment(&key.namespace, &key.project, pr, &job.delivery, job.updated_at);
+                let mut env = environment(key, pr, job);
                 // A precondition: the apply fails if the Environment changed since it was read.
                 env.metadata.resource_version = version;
                 let params = PatchParams::apply(keys::MANAGER_WEBHOOK).force();
@@ -320,6 +319,13 @@ impl Writer {
     }
 }
 
+/// The Environment `job` asks for pull request `pr`, stamped with when its delivery was received.
+fn environment(key: &Key, pr: &stagely_api::v1alpha1::PullRequest, job: &Job) -> Environment {
+    let mut env = pull_request::environment(&key.namespace, &key.project, pr, &job.delivery, job.updated_at);
+    env.annotations_mut().insert(keys::GITHUB_RECEIVED_AT.to_owned(), job.received_at.to_string());
+    env
+}
+
 fn skip_message(skip: plan::Skip) -> &'static str {
     match skip {
         plan::Skip::Duplicate => "this delivery applied the Environment already",
@@ -342,6 +348,25 @@ fn observe(env: &Environment) -> Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_says_when_its_delivery_was_received() {
+        let key = Key { namespace: "team".into(), project: "shop".into(), number: 7 };
+        let received_at: Timestamp = "2026-03-01T10:00:00.123Z".parse().unwrap();
+        let job = Job {
+            delivery: "d-1".into(),
+            action: plan::Action::Opened,
+            updated_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            received_at,
+            intent: Intent::Preview(Default::default()),
+            retry: None,
+        };
+        let pr = stagely_api::v1alpha1::PullRequest::default();
+        let env = environment(&key, &pr, &job);
+        assert_eq!(env.annotations()[keys::GITHUB_RECEIVED_AT], "2026-03-01T10:00:00.123Z");
+        assert_eq!(pull_request::received_at(&env), Some(received_at));
+        assert_eq!(env.annotations()[keys::GITHUB_DELIVERY], "d-1");
+    }
 
     #[test]
     fn holds_are_spread_over_a_quarter_of_the_interval_past_it() {

@@ -25,8 +25,10 @@ async fn setup(namespace: &str, repository: &str, secret: &str, trigger: serde_j
 async fn a_pull_request_is_previewed_at_its_head_and_removed_when_it_closes() {
     let (team, receiver) = setup("webhook-flow", "acme/flow", "flow-secret", json!({})).await;
     let pr = Pr::new("acme/flow", 7);
+    let sent = k8s_openapi::jiff::Timestamp::now();
     let opened =
         receiver.deliver("pull_request", &delivery(), "flow-secret", &payloads::pull_request("opened", &pr)).await;
+    let answered = k8s_openapi::jiff::Timestamp::now();
     assert_eq!(opened.status, 202, "{}", opened.body);
     let answer = opened.json();
     assert_eq!(answer["outcome"], "accepted");
@@ -46,6 +48,13 @@ async fn a_pull_request_is_previewed_at_its_head_and_removed_when_it_closes() {
     assert_eq!((labels[keys::PROJECT].as_str(), labels[keys::PULL_REQUEST].as_str()), ("shop", "7"));
     let annotations = env.metadata.annotations.clone().unwrap();
     assert_eq!(annotations[keys::GITHUB_UPDATED_AT], pr.updated_at());
+    // When the delivery was received (to the millisecond), whatever the payload's times say.
+    let received = stagely_api::pull_request::received_at(&env).expect("the receipt time is recorded");
+    let millisecond = k8s_openapi::jiff::SignedDuration::from_millis(1);
+    assert!(
+        sent - millisecond <= received && received <= answered + millisecond,
+        "{received} not in {sent}..{answered}"
+    );
 
     let newer = pr.at(2, 10);
     receiver.deliver("pull_request", &delivery(), "flow-secret", &payloads::pull_request("synchronize", &newer)).await;

@@ -246,6 +246,10 @@ pub struct RunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
 
+    /// When the run first became Ready (a later redeploy of the same commit keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Time>,
+
     /// One entry per BuildJob of the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds: Vec<RunBuild>,
