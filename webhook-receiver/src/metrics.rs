@@ -54,16 +54,43 @@ pub struct WebhookMetrics {
     pub queue_depth: Gauge,
 }
 
+/// The signature failure reasons (see [`FailureLabels`]).
+pub const FAILURE_REASONS: [&str; 5] = ["missing", "malformed", "no_project", "no_secret", "mismatch"];
+/// The write outcomes (see [`WriteLabels`]).
+pub const WRITE_OUTCOMES: [&str; 12] = [
+    "created",
+    "applied",
+    "deleted",
+    "removal_recorded",
+    "duplicate",
+    "stale",
+    "removed_later",
+    "nothing_to_remove",
+    "project_gone",
+    "waiting",
+    "retrying",
+    "failed",
+];
+
 impl Default for WebhookMetrics {
     fn default() -> Self {
-        Self {
+        let metrics = Self {
             deliveries: Family::default(),
             signature_failures: Family::default(),
             ack_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             writes: Family::default(),
             write_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             queue_depth: Gauge::default(),
+        };
+        // Known label values start at zero (as Prometheus advises): a rate sees their first
+        // event, and a panel shows 0 rather than no data.
+        for reason in FAILURE_REASONS {
+            drop(metrics.signature_failures.get_or_create(&FailureLabels { reason }));
         }
+        for outcome in WRITE_OUTCOMES {
+            drop(metrics.writes.get_or_create(&WriteLabels { outcome }));
+        }
+        metrics
     }
 }
 
@@ -139,6 +166,28 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::TooLarge => "too_large",
             Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_reasons_and_outcomes_start_at_zero() {
+        let metrics = WebhookMetrics::default();
+        let mut registry = Registry::with_prefix("stagely_webhook");
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for reason in FAILURE_REASONS {
+            let line = format!("stagely_webhook_signature_failures_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        for outcome in WRITE_OUTCOMES {
+            let line = format!("stagely_webhook_environment_writes_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
         }
     }
 }

@@ -213,14 +213,15 @@ impl Receiver {
             .collect()
     }
 
-    /// Jobs the workers finished, by outcome (retries and waits not counted).
+    /// Jobs the workers finished, by outcome (retries and waits not counted; the outcomes the
+    /// receiver shows at zero neither).
     pub async fn writes(&self) -> BTreeMap<String, u64> {
         self.metric("stagely_webhook_environment_writes_total")
             .await
             .into_iter()
             .filter_map(|(labels, value)| {
                 let outcome = labels.strip_prefix("{outcome=\"")?.strip_suffix("\"}")?;
-                (!matches!(outcome, "retrying" | "waiting")).then(|| (outcome.to_owned(), value as u64))
+                (value > 0.0 && !matches!(outcome, "retrying" | "waiting")).then(|| (outcome.to_owned(), value as u64))
             })
             .collect()
     }
