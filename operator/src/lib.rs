@@ -326,6 +326,7 @@ async fn run_operator(
     let gateway = config.gateway.build(client.clone()).await?;
     let registry = config.registry.build()?;
     let metrics = metrics::Metrics::default();
+    metrics.count_agents(&gateway);
     let election = leader::Election::new(&config.leader, metrics.leader.clone()).await?;
     let ops_router = ops::router_with(metrics.register(env!("CARGO_PKG_VERSION")), election.readiness());
     let ops_addr = config.ops_addr;
@@ -421,7 +422,9 @@ async fn act(prepared: Prepared, listener: tokio::net::TcpListener) -> Result<()
                 Duration::from_secs(pipeline.agent_connect_timeout_secs),
             )
             .with_github(github.clone());
-    let feedback = github.clone().map(|github| Arc::new(controllers::feedback::Context::new(client.clone(), github)));
+    let feedback = github.clone().map(|github| {
+        Arc::new(controllers::feedback::Context::new(client.clone(), github).with_metrics(metrics.clone()))
+    });
     let (resync, resync_client) = (github.clone(), client.clone());
     let build_jobs = controllers::buildjob::Context::new(
         client,

@@ -106,6 +106,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The reconcile outcome this error is counted as.
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::Waiting { .. } => "Waiting",
+            Error::Finalizer(_) => "FinalizerError",
+            Error::Status { .. } => "ApiError",
+        }
+    }
+}
+
 /// The outcome of one check.
 struct Check {
     ready: bool,
@@ -164,8 +175,9 @@ fn provider_name(type_: ProviderType) -> &'static str {
 
 /// Reconciles one CloudProvider: its finalizer first, then the check.
 pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let api: Api<CloudProvider> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
-    finalizer(&api, keys::CLOUDPROVIDER_FINALIZER, object, |event| async {
+    let result = finalizer(&api, keys::CLOUDPROVIDER_FINALIZER, object, |event| async {
         match event {
             finalizer::Event::Apply(object) => check_and_report(object, &ctx).await,
             finalizer::Event::Cleanup(object) => cleanup(object, &ctx).await,
@@ -175,7 +187,9 @@ pub async fn reconcile(object: Arc<CloudProvider>, ctx: Arc<Context>) -> Result<
     .map_err(|err| match err {
         finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
         other => Error::Finalizer(Box::new(other)),
-    })
+    });
+    ctx.metrics.reconciled_after("cloudprovider", result.as_ref().map_or_else(Error::reason, |_| "ok"), started);
+    result
 }
 
 /// The CloudProvider is being deleted: see [`sweep_before_release`]; once it lets go, its

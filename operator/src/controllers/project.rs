@@ -390,6 +390,7 @@ fn join(items: &[String]) -> String {
 
 /// Checks one Project's references, counts its Environments and writes what changed.
 async fn reconcile(project: Arc<Project>, state: Arc<State>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let result = apply(&project, &state).await;
     let key = ObjectRef::from_obj(&*project);
     let outcome = match &result {
@@ -399,7 +400,7 @@ async fn reconcile(project: Arc<Project>, state: Arc<State>) -> Result<Action, E
         }
         Err(err) => err.reason(),
     };
-    state.ctx.metrics.reconciled("project", outcome);
+    state.ctx.metrics.reconciled_after("project", outcome, started);
     result
 }
 

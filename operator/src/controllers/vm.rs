@@ -159,7 +159,7 @@ pub fn instance_spec(
     };
     let gateway_ca = agents.gateway_ca_file.as_deref().map(cloudinit::read_gateway_ca).transpose()?;
     let token = gateway
-        .mint_enrollment_token(scope, &name, agents.enrollment_ttl)
+        .mint_vm_enrollment_token(scope, &name, agents.enrollment_ttl, provider.spec.type_.as_str())
         .map_err(|source| VmError::Token { name: name.clone(), source })?;
     let (agent_url, agent_sha256) = agent_download(agents, provider, platform)?;
     let bootstrap = AgentBootstrap::new(&agents.gateway_url, &name, token.expose(), role, &agent_url, &agent_sha256)

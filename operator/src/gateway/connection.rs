@@ -8,11 +8,11 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::future::BoxFuture;
-use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, Status};
+use stagely_api::protocol::{ErrorCode, ErrorMessage, Hello, HelloAck, JobState, Message, Scope, ScopeKind, Status};
 
 use super::logs::Masker;
 use super::outbox::{self, Receiver};
-use super::token::{TokenError, TokenKind};
+use super::token::{AgentClaims, TokenError, TokenKind};
 use super::{Connection, Inner};
 
 /// Close code: refused at HELLO (policy violation).
@@ -211,12 +211,29 @@ async fn admit(
         .tokens
         .mint_session(&claims.scope, &hello.agent_id, inner.settings.session_ttl)
         .map_err(|_| (ErrorCode::Internal, "failed to issue a session token"))?;
+    if kind == TokenKind::Enrollment {
+        observe_provisioning(inner, &claims);
+    }
     // One allocation shared by the slot, the heartbeat recorder and this connection.
     let scope = {
         let agents = inner.agents();
         agents.get_key_value(&claims.scope).map(|(key, _)| Arc::clone(key))
     };
     Ok((scope.unwrap_or_else(|| Arc::new(claims.scope)), session))
+}
+
+/// Observes the provisioning time of the VM whose agent just enrolled: from the minting of its
+/// enrollment token, just before the VM was created, to now (the token's time is whole seconds:
+/// up to a second more). Tokens minted for no VM (tests) name no provider and are not observed.
+fn observe_provisioning(inner: &Inner, claims: &AgentClaims) {
+    let (Some(histogram), Some(provider)) = (inner.provisioning.get(), &claims.provider) else { return };
+    let seconds = std::time::SystemTime::now().duration_since(claims.issued_at()).unwrap_or_default();
+    let role = match claims.scope.kind {
+        ScopeKind::BuildJob => "builder",
+        ScopeKind::Environment => "preview",
+    };
+    let labels = crate::metrics::VmLabels { provider: provider.clone(), role: role.to_owned() };
+    histogram.get_or_create(&labels).observe(seconds.as_secs_f64());
 }
 
 type Registered = (u64, Receiver, Vec<Utf8Bytes>, Arc<RwLock<Masker>>);

@@ -29,7 +29,7 @@ pub mod token;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -38,7 +38,9 @@ use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use stagely_api::protocol::{CONNECT_PATH, HEARTBEAT_INTERVAL_SECS, Message, Scope, Sensitive, Status};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use stagely_api::protocol::{CONNECT_PATH, HEARTBEAT_INTERVAL_SECS, Message, Scope, ScopeKind, Sensitive, Status};
 use stagely_api::tls::CertStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -235,6 +237,7 @@ impl GatewayBuilder {
             active: AtomicUsize::new(0),
             drained: Notify::new(),
             tls,
+            provisioning: OnceLock::new(),
         });
         tokio::spawn(Arc::clone(&inner.heartbeats).run(
             Arc::clone(&inner.objects),
@@ -332,6 +335,9 @@ struct Inner {
     drained: Notify,
     /// The TLS handshake of `wss://`, with the current certificate; `None` serves `ws://`.
     tls: Option<TlsAcceptor>,
+    /// Where each VM's provisioning time goes when its agent enrolls (see
+    /// [`Gateway::observe_provisioning`]).
+    provisioning: OnceLock<Family<crate::metrics::VmLabels, Histogram>>,
 }
 
 impl Settings {
@@ -464,6 +470,40 @@ impl Gateway {
         ttl: Duration,
     ) -> Result<Sensitive, GatewayError> {
         Ok(self.inner.tokens.mint_enrollment(scope, agent_id, ttl)?)
+    }
+
+    /// [`Gateway::mint_enrollment_token`] for a VM about to be created through a CloudProvider of
+    /// type `provider`: when its agent enrolls, the VM's provisioning time is observed (see
+    /// [`Gateway::observe_provisioning`]).
+    pub fn mint_vm_enrollment_token(
+        &self,
+        scope: &Scope,
+        agent_id: &str,
+        ttl: Duration,
+        provider: &str,
+    ) -> Result<Sensitive, GatewayError> {
+        Ok(self.inner.tokens.mint_vm_enrollment(scope, agent_id, ttl, provider)?)
+    }
+
+    /// From now on, observes into `histogram` each VM's provisioning time, once, as its agent
+    /// enrolls: from the minting of its enrollment token (just before the VM was created) to the
+    /// agent's HELLO, by provider type and role (`builder` or `preview`). A reconnect (with a
+    /// session token) is not a provisioning.
+    pub fn observe_provisioning(&self, histogram: Family<crate::metrics::VmLabels, Histogram>) {
+        let _ = self.inner.provisioning.set(histogram);
+    }
+
+    /// The agents connected now: builders (of BuildJobs) and previews (of Environments).
+    pub fn connected_agents(&self) -> ConnectedAgents {
+        let agents = self.inner.agents();
+        let mut connected = ConnectedAgents::default();
+        for (scope, _) in agents.iter().filter(|(_, slot)| slot.connection.is_some()) {
+            match scope.kind {
+                ScopeKind::BuildJob => connected.builders += 1,
+                ScopeKind::Environment => connected.previews += 1,
+            }
+        }
+        connected
     }
 
     /// A bearer token that reads the logs of `job_id` over HTTP, valid for `ttl`.
@@ -704,6 +744,15 @@ async fn read_logs(State(inner): State<Arc<Inner>>, Path(job_id): Path<String>, 
         }
     });
     ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(pages)).into_response()
+}
+
+/// How many agents are connected, by role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectedAgents {
+    /// Builder VMs' agents.
+    pub builders: usize,
+    /// Preview VMs' agents.
+    pub previews: usize,
 }
 
 /// Log lines read from Redis at a time by the log endpoint.

@@ -71,12 +71,21 @@ pub struct AgentClaims {
     pub exp: u64,
     /// The one object the agent works for.
     pub scope: Scope,
+    /// The type of the CloudProvider the VM was started through (enrollment tokens minted for a
+    /// VM): the `provider` label of its provisioning time, observed when its agent enrolls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 impl AgentClaims {
     /// Enrollment claims for `agent_id` in `scope`, valid for `ttl` from now.
     pub fn enrollment(scope: &Scope, agent_id: &str, ttl: Duration) -> Result<Self, TokenError> {
         Self::new(ENROLLMENT_AUDIENCE, scope, agent_id, ttl)
+    }
+
+    /// When the token was minted, for an enrollment token just before its VM was created.
+    pub fn issued_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.iat)
     }
 
     fn new(aud: &str, scope: &Scope, agent_id: &str, ttl: Duration) -> Result<Self, TokenError> {
@@ -89,6 +98,7 @@ impl AgentClaims {
             iat: now,
             exp: now.saturating_add(ttl.as_secs()),
             scope: scope.clone(),
+            provider: None,
         })
     }
 }
@@ -218,6 +228,20 @@ impl TokenKeys {
         self.sign(&AgentClaims::enrollment(scope, agent_id, ttl)?)
     }
 
+    /// [`TokenKeys::mint_enrollment`] for a VM started through a CloudProvider of type
+    /// `provider` (see [`AgentClaims::provider`]).
+    pub fn mint_vm_enrollment(
+        &self,
+        scope: &Scope,
+        agent_id: &str,
+        ttl: Duration,
+        provider: &str,
+    ) -> Result<Sensitive, TokenError> {
+        let mut claims = AgentClaims::enrollment(scope, agent_id, ttl)?;
+        claims.provider = Some(provider.to_owned());
+        self.sign(&claims)
+    }
+
     /// A session token for `agent_id` in `scope`, valid for `ttl`.
     pub fn mint_session(&self, scope: &Scope, agent_id: &str, ttl: Duration) -> Result<Sensitive, TokenError> {
         self.sign(&AgentClaims::new(SESSION_AUDIENCE, scope, agent_id, ttl)?)
@@ -333,6 +357,18 @@ mod tests {
         let (claims, _) = keys.verify_agent(token.expose(), "agent-1").unwrap();
         keys.consume(&claims).unwrap();
         assert!(matches!(keys.consume(&claims), Err(TokenError::Replayed)));
+    }
+
+    #[test]
+    fn a_vm_enrollment_names_its_provider_and_when_it_was_minted() {
+        let keys = keys();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let token = keys.mint_vm_enrollment(&scope(), "agent-1", Duration::from_secs(60), "hetzner").unwrap();
+        let (claims, kind) = keys.verify_agent(token.expose(), "agent-1").unwrap();
+        assert_eq!((kind, claims.provider.as_deref()), (TokenKind::Enrollment, Some("hetzner")));
+        assert!(before <= claims.issued_at() && claims.issued_at() <= SystemTime::now());
+        let plain = keys.mint_enrollment(&scope(), "agent-1", Duration::from_secs(60)).unwrap();
+        assert_eq!(keys.verify_agent(plain.expose(), "agent-1").unwrap().0.provider, None);
     }
 
     #[test]

@@ -160,6 +160,8 @@ pub struct GitHubMetrics {
     pub calls: Family<CallLabels, Counter>,
     /// Calls left in the current rate-limit window, as GitHub last said, by credentials.
     pub rate_limit_remaining: Family<LimitLabels, Gauge>,
+    /// Calls allowed per rate-limit window, as GitHub last said, by credentials.
+    pub rate_limit: Family<LimitLabels, Gauge>,
 }
 
 /// A success answer.
@@ -805,11 +807,12 @@ impl GitHub {
     }
 
     fn note_rate_limit(&self, identity: &str, headers: &HeaderMap) {
+        let labels = || LimitLabels { credentials: identity.to_owned() };
         if let Some(remaining) = header(headers, "x-ratelimit-remaining").and_then(|v| v.parse::<i64>().ok()) {
-            self.metrics
-                .rate_limit_remaining
-                .get_or_create(&LimitLabels { credentials: identity.to_owned() })
-                .set(remaining);
+            self.metrics.rate_limit_remaining.get_or_create(&labels()).set(remaining);
+        }
+        if let Some(limit) = header(headers, "x-ratelimit-limit").and_then(|v| v.parse::<i64>().ok()) {
+            self.metrics.rate_limit.get_or_create(&labels()).set(limit);
         }
     }
 }

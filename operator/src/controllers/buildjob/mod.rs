@@ -416,6 +416,7 @@ async fn dereference(job: &BuildJob, ctx: &Context) -> Result<Target, Error> {
 
 /// Reconciles one BuildJob, its finalizer first.
 pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let namespace = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let span = tracing::info_span!("reconcile_buildjob", %namespace, %name);
@@ -429,7 +430,7 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<Context>) -> Result<Action, 
         })
         .await
         .map_err(|err| Error::Finalizer(Box::new(err)));
-        ctx.metrics.reconciled("buildjob", result.as_ref().map_or_else(Error::reason, |_| "ok"));
+        ctx.metrics.reconciled_after("buildjob", result.as_ref().map_or_else(Error::reason, |_| "ok"), started);
         result
     }
     .instrument(span)

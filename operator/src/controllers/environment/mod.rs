@@ -209,9 +209,14 @@ pub fn new_subdomain_hash() -> String {
     hash
 }
 
-/// Reconciles one Environment.
+/// Reconciles one Environment, in a span naming it and the webhook delivery that last applied
+/// it, so that every log line of the reconcile carries both.
 pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let started = std::time::Instant::now();
     let namespace = env.namespace().unwrap_or_default();
+    let delivery = env.annotations().get(keys::GITHUB_DELIVERY).map_or("", String::as_str);
+    let span = tracing::info_span!("reconcile_environment", %namespace, environment = %env.name_any(), delivery);
     let api: Api<Environment> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, keys::ENVIRONMENT_FINALIZER, env, |event| async {
         match event {
@@ -222,12 +227,13 @@ pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Actio
             }
         }
     })
+    .instrument(span)
     .await
     .map_err(|err| match err {
         kube::runtime::finalizer::Error::ApplyFailed(err) | kube::runtime::finalizer::Error::CleanupFailed(err) => err,
         other => Error::Finalizer(Box::new(other)),
     });
-    ctx.metrics.reconciled("environment", result.as_ref().map_or_else(Error::reason, |_| "ok"));
+    ctx.metrics.reconciled_after("environment", result.as_ref().map_or_else(Error::reason, |_| "ok"), started);
     result
 }
 
@@ -416,6 +422,10 @@ async fn run_pipeline(env: &Environment, ctx: &Context) -> Result<Action, Error>
             .map_err(kube_error("write the status"))?;
         ctx.written.wrote(&env.uid().unwrap_or_default(), &applied);
     }
+    if let Some(waited) = crate::metrics::webhook_to_ready(env, &previous, &status) {
+        tracing::info!(seconds = waited.as_secs_f64(), "ready, counted from the webhook that started the run");
+        ctx.metrics.ready_after_webhook(waited);
+    }
     record_transitions(env, &previous, &status, ctx).await;
 
     let retry = decided.retry || outcome.retry;
@@ -438,7 +448,8 @@ async fn record_transitions(
     status: &EnvironmentStatus,
     ctx: &Context,
 ) {
-    let (warnings, normal) = transitions(previous, status);
+    let delivery = env.annotations().get(keys::GITHUB_DELIVERY).map(String::as_str);
+    let (warnings, normal) = transitions(previous, status, delivery);
     // A stuck run failed instead of hanging is the reaper's kind of action: counted as one.
     for (reason, _) in &warnings {
         if matches!(reason.as_str(), plan::BUILD_STUCK | preview::DEPLOY_STUCK_REASON) {
@@ -459,9 +470,14 @@ type Change = (String, String);
 /// What changed from `previous` to `status`, as Events' reasons and notes: each warning (the
 /// phase `Failed`, a condition turned `False` for a failure) on its own, and every other change
 /// together as one, named by the new phase or else by the first change, its note listing them
-/// all. (An Event per change cost the apiserver about ten writes per Environment on its way to
-/// Ready, most of its requests at scale: `make bench-operator`.)
-fn transitions(previous: &EnvironmentStatus, status: &EnvironmentStatus) -> (Vec<Change>, Option<Change>) {
+/// all, a new run first (its commit, and the webhook `delivery` that last applied the
+/// Environment, if one did). (An Event per change cost the apiserver about ten writes per
+/// Environment on its way to Ready, most of its requests at scale: `make bench-operator`.)
+fn transitions(
+    previous: &EnvironmentStatus,
+    status: &EnvironmentStatus,
+    delivery: Option<&str>,
+) -> (Vec<Change>, Option<Change>) {
     let (mut warnings, mut changes) = (Vec::new(), Vec::new());
     if previous.phase != status.phase
         && let Some(phase) = status.phase
@@ -479,9 +495,17 @@ fn transitions(previous: &EnvironmentStatus, status: &EnvironmentStatus) -> (Vec
             list.push((condition.reason.clone(), format!("{}: {}", condition.type_, condition.message)));
         }
     }
-    let normal = changes.first().map(|(reason, _)| {
-        (reason.clone(), changes.iter().map(|(_, note)| note.as_str()).collect::<Vec<_>>().join("; "))
-    });
+    let reason = changes.first().map(|(reason, _)| reason.clone());
+    if let Some(run) = &status.run
+        && previous.run.as_ref().is_none_or(|before| before.sha != run.sha)
+    {
+        let short = &run.sha[..run.sha.len().min(12)];
+        let from = delivery.map(|id| format!(" (webhook delivery {id})")).unwrap_or_default();
+        changes.insert(0, ("RunStarted".to_owned(), format!("run of commit {short} started{from}")));
+    }
+    let normal = reason
+        .or_else(|| changes.first().map(|(reason, _)| reason.clone()))
+        .map(|reason| (reason, changes.iter().map(|(_, note)| note.as_str()).collect::<Vec<_>>().join("; ")));
     (warnings, normal)
 }
 
@@ -502,6 +526,9 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         )
         .await
         .map_err(kube_error("mark as Terminating"))?;
+        let note = "tearing down: the route goes first (the URL answers 404), then the app, its VM, the builds and \
+                    the images";
+        event(ctx, env, false, "Terminating", note.to_owned()).await;
     }
     if let (Some(routes), Some(hash)) = (&ctx.routes, env.status.as_ref().and_then(|s| s.subdomain_hash.as_deref())) {
         // Users stop reaching a dying app first; the proxy answers 404 from now on.
@@ -556,6 +583,8 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
         let note = format!("gave up cleaning up ({why}); left: {what}");
         tracing::warn!(%namespace, %name, %note, "releasing the finalizer");
         event(ctx, env, true, "CleanupAbandoned", note).await;
+    } else {
+        event(ctx, env, false, "TornDown", "torn down: its route, VM, builds and images are gone".to_owned()).await;
     }
     tracing::info!(%namespace, %name, "environment torn down");
     Ok(Action::await_change())
@@ -665,6 +694,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
         .touched_objects()
         .predicate_filter(predicates::generation, Default::default());
     let (providers, providers_writer) = reflector::store::<CloudProvider>();
+    ctx.metrics.count_cloud_providers(providers.clone());
     ctx.providers = Some(providers);
     // Only keeps the cache current: a CloudProvider's change wakes no Environment.
     let provider_events = watcher(Api::<CloudProvider>::all(client.clone()), watcher::Config::default())
@@ -681,6 +711,7 @@ pub async fn run(mut ctx: Context, shutdown: impl std::future::Future<Output = (
     .default_backoff()
     .touched_objects();
     let (environments, environments_writer) = reflector::store::<Environment>();
+    ctx.metrics.count_environments(environments.clone());
     let environment_events = watcher(Api::<Environment>::all(client), watcher::Config::default())
         .default_backoff()
         .modify(strip)
@@ -835,7 +866,7 @@ mod transition_tests {
         let after = status(json!({"phase": "Ready", "url": "https://h.preview.test", "conditions": [
             condition("VMReady", "True", "Running"), condition("Routed", "True", "Serving"),
         ]}));
-        let (warnings, normal) = transitions(&before, &after);
+        let (warnings, normal) = transitions(&before, &after, None);
         assert!(warnings.is_empty(), "{warnings:?}");
         let (reason, note) = normal.expect("one Event for the write");
         assert_eq!(reason, "Ready", "named by the new phase");
@@ -848,11 +879,34 @@ mod transition_tests {
             condition("VMReady", "True", "Running"), condition("Deployed", "False", "ServiceExited"),
             condition("Routed", "False", "NotServing"),
         ]}));
-        let (warnings, normal) = transitions(&after, &failed);
+        let (warnings, normal) = transitions(&after, &failed, None);
         let reasons: Vec<&str> = warnings.iter().map(|(reason, _)| reason.as_str()).collect();
         assert_eq!(reasons, ["Failed", "ServiceExited"], "each failure is a warning of its own");
         assert_eq!(normal.map(|(reason, _)| reason).as_deref(), Some("NotServing"), "named by the first change");
 
-        assert_eq!(transitions(&failed, &failed), (Vec::new(), None), "nothing changed, no Event");
+        assert_eq!(transitions(&failed, &failed, None), (Vec::new(), None), "nothing changed, no Event");
+    }
+
+    #[test]
+    fn a_new_run_is_told_first_with_its_commit_and_the_delivery_that_asked_for_it() {
+        let ready = status(json!({"phase": "Ready", "run": {"sha": "a".repeat(40)}, "conditions": [
+            condition("BuildsSucceeded", "True", "Built"),
+        ]}));
+        let building = status(json!({"phase": "Building", "run": {"sha": "b".repeat(40)}, "conditions": [
+            condition("BuildsSucceeded", "False", "Building"),
+        ]}));
+        let (warnings, normal) = transitions(&ready, &building, Some("72d3162e-cc78-11e3-81ab-4c9367dc0958"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (reason, note) = normal.unwrap();
+        assert_eq!(reason, "Building", "still named by the new phase");
+        assert_eq!(
+            note,
+            "run of commit bbbbbbbbbbbb started (webhook delivery 72d3162e-cc78-11e3-81ab-4c9367dc0958); \
+             phase Building; BuildsSucceeded: BuildsSucceeded is Building"
+        );
+        let first = status(json!({"run": {"sha": "c".repeat(40)}}));
+        let (_, normal) = transitions(&EnvironmentStatus::default(), &first, None);
+        assert_eq!(normal.unwrap(), ("RunStarted".to_owned(), "run of commit cccccccccccc started".to_owned()));
+        assert_eq!(transitions(&building, &building, Some("d")), (Vec::new(), None), "the same run: nothing");
     }
 }

@@ -605,7 +605,7 @@ pub async fn advance(
                 Some(_) => "deploying a new commit",
                 None => "deploying",
             };
-            super::event(ctx, env, false, "Deploying", format!("{what} ({job_id})")).await;
+            super::event(ctx, env, false, "DeploySent", format!("{what} ({job_id})")).await;
         }
     }
 
@@ -658,6 +658,11 @@ pub async fn advance(
                 return Ok(Outcome::after(Duration::from_secs(5)));
             }
             status.phase = Some(EnvironmentPhase::Ready);
+            if let Some(run) = &mut status.run
+                && run.ready_at.is_none()
+            {
+                run.ready_at = Some(Time(now));
+            }
             match inputs.config.test.as_ref().filter(|t| t.enabled) {
                 Some(tests) => Ok(run_tests(env, status, tests, port, ctx).await),
                 None => {
@@ -838,7 +843,14 @@ pub async fn teardown(env: &Environment, ctx: &Context, provider: Option<&CloudP
                 Ok(cloud) => {
                     let id = status.vm.as_ref().and_then(|vm| vm.provider_id.clone());
                     let by_id = match &id {
-                        Some(id) => cloud.terminate(id).await.err().map(|err| format!("preview VM {id}: {err}")),
+                        Some(id) => match cloud.terminate(id).await {
+                            Ok(()) => {
+                                let note = format!("preview VM {id} terminated");
+                                super::event(ctx, env, false, "VMTerminated", note).await;
+                                None
+                            }
+                            Err(err) => Some(format!("preview VM {id}: {err}")),
+                        },
                         None => None,
                     };
                     leftovers.extend(by_id);

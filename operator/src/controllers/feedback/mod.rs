@@ -61,13 +61,26 @@ pub struct Context {
     github: Arc<GitHub>,
     recorder: Recorder,
     failures: Mutex<HashMap<ObjectRef<Environment>, Backoff>>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Context {
     /// A context reporting through `github`.
     pub fn new(client: Client, github: Arc<GitHub>) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, github, failures: Mutex::default() }
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            github,
+            failures: Mutex::default(),
+            metrics: crate::metrics::Metrics::default(),
+        }
+    }
+
+    /// Counts and times its reconciles in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -99,6 +112,17 @@ pub enum Error {
     /// The finalizer could not be managed.
     #[error("failed to manage the GitHub feedback finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The reconcile outcome this error is counted as.
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "ApiError",
+            Error::GitHub { source, .. } => source.reason(),
+            Error::Finalizer(_) => "FinalizerError",
+        }
+    }
 }
 
 /// What of an Environment the feedback depends on: its deletion, finalizers and pull request, and
@@ -139,36 +163,44 @@ struct Target {
     number: i64,
 }
 
+/// Reconciles one Environment's feedback, counted and timed.
 async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = feedback(env, &ctx).await;
+    ctx.metrics.reconciled_after("feedback", result.as_ref().map_or_else(Error::reason, |_| "ok"), started);
+    result
+}
+
+async fn feedback(env: Arc<Environment>, ctx: &Context) -> Result<Action, Error> {
     let namespace = env.namespace().unwrap_or_default();
     let name = env.name_any();
-    let target = target(&env, &ctx).await;
+    let target = target(&env, ctx).await;
     let has_finalizer = env.finalizers().iter().any(|f| f == keys::GITHUB_FEEDBACK_FINALIZER);
     let target = match target {
         Ok(Some(target)) => target,
         Ok(None) | Err(_) if env.metadata.deletion_timestamp.is_some() => {
             // Nothing to tell, or no way to: let it go.
             if has_finalizer {
-                release(&env, &ctx).await?;
+                release(&env, ctx).await?;
             }
             return Ok(Action::await_change());
         }
         Ok(None) => {
             let message = "the Project's GitHub credentials Secret holds no token or App keys: the pull request \
                            gets no Deployment and no comment";
-            write_condition(&env, &ctx, false, NO_CREDENTIALS, message, None).await?;
+            write_condition(&env, ctx, false, NO_CREDENTIALS, message, None).await?;
             return Ok(Action::await_change());
         }
         Err(err) => {
-            write_condition(&env, &ctx, false, err.reason(), &err.to_string(), None).await?;
+            write_condition(&env, ctx, false, err.reason(), &err.to_string(), None).await?;
             return Err(Error::GitHub { namespace, name, source: err });
         }
     };
     let api = Api::<Environment>::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, keys::GITHUB_FEEDBACK_FINALIZER, env, |event| async {
         match event {
-            finalizer::Event::Apply(env) => report(&env, &target, &ctx).await,
-            finalizer::Event::Cleanup(env) => tear_down(&env, &target, &ctx).await,
+            finalizer::Event::Apply(env) => report(&env, &target, ctx).await,
+            finalizer::Event::Cleanup(env) => tear_down(&env, &target, ctx).await,
         }
     })
     .await
