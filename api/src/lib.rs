@@ -23,6 +23,7 @@ pub mod route;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod v1alpha1;
+pub mod webhook_secrets;
 
 pub use k8s_openapi;
 pub use kube;

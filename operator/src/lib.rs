@@ -84,6 +84,13 @@ pub struct GitHubConfig {
     /// (webhooks are the fast path; the resync finds what lost webhooks missed).
     #[arg(long, env = "STAGELY_GITHUB_RESYNC_SECS", default_value_t = 300)]
     pub github_resync_secs: u64,
+
+    /// `<namespace>/<name>` of a Secret the operator keeps every Project's webhook secret in
+    /// (one key per credentials Secret, `<namespace>_<name>`), so that the webhook receiver,
+    /// given the same flag, reads that Secret alone and needs no grant on the teams' Secrets.
+    /// Unset: none is kept, and the receiver reads the credentials Secrets itself.
+    #[arg(long, env = "STAGELY_WEBHOOK_SECRETS")]
+    pub webhook_secrets: Option<stagely_api::webhook_secrets::SecretLocation>,
 }
 
 impl GitHubConfig {
@@ -409,7 +416,9 @@ async fn act(prepared: Prepared, listener: tokio::net::TcpListener) -> Result<()
         metrics.clone(),
         config.reaper.clone(),
     ));
-    let projects = controllers::project::Context::new(client.clone(), metrics.clone()).with_github(github.clone());
+    let projects = controllers::project::Context::new(client.clone(), metrics.clone())
+        .with_github(github.clone())
+        .with_webhook_secrets(config.github.webhook_secrets.clone());
     let capacity = Arc::new(controllers::capacity::Capacity::new());
     let watched_routes = routes.clone();
     let environments =

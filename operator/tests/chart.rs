@@ -11,10 +11,11 @@
 //! - `kubectl auth can-i` shows each component's ServiceAccount and the user roles hold what
 //!   they should and not more;
 //! - the operator and the webhook receiver binaries, run out of cluster with their
-//!   ServiceAccounts' tokens, do their work with exactly the chart's grants: a Project and its
-//!   `local` CloudProvider go Ready, a signed webhook becomes an Environment that goes Ready (its
-//!   Events recorded) and is torn down, the leader releases its Lease on SIGTERM, and neither logs
-//!   a `forbidden`.
+//!   ServiceAccounts' tokens and the chart's flags, do their work with exactly the chart's grants:
+//!   a Project and its `local` CloudProvider go Ready, the operator keeps the Project's webhook
+//!   secret in the one Secret the receiver may read (and follows its rotation), a signed webhook
+//!   becomes an Environment that goes Ready (its Events recorded) and is torn down, the leader
+//!   releases its Lease on SIGTERM, and neither logs a `forbidden`.
 
 #[path = "../../agent/tests/support/mod.rs"]
 mod agent_support;
@@ -36,6 +37,9 @@ const RELEASE: &str = "stagely";
 const DOMAIN: &str = "preview.example.com";
 /// The webhook secret `Stack::namespace` puts in the Project's GitHub Secret.
 const WEBHOOK_SECRET: &[u8] = b"whsec_test";
+/// The Secret the operator keeps the webhook secrets in, and the receiver reads, as the chart
+/// names it (`--webhook-secrets`).
+const WEBHOOK_SECRETS: &str = "stagely-webhook-secrets";
 
 /// Alternative values, each rendered, linted and applied (dry run) like the defaults.
 const CASES: &[(&str, &[&str])] = &[
@@ -175,7 +179,8 @@ fn namespace(name: &str) {
     apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"));
 }
 
-/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings, applied for real.
+/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings, and the webhook secrets
+/// Secret, applied for real.
 fn install_rbac() {
     release_namespace();
     let rbac = render(
@@ -187,6 +192,8 @@ fn install_rbac() {
             "templates/rbac.yaml",
             "--show-only",
             "templates/user-roles.yaml",
+            "--show-only",
+            "templates/webhook-secrets.yaml",
         ],
     );
     let out = kubectl_apply(&rbac, &["--namespace", RELEASE_NAMESPACE]);
@@ -220,6 +227,18 @@ fn can_i(who: &str, verb: &str, resource: &str, namespace: Option<&str>) -> bool
             "kubectl auth can-i {verb} {resource} --as {who}: {other:?} {}",
             String::from_utf8_lossy(&out.stderr)
         ),
+    }
+}
+
+/// Whether `who` may `verb` the Secret `name` of the release's namespace.
+fn can_i_named(who: &str, verb: &str, name: &str) -> bool {
+    let mut command = plane().kubectl();
+    command.args(["auth", "can-i", verb, &format!("secrets/{name}"), "--as", who, "--namespace", RELEASE_NAMESPACE]);
+    let out = run(command);
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!("kubectl auth can-i {verb} secrets/{name} --as {who}: {other:?}"),
     }
 }
 
@@ -404,7 +423,8 @@ fn rbac_grants_what_each_component_and_role_needs_and_nothing_more() {
             ("create", "events.events.k8s.io", system, false),
         ],
     );
-    // The webhook receiver: Projects read (and annotated), Environments written, Secrets only read.
+    // The webhook receiver: Projects read (and annotated), Environments written, one Secret read:
+    // the webhook secrets the operator keeps; no team's Secret, no other Secret of the release.
     assert_grants(
         &service_account("webhook-receiver"),
         &[
@@ -413,7 +433,9 @@ fn rbac_grants_what_each_component_and_role_needs_and_nothing_more() {
             ("create", "environments.stagely.dev", Some(team), true),
             ("patch", "environments.stagely.dev", Some(team), true),
             ("delete", "environments.stagely.dev", Some(team), true),
-            ("get", "secrets", Some(team), true),
+            ("get", "secrets", Some(team), false),
+            ("list", "secrets", None, false),
+            ("get", "secrets", system, false),
             ("create", "secrets", Some(team), false),
             ("update", "secrets", Some(team), false),
             ("delete", "secrets", Some(team), false),
@@ -425,6 +447,12 @@ fn rbac_grants_what_each_component_and_role_needs_and_nothing_more() {
             ("get", "leases.coordination.k8s.io", system, false),
         ],
     );
+    let receiver = service_account("webhook-receiver");
+    for verb in ["get", "list", "watch"] {
+        assert!(can_i_named(&receiver, verb, WEBHOOK_SECRETS), "the receiver cannot {verb} {WEBHOOK_SECRETS}");
+    }
+    assert!(!can_i_named(&receiver, "patch", WEBHOOK_SECRETS), "the receiver can write {WEBHOOK_SECRETS}");
+    assert!(!can_i_named(&receiver, "get", "stagely-gateway-signing-key"), "the receiver can read another Secret");
     // The operator: its kinds, Secrets read, Events, and its Lease in its own namespace only.
     assert_grants(
         &service_account("operator"),
@@ -446,6 +474,10 @@ fn rbac_grants_what_each_component_and_role_needs_and_nothing_more() {
             ("update", "clusterroles.rbac.authorization.k8s.io", None, false),
         ],
     );
+    let operator = service_account("operator");
+    assert!(can_i_named(&operator, "patch", WEBHOOK_SECRETS), "the operator cannot write {WEBHOOK_SECRETS}");
+    assert!(!can_i_named(&operator, "patch", "stagely-gateway-signing-key"), "the operator can write another Secret");
+    assert!(!can_i_named(&operator, "delete", WEBHOOK_SECRETS), "the operator can delete {WEBHOOK_SECRETS}");
 
     // The user roles, each bound in the team's namespace only.
     for (user, role) in
@@ -514,9 +546,14 @@ async fn the_operator_and_receiver_work_with_exactly_the_charts_grants() {
     // The operator as the chart runs it: its Lease in the release's namespace, the token its
     // only credential. It leads (its /readyz answers 200) before this returns.
     let operator_config_env = operator_config.to_string_lossy().into_owned();
+    let webhook_secrets = format!("{RELEASE_NAMESPACE}/{WEBHOOK_SECRETS}");
     let operator = stack.operator_custom(
         true,
-        &[("--lease-namespace", RELEASE_NAMESPACE), ("--lease-name", &format!("{RELEASE}-operator"))],
+        &[
+            ("--lease-namespace", RELEASE_NAMESPACE),
+            ("--lease-name", &format!("{RELEASE}-operator")),
+            ("--webhook-secrets", &webhook_secrets),
+        ],
         &[("KUBECONFIG", operator_config_env.as_str())],
     );
     let namespace = "team-chart";
@@ -533,9 +570,21 @@ async fn the_operator_and_receiver_work_with_exactly_the_charts_grants() {
     })
     .await;
 
-    // The receiver with its token: GitHub's ping until its caches hold the Project and its
-    // Secret, then the pull request, which it writes as an Environment.
-    let receiver = stack.webhook_receiver_as(&receiver_config);
+    // The operator keeps the Project's webhook secret, and only that, where the receiver reads it.
+    let kept: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let held = || async {
+        let secret = kept.get_opt(WEBHOOK_SECRETS).await.ok()??;
+        Some(secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect::<Vec<_>>())
+    };
+    let data = eventually("the operator to keep the webhook secret", STEP_TIMEOUT, || async {
+        held().await.filter(|data| !data.is_empty())
+    })
+    .await;
+    assert_eq!(data, [(format!("{namespace}_github"), WEBHOOK_SECRET.to_vec())]);
+
+    // The receiver with its token and the chart's flags: GitHub's ping until its caches hold the
+    // Project and its webhook secret, then the pull request, which it writes as an Environment.
+    let receiver = stack.webhook_receiver_with(&receiver_config, &["--webhook-secrets", &webhook_secrets]);
     let ping = serde_json::to_vec(&serde_json::json!({
         "zen": "Keep it logically awesome.", "hook_id": 1,
         "hook": {"type": "Repository", "id": 1, "name": "web", "active": true, "events": ["pull_request"],
@@ -572,12 +621,31 @@ async fn the_operator_and_receiver_work_with_exactly_the_charts_grants() {
         .collect();
     assert!(!reasons.is_empty(), "no Events on the Environment");
 
+    // The team rotates its webhook secret: the old one is refused, the new one accepted.
+    const ROTATED: &[u8] = b"whsec_rotated";
+    let team_secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+    let rotate = serde_json::json!({"stringData": {"webhookSecret": std::str::from_utf8(ROTATED).unwrap()}});
+    team_secrets.patch("github", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&rotate)).await.unwrap();
+    eventually("the receiver to take the rotated webhook secret", STEP_TIMEOUT, || {
+        let answer = receiver.deliver("ping", &delivery(), ROTATED, &ping);
+        async move { answer.filter(|(code, _)| *code == 200) }
+    })
+    .await;
+    let (code, body) = receiver.deliver("ping", &delivery(), WEBHOOK_SECRET, &ping).unwrap();
+    assert_eq!(code, 401, "the old webhook secret still verifies: {body}");
+
     // Closed: the receiver deletes it, and the operator's finalizer tears it down.
-    let (code, body) =
-        receiver.deliver("pull_request", &delivery(), WEBHOOK_SECRET, &pull_request("closed", &sha)).unwrap();
+    let (code, body) = receiver.deliver("pull_request", &delivery(), ROTATED, &pull_request("closed", &sha)).unwrap();
     assert_eq!(code, 202, "{body}");
     eventually("the Environment to be torn down", STEP_TIMEOUT, || async {
         envs.get_opt("shop-pr-1").await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    // The Project goes: so does its key.
+    projects.delete("shop", &Default::default()).await.unwrap();
+    eventually("the operator to drop the gone Project's webhook secret", STEP_TIMEOUT, || async {
+        held().await.filter(|data| data.is_empty())
     })
     .await;
 

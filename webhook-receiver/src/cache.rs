@@ -1,12 +1,19 @@
 //! The Projects and their webhook secrets, kept in process: a delivery is verified without an
 //! apiserver call.
 //!
-//! Projects are watched whole. Secrets are watched by their metadata only, so no Secret's data
-//! reaches the receiver by the watch; the Secrets that Projects reference
-//! (`spec.github.credentialsSecretRef`) are read by name in the background, when a Project starts
-//! referencing one and whenever the watch shows it at another `resourceVersion`. Of a Secret
-//! read only its `webhookSecret` is kept, and only while a Project references the Secret and
-//! the Secret exists.
+//! Projects are watched whole. The webhook secrets come from one of two places:
+//!
+//! - [`SecretSource::Mirror`] (the Helm chart's way): the one Secret the operator keeps every
+//!   referenced credentials Secret's `webhookSecret` in ([`stagely_api::webhook_secrets`]), watched
+//!   by name. The receiver then needs a grant on that Secret alone, none on the teams' Secrets.
+//! - [`SecretSource::Direct`]: Secrets are watched by their metadata only, so no Secret's data
+//!   reaches the receiver by the watch; the Secrets that Projects reference
+//!   (`spec.github.credentialsSecretRef`) are read by name in the background, when a Project
+//!   starts referencing one and whenever the watch shows it at another `resourceVersion`. This
+//!   needs a grant to read every Secret of the teams' namespaces.
+//!
+//! Of a Secret read only its `webhookSecret` is kept, and only while a Project references the
+//! Secret and the Secret exists.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +28,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use stagely_api::backoff::Backoff;
 use stagely_api::v1alpha1::Project;
+use stagely_api::webhook_secrets::{self, SecretLocation};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -82,6 +90,15 @@ pub enum Error {
     },
 }
 
+/// Where the webhook secrets are read; see the module documentation.
+#[derive(Clone, Debug)]
+pub enum SecretSource {
+    /// The credentials Secrets themselves.
+    Direct,
+    /// The operator's webhook secrets Secret at this place.
+    Mirror(SecretLocation),
+}
+
 /// The cache; see the module documentation.
 pub struct Cache {
     projects: Store<Project>,
@@ -102,9 +119,107 @@ struct Read {
 }
 
 impl Cache {
+    /// Starts watching Projects in every namespace, and the webhook secrets from `source`; all
+    /// of it runs as long as the returned future is polled.
+    pub fn start(
+        client: Client,
+        source: SecretSource,
+    ) -> (Arc<Self>, std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>) {
+        match source {
+            SecretSource::Direct => {
+                let (cache, run) = Self::start_direct(client);
+                (cache, Box::pin(run))
+            }
+            SecretSource::Mirror(location) => {
+                let (cache, run) = Self::start_mirror(client, location);
+                (cache, Box::pin(run))
+            }
+        }
+    }
+
+    /// Watches Projects, and the webhook secrets Secret at `location`: what it holds is what is
+    /// known, keyed by the credentials Secret each value comes from.
+    fn start_mirror(
+        client: Client,
+        location: SecretLocation,
+    ) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
+        let (projects, project_writer) = reflector::store();
+        // The Secrets' metadata store stays empty: the mirror alone is read.
+        let (secrets, _) = reflector::store();
+        let cache = Arc::new(Self { projects, secrets, read: RwLock::default(), ready: AtomicBool::new(false) });
+        let project_watch = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(strip_project)
+            .reflect(project_writer)
+            .for_each(|event| {
+                if let Err(err) = event {
+                    tracing::warn!(%err, "the Project watch failed; retrying");
+                }
+                async {}
+            });
+        let (mirror, mirror_writer) = reflector::store::<Secret>();
+        let by_name = watcher::Config::default().fields(&format!("metadata.name={}", location.name));
+        let mirror_watch = watcher(Api::<Secret>::namespaced(client, &location.namespace), by_name)
+            .default_backoff()
+            .modify(|secret: &mut Secret| {
+                secret.metadata.managed_fields = None;
+                secret.metadata.annotations = None;
+            })
+            .reflect(mirror_writer)
+            .for_each({
+                let (cache, mirror, location) = (cache.clone(), mirror.clone(), location.clone());
+                move |event| {
+                    match event {
+                        Ok(_) => cache.take_mirror(&mirror, &location),
+                        Err(err) => {
+                            tracing::warn!(%err, secret = %location, "the webhook secrets watch failed; retrying")
+                        }
+                    }
+                    async {}
+                }
+            });
+        let ready = {
+            let cache = cache.clone();
+            async move {
+                if cache.projects.wait_until_ready().await.is_err() || mirror.wait_until_ready().await.is_err() {
+                    return;
+                }
+                cache.take_mirror(&mirror, &location);
+                cache.ready.store(true, Ordering::Release);
+                let read = cache.read.read().unwrap_or_else(|e| e.into_inner()).len();
+                if mirror.is_empty() {
+                    tracing::warn!(secret = %location, "no webhook secrets Secret yet (the operator writes it): deliveries get 401 until it does");
+                }
+                tracing::info!(projects = cache.projects.len(), secrets_read = read, secret = %location,
+                    "the Project and webhook secrets caches are ready");
+            }
+        };
+        let run = async move {
+            tokio::join!(project_watch, mirror_watch, ready);
+        };
+        (cache, run)
+    }
+
+    /// Takes the webhook secrets the mirror holds as those known.
+    fn take_mirror(&self, mirror: &Store<Secret>, location: &SecretLocation) {
+        let secret = mirror.get(&ObjectRef::new(&location.name).within(&location.namespace));
+        let version = secret.as_ref().and_then(|s| s.metadata.resource_version.clone()).unwrap_or_default();
+        let known: HashMap<ObjectRef<Secret>, Read> = secret
+            .and_then(|secret| secret.data.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (namespace, name) = webhook_secrets::parse_key(&key)?;
+                let webhook_secret = (!value.0.is_empty()).then(|| Arc::from(value.0));
+                Some((ObjectRef::new(name).within(namespace), Read { version: version.clone(), webhook_secret }))
+            })
+            .collect();
+        *self.read.write().unwrap_or_else(|e| e.into_inner()) = known;
+    }
+
     /// Starts watching Projects and Secrets' metadata in every namespace, and reading the
-    /// referenced Secrets; all of it runs as long as the returned future is polled.
-    pub fn start(client: Client) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
+    /// referenced Secrets.
+    fn start_direct(client: Client) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
         let (projects, project_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
         let cache = Arc::new(Self { projects, secrets, read: RwLock::default(), ready: AtomicBool::new(false) });
@@ -112,11 +227,7 @@ impl Cache {
         let changed = Arc::new(Notify::new());
         let project_watch = watcher(Api::<Project>::all(client.clone()), watcher::Config::default())
             .default_backoff()
-            .modify(|project: &mut Project| {
-                project.metadata.managed_fields = None;
-                project.metadata.annotations = None;
-                project.status = None;
-            })
+            .modify(strip_project)
             .reflect(project_writer)
             .for_each({
                 let changed = changed.clone();
@@ -262,6 +373,13 @@ impl Cache {
             }
         }
     }
+}
+
+/// Keeps what the cache needs of a Project: its metadata's names, and its spec.
+fn strip_project(project: &mut Project) {
+    project.metadata.managed_fields = None;
+    project.metadata.annotations = None;
+    project.status = None;
 }
 
 /// When a Secret whose read failed is read again.

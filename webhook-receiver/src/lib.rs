@@ -26,7 +26,7 @@ use clap::Parser;
 use stagely_api::ops;
 use tokio::net::TcpListener;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, SecretSource};
 use crate::deliveries::Deliveries;
 use crate::metrics::WebhookMetrics;
 use crate::queue::Queue;
@@ -86,6 +86,13 @@ pub struct Config {
     /// Seconds queued writes get to finish on shutdown, once no delivery is accepted any more.
     #[arg(long, env = "STAGELY_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+
+    /// `<namespace>/<name>` of the Secret the operator keeps every Project's webhook secret in
+    /// (the operator's `--webhook-secrets`): the receiver then reads that Secret alone. Unset: it
+    /// reads the Projects' credentials Secrets itself, which needs a grant to read every Secret
+    /// in the teams' namespaces.
+    #[arg(long, env = "STAGELY_WEBHOOK_SECRETS")]
+    pub webhook_secrets: Option<stagely_api::webhook_secrets::SecretLocation>,
 
     /// Log format.
     #[arg(long, env = "STAGELY_LOG_FORMAT", value_enum, default_value_t = ops::LogFormat::Text)]
@@ -155,7 +162,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (registry, metrics) = metrics();
-    let (cache, watches) = Cache::start(client.clone());
+    let source = match config.webhook_secrets.clone() {
+        Some(location) => SecretSource::Mirror(location),
+        None => SecretSource::Direct,
+    };
+    let (cache, watches) = Cache::start(client.clone(), source);
     let queue = Arc::new(Queue::new(config.queue_capacity));
     let deliveries = Arc::new(Deliveries::new(config.deliveries_remembered));
     let writer = Writer::new(

@@ -10,6 +10,11 @@
 {{- end -}}
 
 {{/* Labels every object carries. */}}
+{{- /* The Secret the operator keeps the Projects' webhook secrets in, for the receiver. */ -}}
+{{- define "stagely.webhookSecrets" -}}
+{{ include "stagely.fullname" . }}-webhook-secrets
+{{- end -}}
+
 {{- define "stagely.labels" -}}
 app.kubernetes.io/name: stagely
 app.kubernetes.io/instance: {{ .Release.Name }}

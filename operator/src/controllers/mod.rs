@@ -12,6 +12,7 @@ pub mod follow;
 pub mod project;
 pub mod resync;
 pub mod vm;
+pub mod webhook_secrets;
 
 use std::sync::Arc;
 

@@ -33,8 +33,10 @@ use serde_json::json;
 use stagely_api::backoff::Backoff;
 use stagely_api::keys::MANAGER_OPERATOR;
 use stagely_api::v1alpha1::{CloudProvider, Environment, LocalObjectRef, Project, ProjectStatus};
+use stagely_api::webhook_secrets::SecretLocation;
 
 use crate::controllers::conditions::set_condition;
+use crate::controllers::webhook_secrets::Mirror;
 use crate::github::{Credentials, GitHub, GitHubError};
 use crate::metrics::Metrics;
 
@@ -81,13 +83,21 @@ pub struct Context {
     pub metrics: Metrics,
     recorder: Recorder,
     github: Option<Arc<GitHub>>,
+    webhook_secrets: Option<Arc<Mirror>>,
 }
 
 impl Context {
     /// A context for `client`, counting into `metrics`.
     pub fn new(client: Client, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: CONTROLLER.into(), instance: std::env::var("POD_NAME").ok() };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, github: None }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, github: None, webhook_secrets: None }
+    }
+
+    /// Keeps every referenced credentials Secret's `webhookSecret` in the Secret at `location`,
+    /// for the webhook receiver (see [`crate::controllers::webhook_secrets`]).
+    pub fn with_webhook_secrets(mut self, location: Option<SecretLocation>) -> Self {
+        self.webhook_secrets = location.map(|location| Arc::new(Mirror::new(location)));
+        self
     }
 
     /// Checks with `github` that it accepts each Project's credentials for its repository.
@@ -566,12 +576,20 @@ async fn github_key_names(
     {
         return Ok(Some((known.version.clone(), known.keys.clone(), known.credentials.clone())));
     }
+    let mirror = state.ctx.webhook_secrets.as_deref();
     let Some(secret) = Api::<Secret>::namespaced(state.ctx.client.clone(), namespace).get_opt(name).await? else {
         state.key_names.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        if let Some(mirror) = mirror {
+            mirror.record((namespace.to_owned(), name.to_owned()), None);
+        }
         return Ok(None);
     };
     let version = secret.metadata.resource_version.clone().unwrap_or_default();
     let data = secret.data.unwrap_or_default();
+    if let Some(mirror) = mirror {
+        let webhook_secret = data.get("webhookSecret").filter(|v| !v.0.is_empty()).map(|v| Arc::from(&v.0[..]));
+        mirror.record((namespace.to_owned(), name.to_owned()), Some(webhook_secret));
+    }
     let credentials = Credentials::from_secret_data(&data);
     let keys = key_names(data);
     let known = KeyNames { version: version.clone(), keys: keys.clone(), credentials: credentials.clone() };
@@ -642,7 +660,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let (environments, environments_writer) = reflector::store::<Member>();
 
     // One watch per kind feeds both its store and the triggers, so a reconcile always sees at
-    // least the change that woke it.
+    // least the change that woke it. The Projects' store is awaited by the applier: whether it
+    // has listed is told by its watch's events too, since the store wakes one waiter only.
+    let (projects_listed_tx, projects_listed) = tokio::sync::watch::channel(false);
     let own = trigger_self(
         reflector(
             projects_writer,
@@ -650,6 +670,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 .modify(|p: &mut Project| p.metadata.managed_fields = None)
                 .default_backoff(),
         )
+        .inspect({
+            let mirror = ctx.webhook_secrets.clone();
+            move |event| {
+                if matches!(event, Ok(watcher::Event::InitDone)) {
+                    projects_listed_tx.send_replace(true);
+                }
+                mirror.iter().for_each(|m| m.wake());
+            }
+        })
         .applied_objects(),
         (),
     );
@@ -676,7 +705,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), config.clone())
                 .modify(strip_secret)
                 .default_backoff(),
-        );
+        )
+        .inspect({
+            let mirror = ctx.webhook_secrets.clone();
+            move |_| mirror.iter().for_each(|m| m.wake())
+        });
         trigger_with(stream.touched_objects(), move |secret: PartialObjectMeta<Secret>| {
             let name = secret.name_any();
             projects_referring(&projects, secret.namespace(), |p| {
@@ -723,7 +756,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         reported: Mutex::default(),
         failures: Mutex::default(),
     });
-    applier(
+    let mirror = keep_webhook_secrets(state.clone(), projects_listed);
+    let run = applier(
         |project, state| Box::pin(reconcile(project, state)),
         error_policy,
         state,
@@ -731,8 +765,36 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         queue,
         controller::Config::default().concurrency(crate::controllers::MAX_CONCURRENT_RECONCILES),
     )
-    .for_each(|result| async move { crate::controllers::log_run("project", result) })
-    .await;
+    .for_each(|result| async move { crate::controllers::log_run("project", result) });
+    // The mirror stops with the controller (whose queue ends on shutdown).
+    tokio::select! {
+        () = run => {}
+        () = mirror => {}
+    }
+}
+
+/// Keeps the webhook secrets Secret, if the operator keeps one, once the Projects and Secrets
+/// have listed: a key for each credentials Secret a Project references and that exists.
+async fn keep_webhook_secrets(state: Arc<State>, mut projects_listed: tokio::sync::watch::Receiver<bool>) {
+    let Some(mirror) = state.ctx.webhook_secrets.clone() else {
+        return std::future::pending().await;
+    };
+    if projects_listed.wait_for(|listed| *listed).await.is_err() || !state.listed[1].wait().await {
+        return std::future::pending().await;
+    }
+    let referenced = || {
+        state
+            .projects
+            .state()
+            .iter()
+            .filter_map(|project| {
+                let namespace = project.namespace()?;
+                let name = &project.spec.github.credentials_secret_ref.name;
+                state.secrets.get(&ObjectRef::new(name).within(&namespace)).map(|_| (namespace, name.clone()))
+            })
+            .collect()
+    };
+    mirror.keep(state.ctx.client.clone(), referenced).await;
 }
 
 #[cfg(test)]

@@ -657,6 +657,11 @@ impl Stack {
         let (port, ops_port) = (free_port(), free_port());
         let log = std::fs::File::create(self.webhook_receiver_log()).unwrap();
         let mut command = Command::new(bin);
+        self.webhook_receiver_with(kubeconfig, &[])
+    }
+
+    /// [`Stack::webhook_receiver_as`] with the further arguments `args`.
+    pub fn webhook_receiver_with(&self, kubeconfig: &Path, args: &[&str]) -> WebhookReceiver {
         command
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,stagely_webhook_receiver=debug")
@@ -668,6 +673,7 @@ impl Stack {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let child = stagely_testenv::spawn_tied(command).expect("the webhook receiver starts");
+            .args(args)
         crate::agent_support::wait_for("the webhook receiver to be ready", STEP_TIMEOUT, || {
             crate::agent_support::http_get(ops_port, "/readyz").filter(|(code, _)| *code == 200)
         });
