@@ -49,6 +49,9 @@ if ! $demo; then
   # The edge proxy's benchmark compares with nginx under wrk.
   command -v nginx >/dev/null || missing+=(nginx-light)
   command -v wrk >/dev/null || missing+=(wrk)
+  # The observability test scrapes the components with a real Prometheus, evaluates the
+  # chart's alerts with it and checks them with promtool (both in Debian's package).
+  { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -582,6 +582,8 @@ pub struct EdgeProxy {
     child: Child,
     /// Its plain-HTTP port.
     pub port: u16,
+    /// Its operations port (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_port: u16,
 }
 
 impl Drop for EdgeProxy {
@@ -595,7 +597,7 @@ impl Stack {
     /// Starts the edge proxy for `domain`.
     pub fn edge_proxy(&self, domain: &str) -> EdgeProxy {
         let bin = workspace_bin("stagely-edge-proxy");
-        let port = free_port();
+        let (port, ops_port) = (free_port(), free_port());
         let log = std::fs::File::create(self.dir.path().join("edge-proxy.log")).unwrap();
         let mut command = Command::new(bin);
         command
@@ -603,7 +605,7 @@ impl Stack {
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--ops-addr")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(format!("127.0.0.1:{ops_port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -611,7 +613,7 @@ impl Stack {
         crate::agent_support::wait_for("the edge proxy to listen", STEP_TIMEOUT, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        EdgeProxy { child, port }
+        EdgeProxy { child, port, ops_port }
     }
 }
 
@@ -629,6 +631,8 @@ pub struct WebhookReceiver {
     child: Child,
     /// Where it takes webhooks (`POST /v1/webhooks/github`).
     pub port: u16,
+    /// Its operations port (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_port: u16,
 }
 
 impl Drop for WebhookReceiver {
@@ -677,7 +681,7 @@ impl Stack {
         crate::agent_support::wait_for("the webhook receiver to be ready", STEP_TIMEOUT, || {
             crate::agent_support::http_get(ops_port, "/readyz").filter(|(code, _)| *code == 200)
         });
-        WebhookReceiver { child, port }
+        WebhookReceiver { child, port, ops_port }
     }
 }
 
