@@ -657,15 +657,15 @@ impl Stack {
     /// [`Stack::webhook_receiver`] with the credentials of `kubeconfig` (e.g. a ServiceAccount's
     /// token) instead of the control plane's administrator's.
     pub fn webhook_receiver_as(&self, kubeconfig: &Path) -> WebhookReceiver {
-        let bin = workspace_bin("stagely-webhook-receiver");
-        let (port, ops_port) = (free_port(), free_port());
-        let log = std::fs::File::create(self.webhook_receiver_log()).unwrap();
-        let mut command = Command::new(bin);
         self.webhook_receiver_with(kubeconfig, &[])
     }
 
     /// [`Stack::webhook_receiver_as`] with the further arguments `args`.
     pub fn webhook_receiver_with(&self, kubeconfig: &Path, args: &[&str]) -> WebhookReceiver {
+        let bin = workspace_bin("stagely-webhook-receiver");
+        let (port, ops_port) = (free_port(), free_port());
+        let log = std::fs::File::create(self.webhook_receiver_log()).unwrap();
+        let mut command = Command::new(bin);
         command
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,stagely_webhook_receiver=debug")
@@ -673,11 +673,11 @@ impl Stack {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--ops-addr")
             .arg(format!("127.0.0.1:{ops_port}"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let child = stagely_testenv::spawn_tied(command).expect("the webhook receiver starts");
-            .args(args)
         crate::agent_support::wait_for("the webhook receiver to be ready", STEP_TIMEOUT, || {
             crate::agent_support::http_get(ops_port, "/readyz").filter(|(code, _)| *code == 200)
         });
