@@ -168,6 +168,49 @@ async fn a_good_enrollment_token_is_accepted_once() {
 }
 
 #[tokio::test]
+async fn a_vms_provisioning_is_observed_once_as_its_agent_enrolls_and_agents_are_counted_by_role() {
+    use stagely_operator::gateway::ConnectedAgents;
+    use stagely_operator::metrics::Metrics;
+    let gateway = start(builder()).await;
+    let metrics = Metrics::default();
+    metrics.count_agents(gateway.gateway());
+    let count = |provider: &str, role: &str| {
+        let text = metrics.register("0").encode();
+        let sample =
+            format!("stagely_operator_vm_provisioning_seconds_count{{provider=\"{provider}\",role=\"{role}\"}} ");
+        text.lines().find_map(|line| line.strip_prefix(&sample)?.parse::<u64>().ok()).unwrap_or_default()
+    };
+    assert_eq!(gateway.gateway().connected_agents(), ConnectedAgents::default());
+
+    // A builder VM's agent enrolls: one provisioning, for its provider and role.
+    let builder_scope = scope("provisioned");
+    let token = gateway
+        .gateway()
+        .mint_vm_enrollment_token(&builder_scope, "agent-b", Duration::from_secs(600), "hetzner")
+        .unwrap();
+    let (first, ack) = enroll(&gateway, "agent-b", &token, vec![]).await;
+    assert_eq!(count("hetzner", "builder"), 1);
+    assert_eq!(gateway.gateway().connected_agents(), ConnectedAgents { builders: 1, previews: 0 });
+
+    // Its reconnect with the session token is no new VM.
+    drop(first);
+    let (_again, _) = enroll(&gateway, "agent-b", &ack.session_token, vec![]).await;
+    assert_eq!(count("hetzner", "builder"), 1);
+
+    // A preview's agent, and an agent whose token names no provider (not a VM the operator made).
+    let preview_scope = Scope { kind: ScopeKind::Environment, ..scope("preview") };
+    let token =
+        gateway.gateway().mint_vm_enrollment_token(&preview_scope, "agent-p", Duration::from_secs(600), "aws").unwrap();
+    let (_preview, _) = enroll(&gateway, "agent-p", &token, vec![]).await;
+    let (_plain, _) = enroll(&gateway, "agent-x", &mint(&gateway, &scope("plain"), "agent-x"), vec![]).await;
+    assert_eq!(count("aws", "preview"), 1);
+    assert_eq!(gateway.gateway().connected_agents(), ConnectedAgents { builders: 2, previews: 1 });
+    let text = metrics.register("0").encode();
+    assert!(text.contains(r#"stagely_operator_connected_agents{role="builder"} 2"#), "{text}");
+    assert!(text.contains(r#"stagely_operator_connected_agents{role="preview"} 1"#), "{text}");
+}
+
+#[tokio::test]
 async fn bad_signature_expired_and_foreign_tokens_are_refused() {
     let gateway = start(builder()).await;
     let scope = scope("refusals");
