@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager and kubectl, and for the test node
-# kube-scheduler, kubelet, kube-proxy and the sandbox ("pause") image, from testenv/k8s (Go
+# kube-scheduler, kubelet, kube-proxy, the sandbox ("pause") image and CoreDNS (testenv/coredns,
+# keyed and linked like the registry), from testenv/k8s (Go
 # modules) into a cache directory keyed by the module's content, and prints that directory. A
 # second run on the same machine finds them there and builds nothing. The image registry
 # (testenv/registry) is built into a directory keyed by its own module's content and linked into
@@ -12,13 +13,16 @@ key=$(cd "$here/k8s" && cat go.mod go.sum $(find cmd -name '*.go' | sort) | sha2
 out="$cache/testenv/$key/bin"
 registry_key=$(cd "$here/registry" && cat go.mod go.sum | sha256sum | cut -c1-16)
 registry="$cache/testenv/registry-$registry_key/registry"
+coredns_key=$(cd "$here/coredns" && cat go.mod go.sum main.go | sha256sum | cut -c1-16)
+coredns="$cache/testenv/coredns-$coredns_key/coredns"
 binaries=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy)
 k8s_built() {
   for binary in "${binaries[@]}"; do [ -x "$out/$binary" ] || return 1; done
   [ -f "$out/pause.tar" ]
 }
 registry_linked() { [ -x "$out/registry" ] && [ "$(readlink "$out/registry")" = "$registry" ]; }
-if k8s_built && registry_linked; then
+coredns_linked() { [ -x "$out/coredns" ] && [ "$(readlink "$out/coredns")" = "$coredns" ]; }
+if k8s_built && registry_linked && coredns_linked; then
   echo "$out"
   exit 0
 fi
@@ -26,7 +30,7 @@ fi
 mkdir -p "$cache/testenv"
 exec 9>"$cache/testenv/.lock"
 flock 9
-if k8s_built && registry_linked; then
+if k8s_built && registry_linked && coredns_linked; then
   echo "$out"
   exit 0
 fi
@@ -85,4 +89,13 @@ if [ ! -x "$registry" ]; then
   rm -rf "$(dirname "$registry")" && mv "$tmp" "$(dirname "$registry")"
 fi
 ln -sfn "$registry" "$out/registry"
+# The node's cluster DNS: CoreDNS from its Go module, with the plugins testenv/coredns/main.go names.
+if [ ! -x "$coredns" ]; then
+  echo "testenv/build.sh: building CoreDNS into $(dirname "$coredns") (cold: 2-4 minutes)" >&2
+  tmp="$(dirname "$coredns").tmp.$$"
+  mkdir -p "$tmp"
+  (cd "$here/coredns" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/coredns" .) >&2
+  rm -rf "$(dirname "$coredns")" && mv "$tmp" "$(dirname "$coredns")"
+fi
+ln -sfn "$coredns" "$out/coredns"
 echo "$out"

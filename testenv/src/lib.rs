@@ -317,10 +317,11 @@ impl ControlPlane {
         Ok(self.node.as_ref().ok_or(Error::NoNode)?.ctr())
     }
 
-    /// Starts kube-scheduler, containerd (with the sandbox image imported), kubelet and
-    /// kube-proxy, and waits until the node is Ready and schedulable and kube-proxy has synced.
+    /// Starts kube-scheduler, containerd (with the sandbox image imported), kubelet, kube-proxy and
+    /// CoreDNS, and waits until the node is Ready and schedulable, kube-proxy has synced and
+    /// CoreDNS answers for the cluster's names.
     async fn start_node(&mut self, bin: &Path, pki: &pki::Files) -> Result<()> {
-        for file in ["kube-scheduler", "kubelet", "kube-proxy", "pause.tar"] {
+        for file in ["kube-scheduler", "kubelet", "kube-proxy", "pause.tar", "coredns"] {
             if !bin.join(file).exists() {
                 return Err(Error::Build(format!(
                     "{} has no {file}: it was built before testenv had a node; point STAGELY_TESTENV_BIN at \
@@ -340,6 +341,7 @@ impl ControlPlane {
 
         let node = node::Node::prepare(self.dir.join("node"), bin).await?;
         let ports = node::Ports {
+            dns_ready: free_port()?,
             kubelet: free_port()?,
             kubelet_healthz: free_port()?,
             kube_proxy_healthz: free_port()?,
@@ -384,6 +386,9 @@ impl ControlPlane {
             .arg(format!("--config={}", files.kube_proxy_config.display()))
             .arg("--v=1");
         self.spawn("kube-proxy", kube_proxy)?;
+        let mut coredns = Command::new(bin.join("coredns"));
+        coredns.arg("-conf").arg(&files.corefile);
+        self.spawn("coredns", coredns)?;
 
         let client = self.client().await?;
         let nodes: Api<Node> = Api::all(client);
@@ -398,14 +403,17 @@ impl ControlPlane {
                     && !taints.iter().any(|taint| taint.key == "node.kubernetes.io/not-ready")
             });
             let proxy_synced = registry::get_status(ports.kube_proxy_healthz, "/healthz") == Some(200);
-            if ready && proxy_synced {
+            let dns_ready = registry::get_status(ports.dns_ready, "/ready") == Some(200);
+            if ready && proxy_synced && dns_ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let (name, what) = if ready {
+                let (name, what) = if !ready {
+                    ("kubelet", "the node not Ready and untainted")
+                } else if !proxy_synced {
                     ("kube-proxy", "/healthz not 200")
                 } else {
-                    ("kubelet", "the node not Ready and untainted")
+                    ("coredns", "/ready not 200")
                 };
                 return Err(self.not_ready(name, format!("{what} after {READY_TIMEOUT:?}")));
             }

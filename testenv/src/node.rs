@@ -38,6 +38,11 @@ pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 /// The sandbox image, built by `testenv/build.sh` (`pause.tar` beside the binaries) and imported
 /// into containerd when the node starts.
 pub const PAUSE_IMAGE: &str = "stagely.dev/testenv/pause:1";
+/// The cluster's DNS domain: a Service is `<name>.<namespace>.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Where pods ask for names: CoreDNS on the node's bridge address, port 53 (the kubelet's
+/// `clusterDNS`; a cluster runs it as a Service, the test node as a process of the plane).
+pub const CLUSTER_DNS_IP: &str = BRIDGE_IP;
 /// The containerd namespace the CRI plugin (and so kubelet) uses.
 const CRI_NAMESPACE: &str = "k8s.io";
 /// The CNI network's name (the files libcni caches under `/var/lib/cni` carry it).
@@ -58,10 +63,13 @@ pub(crate) struct Files {
     pub(crate) kubelet_config: PathBuf,
     pub(crate) kube_proxy_config: PathBuf,
     pub(crate) kubelet_dir: PathBuf,
+    pub(crate) corefile: PathBuf,
 }
 
 /// Ports the node's servers listen on (on the node's address or loopback).
 pub(crate) struct Ports {
+    /// CoreDNS's `ready` endpoint (200 once its Kubernetes watches have synced).
+    pub(crate) dns_ready: u16,
     pub(crate) kubelet: u16,
     pub(crate) kubelet_healthz: u16,
     pub(crate) kube_proxy_healthz: u16,
@@ -216,6 +224,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "imageGCLowThresholdPercent": 99,
             "nodeStatusUpdateFrequency": "2s",
             "syncFrequency": "10s",
+            "clusterDNS": [CLUSTER_DNS_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
         });
         let kubelet_config =
             write("kubelet.yaml", serde_yaml::to_string(&kubelet).expect("the kubelet config serializes"))?;
@@ -234,7 +244,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         });
         let kube_proxy_config =
             write("kube-proxy.yaml", serde_yaml::to_string(&kube_proxy).expect("the kube-proxy config serializes"))?;
-        Ok(Files { containerd_config, kubelet_config, kube_proxy_config, kubelet_dir })
+        // Services' and pods' names from the apiserver, every other name from the machine's
+        // resolvers; on the bridge address only, so the machine's own port 53 stays free.
+        let corefile = write(
+            "Corefile",
+            format!(
+                ".:53 {{\n    bind {CLUSTER_DNS_IP}\n    errors\n    ready 127.0.0.1:{ready}\n    cache 5\n    \
+                 kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n        kubeconfig {kubeconfig}\n        \
+                 pods insecure\n        fallthrough in-addr.arpa ip6.arpa\n        ttl 5\n    }}\n    \
+                 forward . /etc/resolv.conf\n}}\n",
+                ready = ports.dns_ready,
+                kubeconfig = kubeconfig.display(),
+            ),
+        )?;
+        Ok(Files { containerd_config, kubelet_config, kube_proxy_config, kubelet_dir, corefile })
     }
 
     /// A `ctr` command on this node's containerd, in the CRI plugin's namespace.

@@ -1,7 +1,8 @@
 //! The test node runs a pod: an image built here with podman (`FROM scratch`, busybox's httpd)
 //! and imported into the node's containerd runs as a Deployment's pod, which becomes Ready with
 //! a ServiceAccount token mounted, and answers over its pod IP and over its Service's ClusterIP
-//! (kube-proxy). Stopping the plane leaves no process, mount or bridge behind.
+//! (kube-proxy), and from inside the pod by its Service's name (CoreDNS). Stopping the plane
+//! leaves no process, mount or bridge behind.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -123,6 +124,23 @@ async fn a_deployment_runs_and_answers() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // And one that looks up the pod's own Service by its DNS name, and by its short name (the
+    // pod's resolv.conf, which the kubelet writes, has the search domains). By nslookup: the
+    // static busybox's wget cannot resolve (glibc's resolver, linked statically, crashes).
+    let script = context.join("www/cgi-bin/dns");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/busybox sh\n\
+             echo 'Content-Type: text/plain'\n\
+             echo\n\
+             /bin/busybox nslookup httpd.node-test.svc.{} 2>&1\n\
+             /bin/busybox nslookup httpd 2>&1\n",
+            node::CLUSTER_DOMAIN
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(
         context.join("Containerfile"),
         "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n\
@@ -234,6 +252,13 @@ async fn a_deployment_runs_and_answers() {
     })
     .await;
     assert_eq!(answer, (200, BODY.to_owned()));
+
+    // Cluster DNS: from the pod, its Service's name and short name resolve to the ClusterIP
+    // (CoreDNS, asked at the kubelet's clusterDNS).
+    let (code, answer) = get(&format!("{pod_ip}:8080"), "/cgi-bin/dns").expect("the pod answers /cgi-bin/dns");
+    assert_eq!(code, 200, "{answer}");
+    let found = answer.matches(&format!("Address: {cluster_ip}")).count();
+    assert_eq!(found, 2, "the Service's full and short names did not both resolve to {cluster_ip}:\n{answer}");
     let answered = started.elapsed();
 
     // Stopping the plane: every process, container, mount and the bridge go.
