@@ -13,10 +13,13 @@ CARGO_FUZZ ?= $(or $(STAGELY_CACHE),$(HOME)/.cache/stagely)/cargo-fuzz/bin/cargo
 # per machine by testenv/build.sh into ~/.cache/stagely.
 TESTENV_BIN = $(shell testenv/build.sh)
 
-.PHONY: deps build test canary check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz fault-test
+.PHONY: deps build test canary check crds crds-check fmt fmt-check clippy testenv demo demo-down bench bench-proxy bench-gateway bench-operator bench-webhook fuzz fault-test images
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-features
+
+images: ## Build the operator, webhook receiver and edge proxy images with podman from static binaries built here (scripts/images.sh; amd64).
+	@CARGO="$(CARGO)" scripts/images.sh
 
 deps: ## Install what the tests need and the machine lacks (redis-server, podman, Docker and its compose plugin, nginx, wrk, moto, Prism, webhook schemas; idempotent).
 	@scripts/install-deps.sh
