@@ -7,8 +7,8 @@
 //! - in cluster, on the chart's grants: the operator keeps the team Project's webhook secret in
 //!   the webhook secrets Secret; a signed `ping` and `pull_request` sent to the receiver's
 //!   Service are verified with it and the pull request becomes an Environment, which the operator
-//!   reconciles; the edge proxy's Service answers (404 for a name with no preview) from the Redis
-//!   the chart points it at;
+//!   reconciles, writing its route; the edge proxy's Service serves from the Redis the chart
+//!   points it at: 404 for a name with no preview, the waiting page at the Environment's name;
 //! - `helm upgrade` with a changed value rolls the receiver's pods (new ones Ready) and the
 //!   Environment is still there; `helm uninstall` leaves the CRDs and the Environment, and says so.
 //!
@@ -158,6 +158,16 @@ fn deliver(addr: &str, event: &str, delivery: &str, body: &[u8]) -> Option<(u16,
     http(addr, "POST", "hooks", "/v1/webhooks/github", &headers, body)
 }
 
+/// A process stopped (and reaped) when the test ends, passed or not.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Whether `pod` is Ready.
 fn pod_ready(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
@@ -279,7 +289,7 @@ async fn the_chart_runs_on_a_node_with_stagelys_images() {
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let _redis = stagely_testenv::spawn_tied(redis).expect("redis-server starts");
+    let _redis = Stopped(stagely_testenv::spawn_tied(redis).expect("redis-server starts"));
     let redis_url = format!("redis://{}:{redis_port}", node::BRIDGE_IP);
 
     // helm install.
@@ -356,11 +366,13 @@ async fn the_chart_runs_on_a_node_with_stagelys_images() {
     let envs: Api<Environment> = Api::namespaced(client.clone(), TEAM);
     eventually("the operator pod to reconcile the receiver's Environment", STEP_TIMEOUT, || async {
         let env = envs.get_opt("shop-pr-1").await.ok()??;
-        env.status.as_ref().and_then(|s| s.phase.clone())
+        env.status.as_ref().and_then(|s| s.phase)
     })
     .await;
 
-    // The edge proxy's Service answers from the Redis it was given: no preview at this name.
+    // The edge proxy's Service answers from the Redis it was given: no preview at this name, and
+    // at the Environment's own name the page of the route the operator's pod wrote (the run
+    // cannot go further here: its stagely.yaml is on a GitHub this machine cannot reach).
     let proxy = format!("{}:80", cluster_ip(&services, &format!("{RELEASE}-edge-proxy")).await);
     let (code, _) = eventually("the edge proxy's Service to answer", STEP_TIMEOUT, || {
         let answer = http(&proxy, "GET", &format!("nothing.{DOMAIN}"), "/", &[], b"");
@@ -368,6 +380,14 @@ async fn the_chart_runs_on_a_node_with_stagelys_images() {
     })
     .await;
     assert_eq!(code, 404, "an unknown preview name");
+    let hash = envs.get("shop-pr-1").await.unwrap().status.and_then(|s| s.subdomain_hash).expect("a subdomain hash");
+    let (code, page) = eventually("the edge proxy's Service to serve the Environment's route", STEP_TIMEOUT, || {
+        let answer = http(&proxy, "GET", &format!("{hash}.{DOMAIN}"), "/", &[], b"");
+        async move { answer.filter(|(code, _)| *code != 404) }
+    })
+    .await;
+    assert_eq!(code, 503, "{page}");
+    assert!(page.contains("Building your environment") || page.contains("Preview failed"), "{page}");
 
     // helm upgrade with a changed value: the receiver rolls, the Environment stays.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
