@@ -19,7 +19,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client};
 use stagely_api::backoff::Backoff;
-use stagely_api::keys::{MANAGED_BY, MANAGED_BY_VALUE};
 use stagely_api::webhook_secrets::{self, SecretLocation};
 use tokio::sync::Notify;
 
@@ -130,14 +129,15 @@ impl Mirror {
             metadata: ObjectMeta {
                 name: Some(self.location.name.clone()),
                 namespace: Some(self.location.namespace.clone()),
-                labels: Some([(MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned())].into()),
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".into()),
             data: Some(data.clone()),
             ..Secret::default()
         };
-        // k8s-openapi writes `apiVersion` and `kind`, as an apply needs.
+        // k8s-openapi writes `apiVersion` and `kind`, as an apply needs. Only the data (and the
+        // type) are the operator's: no labels, which the chart's own apply of the Secret owns (a
+        // label applied here too conflicts with `helm upgrade`).
         api.patch(&self.location.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret)).await?;
         Ok(())
     }
