@@ -467,6 +467,20 @@ async fn record_transitions(
 /// An Event's reason and note.
 type Change = (String, String);
 
+/// Reasons of a condition that is `False` because its step has not finished yet (or waits on an
+/// earlier one): told in the Normal Event of the write, never as a warning.
+const IN_PROGRESS: &[&str] = &[
+    "Building",
+    "ConfigNotValid",
+    "NotServing",
+    "Booting",
+    "Waiting",
+    "WaitingForCapacity",
+    "Deploying",
+    "Running",
+    "CleaningUp",
+];
+
 /// What changed from `previous` to `status`, as Events' reasons and notes: each warning (the
 /// phase `Failed`, a condition turned `False` for a failure) on its own, and every other change
 /// together as one, named by the new phase or else by the first change, its note listing them
@@ -489,8 +503,7 @@ fn transitions(
     for condition in &status.conditions {
         let before = previous.conditions.iter().find(|c| c.type_ == condition.type_);
         if before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason) {
-            let warning = condition.status == "False"
-                && !matches!(condition.reason.as_str(), "Building" | "ConfigNotValid" | "NotServing");
+            let warning = condition.status == "False" && !IN_PROGRESS.contains(&condition.reason.as_str());
             let list = if warning { &mut warnings } else { &mut changes };
             list.push((condition.reason.clone(), format!("{}: {}", condition.type_, condition.message)));
         }
@@ -885,6 +898,23 @@ mod transition_tests {
         assert_eq!(normal.map(|(reason, _)| reason).as_deref(), Some("NotServing"), "named by the first change");
 
         assert_eq!(transitions(&failed, &failed, None), (Vec::new(), None), "nothing changed, no Event");
+    }
+
+    #[test]
+    fn steps_in_progress_are_normal_events_not_warnings() {
+        let before = status(json!({"phase": "Building"}));
+        for reason in ["Booting", "WaitingForCapacity", "Waiting", "Deploying", "Running", "NotServing"] {
+            let after = status(json!({"phase": "Deploying", "conditions": [condition("Step", "False", reason)]}));
+            let (warnings, normal) = transitions(&before, &after, None);
+            assert!(warnings.is_empty(), "{reason} is progress, not a warning: {warnings:?}");
+            assert_eq!(normal.unwrap().0, "Deploying");
+        }
+        let after = status(json!({"phase": "Deploying"}));
+        let stuck = status(json!({"phase": "Deploying", "conditions": [
+            condition("AgentConnected", "False", "AgentNeverConnected"),
+        ]}));
+        let (warnings, _) = transitions(&after, &stuck, None);
+        assert_eq!(warnings.len(), 1, "a failure still is: {warnings:?}");
     }
 
     #[test]
