@@ -56,6 +56,13 @@ pub fn parse_key(key: &str) -> Option<(&str, &str)> {
     (!namespace.is_empty() && !secret.is_empty() && !secret.contains('_')).then_some((namespace, secret))
 }
 
+/// The webhook secret a credentials Secret's `webhookSecret` value holds: without the spaces and
+/// line ends around it (a Secret made with `--from-file` from a file written by `echo` ends in a
+/// newline GitHub never signed with); `None` if nothing is left.
+pub fn webhook_secret(value: &[u8]) -> Option<&[u8]> {
+    Some(value.trim_ascii()).filter(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +86,13 @@ mod tests {
             let err = bad.parse::<SecretLocation>().unwrap_err();
             assert!(err.contains("<namespace>/<name>"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_webhook_secret_is_read_without_the_whitespace_around_it() {
+        assert_eq!(webhook_secret(b"whsec\n"), Some(&b"whsec"[..]));
+        assert_eq!(webhook_secret(b" wh sec\r\n"), Some(&b"wh sec"[..]), "inner spaces are the secret's");
+        assert_eq!(webhook_secret(b" \n"), None);
+        assert_eq!(webhook_secret(b""), None);
     }
 }

@@ -210,7 +210,7 @@ impl Cache {
             .into_iter()
             .filter_map(|(key, value)| {
                 let (namespace, name) = webhook_secrets::parse_key(&key)?;
-                let webhook_secret = (!value.0.is_empty()).then(|| Arc::from(value.0));
+                let webhook_secret = webhook_secrets::webhook_secret(&value.0).map(Arc::from);
                 Some((ObjectRef::new(name).within(namespace), Read { version: version.clone(), webhook_secret }))
             })
             .collect();
@@ -425,7 +425,7 @@ fn plan(watched: &HashMap<ObjectRef<Secret>, Option<String>>, read: &HashMap<Obj
     Plan { read: to_read, drop: to_drop }
 }
 
-/// Reads the Secret `key` and keeps its `webhookSecret` if non-empty (`None` too if the Secret
+/// Reads the Secret `key` and keeps its `webhookSecret` (trimmed) if non-empty (`None` too if the Secret
 /// is gone since the watch showed it: the watch will say so).
 async fn read_webhook_secret(client: &Client, key: &ObjectRef<Secret>) -> Result<Option<Arc<[u8]>>, Error> {
     let (namespace, name) = (key.namespace.clone().unwrap_or_default(), key.name.clone());
@@ -439,8 +439,7 @@ async fn read_webhook_secret(client: &Client, key: &ObjectRef<Secret>) -> Result
     let webhook_secret = secret
         .and_then(|secret| secret.data)
         .and_then(|mut data| data.remove(WEBHOOK_SECRET_KEY))
-        .filter(|value| !value.0.is_empty())
-        .map(|value| Arc::from(value.0));
+        .and_then(|value| webhook_secrets::webhook_secret(&value.0).map(Arc::from));
     Ok(webhook_secret)
 }
 

@@ -90,6 +90,12 @@ async fn a_rotated_webhook_secret_is_picked_up_and_the_old_one_refused() {
     team.wait_for_head("shop-pr-4", &sha(1)).await;
     // Once when the receiver started, once for the new version: no read per delivery.
     assert_eq!(reads(&tap, "secrets-rotation", "shop-github"), 2);
+
+    // A value written with a trailing newline (`--from-file` of an `echo`ed file) verifies as
+    // the secret GitHub signs with, without it.
+    set_webhook_secret(&team, "shop-github", "with-newline\n").await;
+    wait_ping(&receiver, "acme/rotation", "with-newline", 200).await;
+    assert_eq!(ping(&receiver, "acme/rotation", "with-newline\n").await, 401);
 }
 
 #[tokio::test]

@@ -587,7 +587,8 @@ async fn github_key_names(
     let version = secret.metadata.resource_version.clone().unwrap_or_default();
     let data = secret.data.unwrap_or_default();
     if let Some(mirror) = mirror {
-        let webhook_secret = data.get("webhookSecret").filter(|v| !v.0.is_empty()).map(|v| Arc::from(&v.0[..]));
+        let webhook_secret =
+            data.get("webhookSecret").and_then(|v| stagely_api::webhook_secrets::webhook_secret(&v.0)).map(Arc::from);
         mirror.record((namespace.to_owned(), name.to_owned()), Some(webhook_secret));
     }
     let credentials = Credentials::from_secret_data(&data);
