@@ -237,6 +237,21 @@ async fn stagely_yaml_is_read_through_the_contents_api_with_the_projects_credent
     assert!(matches!(loader.load(&repo, &sha('d')).await, Err(ConfigProblem::NotAFile { kind: "directory", .. })));
     assert!(matches!(loader.load(&repo, &sha('e')).await, Err(ConfigProblem::FileNotFound { .. })));
     assert!(matches!(loader.load(&repo, &sha('f')).await, Err(ConfigProblem::CommitNotFound { .. })));
+    // A repository the App is not installed on: GitHub's 404 looks like a missing file, but it is
+    // not the commit's problem for good.
+    fake.add_repo("acme/not-installed");
+    fake.add_file("acme/not-installed", &sha('c'), "stagely.yaml", "version: 2\nbuilds:\n  web:\n    context: .\n");
+    let elsewhere = Repo {
+        clone_url: "https://github.com/acme/not-installed.git".into(),
+        github: Some(GitHubRepo { repository: "acme/not-installed".into(), ..repo.github.clone().unwrap() }),
+        ..repo.clone()
+    };
+    let problem = loader.load(&elsewhere, &sha('c')).await.unwrap_err();
+    assert!(
+        matches!(&problem, ConfigProblem::Unreachable { detail, .. } if detail.contains("installed")),
+        "{problem:?}"
+    );
+    assert!(!problem.is_permanent(), "{problem}");
     // GitHub down: a transient problem, tried again on the next load.
     fake.fail_next("GET", "/repos/acme/contents/contents", 1, Fault::BadGateway);
     let repo_g = Repo { clone_url: "https://github.com/acme/contents.git#g".into(), ..repo.clone() };

@@ -51,7 +51,19 @@ impl GitHubSource {
             FileAnswer::TooLarge(size) => {
                 Err(SourceError::TooLarge { path: path.into(), commit: commit.into(), size, max: max_bytes })
             }
-            FileAnswer::FileNotFound => Err(SourceError::FileNotFound { path: path.into(), commit: commit.into() }),
+            // GitHub answers 404 alike for a missing file and for a repository the credentials
+            // do not reach (the App not installed on it): only the first is the commit's
+            // problem, for good; the second is retried, and the Project's Ready says why.
+            FileAnswer::FileNotFound => {
+                match self.github.can_read(&credentials, Repository(&on_github.repository)).await {
+                    Ok(true) => Err(SourceError::FileNotFound { path: path.into(), commit: commit.into() }),
+                    Ok(false) => Err(unreachable(format!(
+                        "GitHub shows {} to none of the Project's credentials (is the GitHub App installed on it?)",
+                        on_github.repository
+                    ))),
+                    Err(err) => Err(unreachable(err.to_string())),
+                }
+            }
             FileAnswer::CommitNotFound => {
                 Err(SourceError::CommitNotFound { url: repo.clone_url.clone(), commit: commit.into() })
             }
