@@ -543,11 +543,13 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
                     the images";
         event(ctx, env, false, "Terminating", note.to_owned()).await;
     }
+    let mut leftovers = Vec::new();
     if let (Some(routes), Some(hash)) = (&ctx.routes, env.status.as_ref().and_then(|s| s.subdomain_hash.as_deref())) {
-        // Users stop reaching a dying app first; the proxy answers 404 from now on.
+        // Users stop reaching a dying app first; the proxy answers 404 from now on. Redis down
+        // holds the finalizer (and counts toward its deadline), not the rest: the VM still goes.
         if let Err(err) = routes.delete(hash).await {
             tracing::warn!(%namespace, %name, error = %err, "cannot delete the route yet");
-            return Err(Error::Waiting { namespace, name, what: format!("its route to be deleted ({err})") });
+            leftovers.push(format!("its route to be deleted ({err})"));
         }
     }
     // The preview: TERMINATE to its agent, its VM, its registry tags.
@@ -571,7 +573,7 @@ async fn cleanup(env: &Environment, ctx: &Context) -> Result<Action, Error> {
             }
         }
     };
-    let mut leftovers = preview::teardown(env, ctx, provider.as_deref()).await;
+    leftovers.extend(preview::teardown(env, ctx, provider.as_deref()).await);
 
     // The BuildJobs, whose finalizers stop their builder VMs.
     let jobs_api: Api<BuildJob> = Api::namespaced(ctx.client.clone(), &namespace);
