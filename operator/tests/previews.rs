@@ -13,18 +13,17 @@ mod prism;
 #[path = "support/stack.rs"]
 mod stack;
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use stack::{
     BUILD_TIMEOUT, EdgeProxy, InstanceWatch, Operator, STEP_TIMEOUT, Stack, condition, environment, jobs_of, phase,
     set_head, wait_env,
 };
-use stagely_api::v1alpha1::{BuildJob, Environment, EnvironmentPhase, Project};
+use stagely_api::v1alpha1::{BuildJob, Environment, EnvironmentPhase};
 use stagely_testenv::server::eventually;
 
 const DOMAIN: &str = "preview.example.com";
@@ -84,29 +83,11 @@ async fn ready(api: &Api<Environment>, name: &str) -> Environment {
     env
 }
 
-/// A namespace with the web app, its Project reading the `app` Secret into every service's
-/// environment.
-async fn setup(stack: &Stack, ns: &str, greeting: &str) -> (std::path::PathBuf, String) {
-    let repo = stack.dir.path().join("repos").join(ns);
-    let sha = stack::web_app_repo(&repo, "version one");
-    stack.namespace(ns, &repo, 10).await;
-    let client = stack.client().await;
-    let secret = Secret {
-        metadata: ObjectMeta { name: Some("app".into()), ..Default::default() },
-        string_data: Some(BTreeMap::from([("GREETING".to_owned(), greeting.to_owned())])),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
-    let patch = serde_json::json!({"spec": {"secretRefs": [{"name": "app", "type": "env"}]}});
-    Api::<Project>::namespaced(client, ns).patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    (repo, sha)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pull_request_becomes_a_preview_url_then_follows_commits_and_secrets_and_goes_without_a_trace() {
     let (stack, proxy) = stack();
     let ns = "preview";
-    let (repo, sha) = setup(stack, ns, "hello from a secret").await;
+    let (repo, sha) = stack.web_app_namespace(ns, "hello from a secret").await;
     let watch = InstanceWatch::start(stack.local_dir(ns));
     let client = stack.client().await;
     let envs: Api<Environment> = Api::namespaced(client.clone(), ns);
@@ -291,7 +272,7 @@ fn push_tester(stack: &Stack) -> String {
 async fn a_failing_test_stage_leaves_the_preview_up_and_a_service_that_exits_fails_naming_it() {
     let (stack, proxy) = stack();
     let ns = "stages";
-    let (repo, _) = setup(stack, ns, "hi").await;
+    let (repo, _) = stack.web_app_namespace(ns, "hi").await;
     let tester = push_tester(stack);
     std::fs::write(
         repo.join("stagely.yaml"),

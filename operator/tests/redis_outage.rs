@@ -12,12 +12,9 @@ mod agent_support;
 #[path = "support/stack.rs"]
 mod stack;
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use stack::{BUILD_TIMEOUT, InstanceWatch, STEP_TIMEOUT, Stack, condition, environment, phase, wait_env};
-use stagely_api::v1alpha1::{Environment, EnvironmentPhase, Project};
+use stagely_api::v1alpha1::{Environment, EnvironmentPhase};
 use stagely_testenv::server::{Server, eventually};
 
 /// Changes the `default` user's permissions in the Redis at `url` (`ACL SETUSER default …`).
@@ -43,21 +40,8 @@ async fn a_redis_outage_holds_ready_and_the_finalizer_back_but_not_the_rest() {
     let _operator = stack.operator_custom(true, &[("--redis-url", url.as_str())], &[]);
 
     let ns = "redis-outage";
-    let repo = stack.dir.path().join("repos").join(ns);
-    let sha = stack::web_app_repo(&repo, "version one");
-    stack.namespace(ns, &repo, 10).await;
+    let (_, sha) = stack.web_app_namespace(ns, "hello").await;
     let client = stack.client().await;
-    let secret = Secret {
-        metadata: ObjectMeta { name: Some("app".into()), ..Default::default() },
-        string_data: Some(BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())])),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
-    let patch = serde_json::json!({"spec": {"secretRefs": [{"name": "app", "type": "env"}]}});
-    Api::<Project>::namespaced(client.clone(), ns)
-        .patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
     let watch = InstanceWatch::start(stack.local_dir(ns));
     let envs: Api<Environment> = Api::namespaced(client.clone(), ns);
     envs.create(&PostParams::default(), &environment("shop-pr-1", 1, &sha)).await.unwrap();

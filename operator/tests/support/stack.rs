@@ -272,6 +272,29 @@ impl Stack {
         (stagely_testenv::spawn_tied(command).expect("the operator starts"), ops_port)
     }
 
+    /// Creates `namespace` as [`Stack::namespace`] does (10 instances at most), reading a new
+    /// repository holding the web app ([`web_app_repo`], version one), whose Project reads a
+    /// Secret `app` holding `GREETING` into every service's environment. Returns the repository
+    /// and its head commit.
+    pub async fn web_app_namespace(&self, namespace: &str, greeting: &str) -> (PathBuf, String) {
+        let repo = self.dir.path().join("repos").join(namespace);
+        let sha = web_app_repo(&repo, "version one");
+        self.namespace(namespace, &repo, 10).await;
+        let client = self.client().await;
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some("app".into()), ..Default::default() },
+            string_data: Some(BTreeMap::from([("GREETING".to_owned(), greeting.to_owned())])),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), namespace).create(&PostParams::default(), &secret).await.unwrap();
+        let patch = serde_json::json!({"spec": {"secretRefs": [{"name": "app", "type": "env"}]}});
+        Api::<Project>::namespaced(client, namespace)
+            .patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        (repo, sha)
+    }
+
     /// Creates `namespace` with a local CloudProvider (podman, `max_instances`), a GitHub
     /// credentials Secret and a Project `shop` reading the repository at `repo`.
     pub async fn namespace(&self, namespace: &str, repo: &Path, max_instances: i32) {
