@@ -9,8 +9,8 @@
 //!   Service are verified with it and the pull request becomes an Environment, which the operator
 //!   reconciles, writing its route; the edge proxy's Service serves from the Redis the chart
 //!   points it at: 404 for a name with no preview, the waiting page at the Environment's name;
-//! - `helm upgrade` with a changed value rolls the receiver's pods (new ones Ready) and the
-//!   Environment is still there; `helm uninstall` leaves the CRDs and the Environment, and says so.
+//! - `helm upgrade` with changed values rolls the receiver's pods (new ones Ready) and the
+//!   operator's (both replaced, one of the new ones leading), and the Environment is still there; `helm uninstall` leaves the CRDs and the Environment, and says so.
 //!
 //! Redis and the registry are external here (a redis-server on the node's bridge address; a
 //! registry host name): the chart's bundled ones run upstream images, which cannot be pulled on
@@ -383,13 +383,17 @@ async fn the_chart_runs_on_a_node_with_stagelys_images() {
     assert_eq!(code, 503, "{page}");
     assert!(page.contains("Building your environment") || page.contains("Preview failed"), "{page}");
 
-    // helm upgrade with a changed value: the receiver rolls, the Environment stays.
+    // helm upgrade with changed values: the receiver rolls, and so does the operator (whose new
+    // pods can lead only once the old leader is gone), the Environment stays.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
     let generation = |d: Deployment| d.metadata.generation.unwrap_or_default();
     let before = generation(deployments.get(&format!("{RELEASE}-webhook-receiver")).await.unwrap());
     let mut upgrade = helm(&plane, dir);
     upgrade.args(["upgrade", RELEASE]).arg(&chart).args(["-n", NAMESPACE]);
-    upgrade.args(values(&redis_url, &["webhookReceiver.workers=8"]));
+    upgrade.args(values(
+        &redis_url,
+        &["webhookReceiver.workers=8", "operator.extraArgs={--agent-connect-timeout-secs=900}"],
+    ));
     ok(upgrade);
     let after = generation(deployments.get(&format!("{RELEASE}-webhook-receiver")).await.unwrap());
     assert!(after > before, "the upgrade did not change the receiver's Deployment");
@@ -403,11 +407,36 @@ async fn the_chart_runs_on_a_node_with_stagelys_images() {
         .then_some(())
     })
     .await;
+    eventually("the operator's pods to be the upgrade's, one of them leading", POD_TIMEOUT, || async {
+        let selector = ListParams::default().labels("app.kubernetes.io/component=operator");
+        let list = pods.list(&selector).await.ok()?;
+        let upgraded = |pod: &Pod| {
+            let args = pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.args.clone());
+            args.unwrap_or_default().iter().any(|a| a == "--agent-connect-timeout-secs=900")
+                && pod.metadata.deletion_timestamp.is_none()
+        };
+        let ready = |pod: &Pod| {
+            let conditions = pod.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+            conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        };
+        (list.items.len() == 2
+            && list.items.iter().all(upgraded)
+            && list.items.iter().filter(|p| ready(p)).count() == 1)
+            .then_some(())
+    })
+    .await;
     wait_for_pods(&plane, &pods, "helm upgrade").await;
     assert!(envs.get_opt("shop-pr-1").await.unwrap().is_some(), "the upgrade lost the Environment");
     // The upgrade left the operator's data in the webhook secrets Secret: the new receiver pods
     // verify with it.
-    let (code, body) = deliver(&receiver, "ping", "node-ping-after-upgrade", &ping).expect("an answer");
+    // (Any answer: the Service's rules may still be moving to the new pods.)
+    let mut n = 0;
+    let (code, body) = eventually("the receiver's Service to answer after the upgrade", STEP_TIMEOUT, || {
+        n += 1;
+        let answer = deliver(&receiver, "ping", &format!("node-ping-after-upgrade-{n}"), &ping);
+        async move { answer }
+    })
+    .await;
     assert_eq!(code, 200, "a signed ping after the upgrade: {body}");
 
     // helm uninstall: the CRDs and the Environment stay, and helm says so.
