@@ -170,8 +170,14 @@ async fn drafts_are_previewed_unless_the_project_says_not_to() {
         .deliver("pull_request", &delivery(), "drafts-secret", &payloads::pull_request("converted_to_draft", &again))
         .await;
     team.wait_gone("patient-pr-5").await;
-    let eager = team.environment("eager-pr-5").await.unwrap();
-    assert_eq!(eager.metadata.annotations.unwrap()[keys::GITHUB_UPDATED_AT], again.updated_at(), "still previewed");
+    // Each pull request's Environments are written on their own pace: the eager one's write of
+    // this delivery may come after the patient one's deletion.
+    support::wait_for("the eager Project's preview to take the draft delivery", || async {
+        let eager = team.environment("eager-pr-5").await?;
+        let stamped = eager.metadata.annotations?.get(keys::GITHUB_UPDATED_AT).cloned();
+        (stamped.as_deref() == Some(again.updated_at().as_str())).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
