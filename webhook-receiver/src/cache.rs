@@ -425,8 +425,8 @@ fn plan(watched: &HashMap<ObjectRef<Secret>, Option<String>>, read: &HashMap<Obj
     Plan { read: to_read, drop: to_drop }
 }
 
-/// Reads the Secret `key` and keeps its `webhookSecret` (trimmed) if non-empty (`None` too if the Secret
-/// is gone since the watch showed it: the watch will say so).
+/// Reads the Secret `key` and keeps its `webhookSecret` (trimmed) if non-empty (`None` too if the
+/// Secret is gone since the watch showed it: the watch will say so).
 async fn read_webhook_secret(client: &Client, key: &ObjectRef<Secret>) -> Result<Option<Arc<[u8]>>, Error> {
     let (namespace, name) = (key.namespace.clone().unwrap_or_default(), key.name.clone());
     let api = Api::<Secret>::namespaced(client.clone(), &namespace);
